@@ -1,0 +1,377 @@
+"""One validated configuration object, built once at start.
+
+Sources, later ones winning: built-in defaults, a TOML file (``--config``), then
+environment variables with the prefix ``GATEWAY_``. Every error names the bad key.
+
+TOML layout::
+
+    [service]            # folders, watching, UID root, limits
+    [defaults]           # per-gateway settings applied to every gateway
+    [pacs]               # default destination for gateways that name none
+    [models.cxr]         # chest X-ray model settings
+    [gateways.<id>]      # per-gateway overrides (stable_seconds, layout, pacs, rules)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.errors import ConfigError
+
+#: pydicom's registered root; sites should configure their own (PS3.5 §9, Annex B).
+DEFAULT_UID_ROOT = "1.2.826.0.1.3680043.8.498."
+GATEWAY_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 §6.2 AE VR, no backslash
+LAYOUTS = ("study", "flat")
+WATCH_MODES = ("native", "polling")
+UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")  # PS3.5 §9.1
+DEVICES_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+@dataclass(frozen=True)
+class PacsConfig:
+    """A C-STORE destination (PS3.7 §9.1.1, PS3.8 association parameters)."""
+
+    host: str = ""
+    port: int = 104
+    ae_title: str = "ORTHANC"
+    calling_ae_title: str = "AI_GATEWAY"
+    timeout_seconds: float = 30.0
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.host)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Routes a study to a model when every listed tag matches (empty list = any)."""
+
+    model: str
+    modality: tuple[str, ...] = ()
+    body_part: tuple[str, ...] = ()
+    sop_class: tuple[str, ...] = ()
+
+
+DEFAULT_RULES: tuple[Rule, ...] = (Rule(model="cxr-densenet121", modality=("CR", "DX")),)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Settings of one gateway; unknown gateways get the ``[defaults]`` values."""
+
+    stable_seconds: float = 10.0
+    max_wait_seconds: float = 600.0
+    layout: str = "study"
+    rules: tuple[Rule, ...] = DEFAULT_RULES
+    pacs: PacsConfig | None = None  # None: use the service-wide default destination
+
+
+@dataclass(frozen=True)
+class CxrConfig:
+    weights: str = ""  # "" = torchxrayvision's cache location
+    sha256: str = ""
+    device: str = "auto"
+    threads: int = 0  # 0 = torch's default
+
+
+@dataclass(frozen=True)
+class Config:
+    input_dir: Path = Path("INPUT")
+    output_dir: Path = Path("OUTPUT")
+    state_dir: Path = Path("STATE")
+    uid_root: str = DEFAULT_UID_ROOT
+    watch: str = "native"
+    rescan_seconds: float = 30.0
+    poll_seconds: float = 2.0
+    shutdown_seconds: float = 30.0
+    max_file_bytes: int = 2 * 1024**3
+    max_pixels: int = 512 * 1024 * 1024  # Rows x Columns x frames
+    log_level: str = "INFO"
+    defaults: GatewayConfig = field(default_factory=GatewayConfig)
+    pacs: PacsConfig = field(default_factory=PacsConfig)
+    cxr: CxrConfig = field(default_factory=CxrConfig)
+    gateways: Mapping[str, GatewayConfig] = field(default_factory=dict)
+
+    def gateway(self, gateway_id: str) -> GatewayConfig:
+        """The settings of ``gateway_id`` (``[defaults]`` when it has none of its own)."""
+        return self.gateways.get(gateway_id, self.defaults)
+
+    def destination(self, gateway_id: str) -> PacsConfig:
+        """Where results of ``gateway_id`` are sent; ``enabled`` is False for none."""
+        return self.gateway(gateway_id).pacs or self.pacs
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "ledger.sqlite3"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.state_dir / "quarantine"
+
+
+# -- parsing helpers ---------------------------------------------------------------------
+
+
+def _as_float(value: Any, key: str, minimum: float = 0.0) -> float:
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(key, f"expected a number, got {value!r}") from None
+    if result != result or result < minimum:  # NaN or too small
+        raise ConfigError(key, f"must be >= {minimum}, got {value!r}")
+    return result
+
+
+def _as_int(value: Any, key: str, minimum: int = 0, maximum: int | None = None) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected an integer, got {value!r}")
+    try:
+        result = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(key, f"expected an integer, got {value!r}") from None
+    if result < minimum or (maximum is not None and result > maximum):
+        raise ConfigError(key, f"must be between {minimum} and {maximum}, got {value!r}")
+    return result
+
+
+def _as_str(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    return value
+
+
+def _as_choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
+    text = _as_str(value, key)
+    if text not in choices:
+        raise ConfigError(key, f"must be one of {', '.join(choices)}; got {text!r}")
+    return text
+
+
+def _as_ae(value: Any, key: str) -> str:
+    text = _as_str(value, key)
+    if not AE_TITLE_RE.match(text) or not text.strip():
+        raise ConfigError(key, f"not a valid AE title (1-16 characters, PS3.5 §6.2): {text!r}")
+    return text
+
+
+def validate_uid_root(value: Any, key: str = "service.uid_root") -> str:
+    """A UID root: dotted numeric components, ending in '.', leaving room for a suffix."""
+    text = _as_str(value, key)
+    if not text.endswith("."):
+        text += "."
+    if len(text) > 40 or not UID_RE.match(text[:-1]):
+        raise ConfigError(key, f"not a valid UID root of at most 40 characters: {text!r}")
+    return text
+
+
+def _fields(cls: type, table: dict[str, Any], prefix: str) -> dict[str, Any]:
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}", "unknown key")
+    return dict(table)
+
+
+def _pacs(table: Any, prefix: str, base: PacsConfig) -> PacsConfig:
+    if not isinstance(table, dict):
+        raise ConfigError(prefix.rstrip("."), "expected a table")
+    values = _fields(PacsConfig, table, prefix)
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key == "port":
+            out[key] = _as_int(value, name, 1, 65535)
+        elif key == "timeout_seconds":
+            out[key] = _as_float(value, name, 0.1)
+        elif key in ("ae_title", "calling_ae_title"):
+            out[key] = _as_ae(value, name)
+        else:
+            out[key] = _as_str(value, name)
+    return dataclasses.replace(base, **out)
+
+
+def _rules(value: Any, key: str) -> tuple[Rule, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(key, "expected a list of rule tables")
+    rules = []
+    for index, item in enumerate(value):
+        name = f"{key}[{index}]"
+        if not isinstance(item, dict):
+            raise ConfigError(name, "expected a table")
+        values = _fields(Rule, item, f"{name}.")
+        if "model" not in values:
+            raise ConfigError(f"{name}.model", "required")
+        lists: dict[str, tuple[str, ...]] = {}
+        for field_name in ("modality", "body_part", "sop_class"):
+            raw = values.get(field_name, [])
+            if isinstance(raw, str):
+                raw = [raw]
+            if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+                raise ConfigError(f"{name}.{field_name}", "expected a list of strings")
+            lists[field_name] = tuple(v.upper() if field_name != "sop_class" else v for v in raw)
+        rules.append(Rule(model=_as_str(values["model"], f"{name}.model"), **lists))
+    return tuple(rules)
+
+
+def _gateway(table: Any, prefix: str, base: GatewayConfig) -> GatewayConfig:
+    if not isinstance(table, dict):
+        raise ConfigError(prefix.rstrip("."), "expected a table")
+    values = _fields(GatewayConfig, table, prefix)
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key in ("stable_seconds", "max_wait_seconds"):
+            out[key] = _as_float(value, name)
+        elif key == "layout":
+            out[key] = _as_choice(value, name, LAYOUTS)
+        elif key == "rules":
+            out[key] = _rules(value, name)
+        elif key == "pacs":
+            out[key] = _pacs(value, f"{name}.", base.pacs or PacsConfig())
+    return dataclasses.replace(base, **out)
+
+
+def _service(table: dict[str, Any], out: dict[str, Any]) -> None:
+    for key, value in _fields(Config, table, "service.").items():
+        name = f"service.{key}"
+        if key in ("defaults", "pacs", "cxr", "gateways"):
+            raise ConfigError(name, "unknown key")
+        if key in ("input_dir", "output_dir", "state_dir"):
+            out[key] = Path(_as_str(value, name))
+        elif key == "uid_root":
+            out[key] = validate_uid_root(value, name)
+        elif key == "watch":
+            out[key] = _as_choice(value, name, WATCH_MODES)
+        elif key in ("rescan_seconds", "poll_seconds", "shutdown_seconds"):
+            out[key] = _as_float(value, name, 0.05)
+        elif key in ("max_file_bytes", "max_pixels"):
+            out[key] = _as_int(value, name, 1)
+        elif key == "log_level":
+            out[key] = _as_choice(str(value).upper(), name, ("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+def _cxr(table: Any) -> CxrConfig:
+    if not isinstance(table, dict):
+        raise ConfigError("models.cxr", "expected a table")
+    values = _fields(CxrConfig, table, "models.cxr.")
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"models.cxr.{key}"
+        if key == "threads":
+            out[key] = _as_int(value, name, 0, 256)
+        elif key == "device":
+            text = _as_str(value, name)
+            if not DEVICES_RE.match(text):
+                raise ConfigError(name, f"must be auto, cpu, cuda or cuda:N; got {text!r}")
+            out[key] = text
+        elif key == "sha256":
+            text = _as_str(value, name).lower()
+            if text and not re.fullmatch(r"[0-9a-f]{64}", text):
+                raise ConfigError(name, "must be 64 hexadecimal digits")
+            out[key] = text
+        else:
+            out[key] = _as_str(value, name)
+    return CxrConfig(**out)
+
+
+#: Environment variables and the config key each one sets.
+ENV_KEYS: dict[str, str] = {
+    "GATEWAY_INPUT_DIR": "service.input_dir",
+    "GATEWAY_OUTPUT_DIR": "service.output_dir",
+    "GATEWAY_STATE_DIR": "service.state_dir",
+    "GATEWAY_UID_ROOT": "service.uid_root",
+    "GATEWAY_WATCH": "service.watch",
+    "GATEWAY_RESCAN_SECONDS": "service.rescan_seconds",
+    "GATEWAY_POLL_SECONDS": "service.poll_seconds",
+    "GATEWAY_LOG_LEVEL": "service.log_level",
+    "GATEWAY_STABLE_SECONDS": "defaults.stable_seconds",
+    "GATEWAY_MAX_WAIT_SECONDS": "defaults.max_wait_seconds",
+    "GATEWAY_LAYOUT": "defaults.layout",
+    "GATEWAY_PACS_HOST": "pacs.host",
+    "GATEWAY_PACS_PORT": "pacs.port",
+    "GATEWAY_PACS_AE_TITLE": "pacs.ae_title",
+    "GATEWAY_PACS_CALLING_AE_TITLE": "pacs.calling_ae_title",
+    "GATEWAY_CXR_WEIGHTS": "models.cxr.weights",
+    "GATEWAY_CXR_SHA256": "models.cxr.sha256",
+    "GATEWAY_CXR_DEVICE": "models.cxr.device",
+    "GATEWAY_CXR_THREADS": "models.cxr.threads",
+}
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for var, dotted in ENV_KEYS.items():
+        if var not in environ:
+            continue
+        *parents, leaf = dotted.split(".")
+        table = data
+        for part in parents:
+            child = table.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(".".join(parents), "expected a table")
+            table = child
+        table[leaf] = environ[var]
+    unknown = sorted(k for k in environ if k.startswith("GATEWAY_") and k not in ENV_KEYS)
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown environment variable; known: {', '.join(ENV_KEYS)}")
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the validated :class:`Config` from defaults, a TOML file and ``GATEWAY_*``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+    _apply_env(data, os.environ if environ is None else environ)
+    return from_mapping(data)
+
+
+def from_mapping(data: Mapping[str, Any]) -> Config:
+    """Validate a parsed TOML document into a :class:`Config`."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for key in data:
+        if key not in ("service", "defaults", "pacs", "models", "gateways"):
+            raise ConfigError(key, "unknown section")
+    out: dict[str, Any] = {}
+    service = data.get("service", {})
+    if not isinstance(service, dict):
+        raise ConfigError("service", "expected a table")
+    _service(service, out)
+    defaults = _gateway(data.get("defaults", {}), "defaults.", GatewayConfig())
+    out["defaults"] = defaults
+    out["pacs"] = _pacs(data.get("pacs", {}), "pacs.", PacsConfig())
+    models = data.get("models", {})
+    if not isinstance(models, dict):
+        raise ConfigError("models", "expected a table")
+    for key in models:
+        if key != "cxr":
+            raise ConfigError(f"models.{key}", "unknown model section")
+    out["cxr"] = _cxr(models.get("cxr", {}))
+    gateways = data.get("gateways", {})
+    if not isinstance(gateways, dict):
+        raise ConfigError("gateways", "expected a table")
+    parsed: dict[str, GatewayConfig] = {}
+    for gateway_id, table in gateways.items():
+        if not GATEWAY_ID_RE.match(str(gateway_id)):
+            raise ConfigError(f"gateways.{gateway_id}", "gateway id must be [A-Za-z0-9_-]{1,64}")
+        parsed[str(gateway_id)] = _gateway(table, f"gateways.{gateway_id}.", defaults)
+    out["gateways"] = parsed
+    return Config(**out)

@@ -1,0 +1,93 @@
+"""The model interface: what a model declares, what it is given, what it returns."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydicom import Dataset
+
+from service.assembly import Study
+from service.config import Rule
+from service.uids import UidFactory
+
+
+@dataclass(frozen=True)
+class Applicability:
+    """Whether a model applies to a study, and why not when it does not."""
+
+    ok: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a run may use besides the study: stable UIDs and the triggering series."""
+
+    uids: UidFactory
+    run_id: int
+    trigger_series_uid: str | None = None
+
+
+@dataclass
+class ModelResult:
+    """DICOM objects to write, plus a JSON-serialisable findings summary for the ledger."""
+
+    datasets: list[Dataset]
+    findings: dict[str, Any] = field(default_factory=dict)
+    skipped_instances: dict[str, str] = field(default_factory=dict)  # SOP UID -> reason
+
+
+class Model(Protocol):
+    """A model loaded once at start and run per study."""
+
+    name: str
+    version: str
+
+    def ready(self) -> Applicability:
+        """Whether the model can run now (e.g. weights present); studies wait if not."""
+        ...
+
+    def applies(self, study: Study) -> Applicability:
+        """Whether this model should run on ``study``; the reason is recorded if not."""
+        ...
+
+    def run(self, study: Study, ctx: RunContext) -> ModelResult:
+        """Run on the study's applicable instances; raise ModelError on failure."""
+        ...
+
+
+def rule_matches(rule: Rule, study: Study) -> bool:
+    """True when some instance of the study matches every tag list of ``rule``."""
+    for inst in study.instances:
+        if rule.modality and inst.modality.upper() not in rule.modality:
+            continue
+        if rule.body_part and inst.body_part.upper() not in rule.body_part:
+            continue
+        if rule.sop_class and inst.sop_class_uid not in rule.sop_class:
+            continue
+        return True
+    return False
+
+
+def select_model(
+    rules: Sequence[Rule], models: Mapping[str, Model], study: Study
+) -> tuple[Model | None, str]:
+    """The first rule's model that matches and applies; else None with the reason."""
+    reasons = []
+    for rule in rules:
+        if not rule_matches(rule, study):
+            continue
+        model = models.get(rule.model)
+        if model is None:
+            reasons.append(f"rule names unknown model {rule.model!r}")
+            continue
+        verdict = model.applies(study)
+        if verdict.ok:
+            return model, ""
+        reasons.append(f"{model.name}: {verdict.reason}")
+    if not reasons:
+        modalities = sorted({i.modality or "?" for i in study.instances})
+        return None, f"no routing rule matches (Modality {','.join(modalities)})"
+    return None, "; ".join(reasons)
