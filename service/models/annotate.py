@@ -1,0 +1,271 @@
+"""The ``annotate`` model: a derived copy of each image with a warning burned into the pixels.
+
+Each source image becomes a new instance of the same SOP Class (same IOD) in a new series
+per source series, with new UIDs from the run's :class:`~service.uids.UidFactory`, Image
+Type ``DERIVED\\SECONDARY``, a Source Image Sequence naming the source, native (uncompressed)
+Explicit VR Little Endian pixel data and ``Burned In Annotation`` = ``YES`` (PS3.3 C.7.6.1).
+Patient, study and frame-of-reference attributes are kept, so the result joins the same study.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+from highdicom.sr import CodedConcept
+from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.sr.codedict import codes
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
+)
+
+from service.assembly import Instance, Study
+from service.errors import ModelError
+from service.models.base import Applicability, ModelResult, RunContext
+
+logger = logging.getLogger(__name__)
+
+TEXT_LINES = ("AI PROCESSED", "NOT FOR DIAGNOSIS")
+DESCRIPTION_PREFIX = "AI annotated"
+SERIES_NUMBER_OFFSET = 1000
+MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+#: Colour interpretations pydicom decodes to RGB (PS3.3 C.7.6.3.1.2).
+COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
+#: Lossy transfer syntaxes and their Lossy Image Compression Method (PS3.3 C.7.6.1.1.5).
+LOSSY_METHODS: dict[str, str] = {
+    JPEGBaseline8Bit: "ISO_10918_1",
+    JPEGExtended12Bit: "ISO_10918_1",
+    JPEGLSNearLossless: "ISO_14495_1",
+    **{uid: "ISO_15444_1" for uid in JPEG2000TransferSyntaxes if "Lossless" not in uid.name},
+}
+#: Elements that no longer describe the derived object.
+DROPPED = (
+    "IconImageSequence",
+    "ExtendedOffsetTable",
+    "ExtendedOffsetTableLengths",
+    "PixelDataProviderURL",
+    "DataSetTrailingPadding",
+)
+
+Pixels = npt.NDArray[Any]
+
+
+def unsupported_reason(ds: Dataset) -> str | None:
+    """Why ``ds`` cannot be annotated, or None when it can (PS3.3 C.7.6.3 Image Pixel)."""
+    if "PixelData" not in ds:
+        return "no Pixel Data: not an image"
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if not (
+        (samples == 1 and photometric in MONOCHROME) or (samples == 3 and photometric in COLOUR)
+    ):
+        return f"unsupported Photometric Interpretation {photometric!r} ({samples} samples)"
+    bits = ds.get("BitsAllocated")
+    if bits not in (8, 16):
+        return f"unsupported Bits Allocated {bits!r}"
+    if not ds.get("Rows") or not ds.get("Columns"):
+        return "no Rows/Columns"
+    return None
+
+
+def _frames(ds: Dataset, arr: Pixels) -> Pixels:
+    """``arr`` as (frames, rows, columns[, samples])."""
+    single = 2 if int(ds.SamplesPerPixel) == 1 else 3
+    return arr[np.newaxis] if arr.ndim == single else arr
+
+
+def _text_mask(rows: int, columns: int) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """Masks of the warning text and of its outline, sized to the image."""
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    widths = [cv2.getTextSize(line, font, 1.0, 2)[0] for line in TEXT_LINES]
+    line_height = max(h for _w, h in widths) * 1.6
+    # Fit the widest line to 90% of the width and the block to 25% of the height.
+    scale = min(
+        0.9 * columns / max(w for w, _h in widths), 0.25 * rows / (len(widths) * line_height)
+    )
+    thickness = max(1, round(2 * scale))
+    text = np.zeros((rows, columns), np.uint8)
+    outline = np.zeros((rows, columns), np.uint8)
+    x = max(1, round(0.03 * columns))
+    y = max(1, round(0.03 * rows))
+    for line in TEXT_LINES:
+        y += round(line_height * scale)
+        cv2.putText(outline, line, (x, y), font, scale, 255, thickness + 2, cv2.LINE_8)
+        cv2.putText(text, line, (x, y), font, scale, 255, thickness, cv2.LINE_8)
+    return text > 0, (outline > 0) & (text == 0)
+
+
+def burn_in(ds: Dataset, frames: Pixels) -> Pixels:
+    """Burn the warning into each frame of stored values, bright on a dark outline.
+
+    Grey levels are the frame's own extremes (so any window shows them and the stored range
+    is respected); MONOCHROME1 displays low values bright (PS3.3 C.7.6.3.1.2).
+    """
+    out = frames.copy()
+    text, outline = _text_mask(out.shape[1], out.shape[2])
+    invert = str(ds.PhotometricInterpretation) == "MONOCHROME1"
+    for frame in out:
+        if frame.ndim == 3:  # RGB: full-scale white on black
+            high: Any = (1 << int(ds.BitsStored)) - 1
+            low: Any = 0
+        else:
+            low, high = frame.min(), frame.max()
+            if invert:
+                low, high = high, low
+        frame[outline] = low
+        frame[text] = high
+    return out
+
+
+def _lossy_attributes(ds: Dataset, tsyntax: UID) -> None:
+    """Record lossy compression of the source once decoded (PS3.3 C.7.6.1.1.5)."""
+    method = LOSSY_METHODS.get(tsyntax)
+    if method is None or "LossyImageCompressionMethod" in ds:
+        return
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    raw = int(ds.Rows) * int(ds.Columns) * int(ds.SamplesPerPixel) * int(ds.BitsAllocated) // 8
+    ds.LossyImageCompression = "01"
+    ds.LossyImageCompressionMethod = method
+    ds.LossyImageCompressionRatio = f"{raw * frames / max(1, len(ds.PixelData)):.2f}"
+
+
+def derive(source: Dataset, ctx: RunContext, now: datetime) -> Dataset:
+    """The annotated derived copy of ``source`` (which is modified in place and returned)."""
+    ds = source
+    tsyntax = UID(ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian))
+    frames = burn_in(ds, _frames(ds, ds.pixel_array))
+    _lossy_attributes(ds, tsyntax)
+    src_class, src_sop = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
+    src_series = str(ds.SeriesInstanceUID)
+
+    ds.remove_private_tags()
+    for keyword in DROPPED:
+        if keyword in ds:
+            del ds[keyword]
+    ds.preamble = None
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    photometric = "RGB" if int(ds.SamplesPerPixel) == 3 else str(ds.PhotometricInterpretation)
+    multi = "NumberOfFrames" in ds or frames.shape[0] > 1
+    ds.set_pixel_data(
+        frames if multi else frames[0],
+        photometric,
+        int(ds.BitsStored),
+        generate_instance_uid=False,
+    )
+
+    ds.SOPInstanceUID = ctx.uids.uid("instance", "annotate", src_sop)
+    ds.SeriesInstanceUID = ctx.uids.uid("series", "annotate", src_series)
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    number = str(ds.get("SeriesNumber", "") or "").strip()
+    if number.lstrip("-").isdigit() and abs(int(number)) < 2**31 - SERIES_NUMBER_OFFSET:
+        ds.SeriesNumber = int(number) + SERIES_NUMBER_OFFSET
+    description = str(ds.get("SeriesDescription", "") or "").strip()
+    ds.SeriesDescription = (
+        f"{DESCRIPTION_PREFIX}: {description}" if description else DESCRIPTION_PREFIX
+    )[:64]
+    ds.ImageType = ["DERIVED", "SECONDARY", *list(ds.get("ImageType", []))[2:]]
+    ds.BurnedInAnnotation = "YES"
+    ds.DerivationDescription = (
+        f"Text '{' - '.join(TEXT_LINES)}' burned into the pixel data by annotate "
+        f"{AnnotateModel.version}"
+    )
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = src_class
+    reference.ReferencedSOPInstanceUID = src_sop
+    reference.PurposeOfReferenceCodeSequence = [
+        CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
+    ]
+    ds.SourceImageSequence = [reference]
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
+    for prefix in ("Series", "Content"):
+        if f"{prefix}Date" in ds:
+            ds[f"{prefix}Date"].value = date
+        if f"{prefix}Time" in ds:
+            ds[f"{prefix}Time"].value = time
+    return ds
+
+
+def _read(path: Path, **kwargs: Any) -> Dataset:
+    try:
+        return dcmread(path, **kwargs)
+    except (InvalidDicomError, OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {path.name}: {exc}") from exc
+
+
+class AnnotateModel:
+    """Burns ``AI PROCESSED - NOT FOR DIAGNOSIS`` into a derived copy of every image."""
+
+    name = "annotate"
+    version = "1.0.0"
+
+    def ready(self) -> Applicability:
+        return Applicability(True)
+
+    def _check(self, instances: Iterable[Instance]) -> tuple[list[Instance], dict[str, str]]:
+        usable: list[Instance] = []
+        skipped: dict[str, str] = {}
+        for inst in instances:
+            try:
+                reason = unsupported_reason(_read(inst.path, defer_size=4096))
+            except ModelError as exc:
+                reason = str(exc)
+            if reason is None:
+                usable.append(inst)
+            else:
+                skipped[inst.sop_instance_uid] = reason
+        return usable, skipped
+
+    def applies(self, study: Study) -> Applicability:
+        usable, skipped = self._check(study.instances)
+        if usable:
+            return Applicability(True)
+        reasons = sorted(set(skipped.values())) or ["no instances"]
+        return Applicability(False, "no image with supported pixel data: " + "; ".join(reasons))
+
+    def run(self, study: Study, ctx: RunContext) -> ModelResult:
+        usable, skipped = self._check(study.instances)
+        now = datetime.now()
+        datasets: list[Dataset] = []
+        series: list[str] = []
+        for inst in sorted(usable, key=lambda i: (i.series_instance_uid, i.sop_instance_uid)):
+            try:
+                ds = derive(_read(inst.path), ctx, now)
+            except ModelError:
+                raise
+            except Exception as exc:  # pixel decoding or encoding of this instance failed
+                skipped[inst.sop_instance_uid] = f"cannot annotate: {type(exc).__name__}: {exc}"
+                logger.warning("annotate skipped %s: %s", inst.sop_instance_uid, exc)
+                continue
+            datasets.append(ds)
+            if ds.SeriesInstanceUID not in series:
+                series.append(str(ds.SeriesInstanceUID))
+        if not datasets:
+            raise ModelError("annotate produced nothing: " + "; ".join(sorted(skipped.values())))
+        logger.info(
+            "annotate: study %s, %d instance(s) in %d new series, %d skipped",
+            study.study_uid,
+            len(datasets),
+            len(series),
+            len(skipped),
+        )
+        return ModelResult(
+            datasets=datasets,
+            findings={"instances": len(datasets), "series": series},
+            skipped_instances=skipped,
+        )

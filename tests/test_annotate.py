@@ -1,0 +1,164 @@
+"""The annotate model on real DICOM files (service.models.annotate)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian
+
+from service.assembly import Instance, Study
+from service.models.annotate import AnnotateModel
+from service.models.base import RunContext
+from service.uids import UidFactory
+from service.writers import output_path, write_dataset
+from tests.conftest import dciodvfy, shared_file
+
+ROOT = "1.2.826.0.1.3680043.10.999."
+
+
+def _testdata(name: str) -> Path:
+    path = get_testdata_file(name)
+    assert path is not None, f"pydicom test file {name} missing"
+    return Path(path)
+
+
+def _source(name: str) -> Path:
+    return shared_file(name[len("shared:") :]) if name.startswith("shared:") else _testdata(name)
+
+
+def _instance(path: Path) -> Instance:
+    ds = dcmread(path, stop_before_pixels=True)
+    return Instance(
+        path=path,
+        size=path.stat().st_size,
+        sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        sop_class_uid=str(ds.SOPClassUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        study_instance_uid=str(ds.StudyInstanceUID),
+        modality=str(ds.get("Modality", "")),
+    )
+
+
+def _study(*paths: Path) -> Study:
+    instances = [_instance(p) for p in paths]
+    return Study("1", instances[0].study_instance_uid, paths[0].parent, instances)
+
+
+def _ctx(study: Study, run_id: int = 1) -> RunContext:
+    return RunContext(UidFactory(ROOT, "1", study.study_uid, str(run_id)), run_id)
+
+
+SOURCES = [
+    "CT_small.dcm",
+    "MR_small.dcm",
+    "shared:series/mr-phantom-63/5001001.dcm",
+    "shared:cxr/siim-cr-pa-jpeg.dcm",
+    "shared:cxr/siim-cr-pa-monochrome1.dcm",
+    "SC_rgb_rle_2frame.dcm",
+]
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_derived_copy_is_valid_and_new(tmp_path: Path, name: str) -> None:
+    path = _source(name)
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    study = _study(path)
+    model = AnnotateModel()
+    assert model.ready().ok
+    assert model.applies(study).ok
+    result = model.run(study, _ctx(study))
+    assert len(result.datasets) == 1
+    assert result.skipped_instances == {}
+
+    target = output_path(tmp_path, "1", "study", result.datasets[0])
+    write_dataset(result.datasets[0], target)
+    out, src = dcmread(target), dcmread(path)
+
+    # Validity: nothing added to what dciodvfy says about the source (PS3.3 IODs).
+    errors, source_errors = set(dciodvfy(target)), set(dciodvfy(path))
+    assert errors <= source_errors, errors - source_errors
+    if not name.startswith("shared:") and name != "SC_rgb_rle_2frame.dcm":
+        assert errors == set()
+    assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+
+    # New UIDs from the configured root, same study and patient.
+    for keyword in ("SOPInstanceUID", "SeriesInstanceUID"):
+        assert out[keyword].value.startswith(ROOT)
+        assert out[keyword].value != src[keyword].value
+    assert out.SOPClassUID == src.SOPClassUID
+    assert out.StudyInstanceUID == src.StudyInstanceUID
+    assert out.PatientID == src.PatientID
+    assert result.findings == {"instances": 1, "series": [out.SeriesInstanceUID]}
+
+    # Derivation attributes (PS3.3 C.7.6.1).
+    assert list(out.ImageType[:2]) == ["DERIVED", "SECONDARY"]
+    assert out.SeriesDescription.startswith("AI annotated")
+    assert len(out.SeriesDescription) <= 64
+    assert out.BurnedInAnnotation == "YES"
+    ref = out.SourceImageSequence[0]
+    assert ref.ReferencedSOPInstanceUID == src.SOPInstanceUID
+    assert ref.ReferencedSOPClassUID == src.SOPClassUID
+    assert ref.PurposeOfReferenceCodeSequence[0].CodeValue == "121322"
+
+    # Text burned in: same shape, different pixels; the input file is untouched.
+    assert out.pixel_array.shape == src.pixel_array.shape
+    assert not np.array_equal(out.pixel_array, src.pixel_array)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+
+@pytest.mark.parametrize(
+    "name", ["CT_small.dcm", "shared:cxr/siim-cr-pa-monochrome1.dcm"], ids=["mono2", "mono1"]
+)
+def test_text_is_drawn_in_the_displayed_bright_value(name: str) -> None:
+    """MONOCHROME1 shows low stored values bright (PS3.3 C.7.6.3.1.2)."""
+    path = _source(name)
+    study = _study(path)
+    out = AnnotateModel().run(study, _ctx(study)).datasets[0].pixel_array
+    src = dcmread(path).pixel_array
+    bright = src.min() if dcmread(path).PhotometricInterpretation == "MONOCHROME1" else src.max()
+    assert np.count_nonzero(out == bright) > np.count_nonzero(src == bright) + 50
+    assert src.min() <= out.min() and out.max() <= src.max()  # stored range respected
+
+
+def test_uids_are_deterministic_per_run() -> None:
+    study = _study(_testdata("CT_small.dcm"))
+    model = AnnotateModel()
+
+    def uids(run_id: int) -> tuple[str, str]:
+        ds = model.run(study, _ctx(study, run_id)).datasets[0]
+        return str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)
+
+    assert uids(1) == uids(1)
+    assert uids(2) != uids(1)
+
+
+def test_one_new_series_per_source_series() -> None:
+    study = _study(_testdata("CT_small.dcm"), _testdata("MR_small.dcm"))
+    result = AnnotateModel().run(study, _ctx(study))
+    new_series = {str(ds.SeriesInstanceUID) for ds in result.datasets}
+    assert len(new_series) == 2
+    assert sorted(result.findings["series"]) == sorted(new_series)
+    assert new_series.isdisjoint({i.series_instance_uid for i in study.instances})
+
+
+def test_non_image_instances_are_skipped_with_a_reason() -> None:
+    sr = _testdata("test-SR.dcm")
+    study = _study(_testdata("MR_small.dcm"), sr)
+    model = AnnotateModel()
+    assert model.applies(study).ok
+    result = model.run(study, _ctx(study))
+    assert len(result.datasets) == 1
+    sr_uid = str(dcmread(sr, stop_before_pixels=True).SOPInstanceUID)
+    assert "not an image" in result.skipped_instances[sr_uid]
+
+
+def test_study_without_images_does_not_apply() -> None:
+    verdict = AnnotateModel().applies(_study(_testdata("test-SR.dcm")))
+    assert not verdict.ok
+    assert "not an image" in verdict.reason
