@@ -1,0 +1,415 @@
+"""The conformance gate every output object passes before it is sent to a PACS.
+
+:func:`check_file` reads a written file back and lists its problems (empty list: it
+passes); a failing object is not sent, and :func:`quarantine_file` moves it aside.
+
+Strict reading is done *locally*, without touching pydicom's process-wide
+``config.settings.reading_validation_mode`` (other threads read clinical input files at the
+same time and must keep the lenient default):
+
+* the file is parsed from memory with ``dcmread(..., force=False)`` (preamble, ``DICM`` and
+  File Meta Information required, PS3.10 §7.1) through a stream that notices short reads,
+  so a truncated file is a problem although pydicom itself would only warn;
+* every element value is checked against its VR with
+  ``pydicom.valuerep.validate_value(..., config.RAISE)`` (PS3.5 §6.2), which is what strict
+  reading would do, one value at a time;
+* the dataset is written again with ``enforce_file_format=True`` into memory and read back.
+
+Problem messages name attributes, tags and UIDs only, never values that could identify a
+patient.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import Dataset, config, dcmread, dcmwrite
+from pydicom.dataelem import DataElement
+from pydicom.multival import MultiValue
+from pydicom.pixels.utils import get_expected_length
+from pydicom.uid import UID
+from pydicom.valuerep import validate_value
+
+from service.errors import OutputError
+from service.fsutil import safe_name
+from service.uids import is_valid_uid
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem found in one output file."""
+
+    path: Path
+    message: str
+
+
+@dataclass(frozen=True)
+class _Module:
+    """The attributes of one PS3.3 module that every object we write must carry."""
+
+    name: str
+    section: str
+    type1: tuple[str, ...] = ()  # present and not empty
+    type2: tuple[str, ...] = ()  # present, may be empty
+
+
+# PS3.3 modules common to every object we write (derived images, SC images, SR documents).
+_PATIENT = _Module(
+    "Patient", "C.7.1.1", type2=("PatientName", "PatientID", "PatientBirthDate", "PatientSex")
+)
+_GENERAL_STUDY = _Module(
+    "General Study",
+    "C.7.2.1",
+    type1=("StudyInstanceUID",),
+    type2=("StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber"),
+)
+_GENERAL_EQUIPMENT = _Module("General Equipment", "C.7.5.1", type2=("Manufacturer",))
+_SOP_COMMON = _Module("SOP Common", "C.12.1", type1=("SOPClassUID", "SOPInstanceUID"))
+_COMMON = (_PATIENT, _GENERAL_STUDY, _GENERAL_EQUIPMENT, _SOP_COMMON)
+
+# Images: General Series and Image Pixel (Pixel Data is Type 1C, required for us).
+_GENERAL_SERIES = _Module(
+    "General Series", "C.7.3.1", type1=("Modality", "SeriesInstanceUID"), type2=("SeriesNumber",)
+)
+_IMAGE_PIXEL = _Module(
+    "Image Pixel",
+    "C.7.6.3",
+    type1=(
+        "Rows",
+        "Columns",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "PixelData",
+    ),
+)
+# SR documents: SR Document Series, SR Document General and SR Document Content (root item:
+# Concept Name Code Sequence and Content Sequence are required for a CONTAINER).
+_SR_SERIES = _Module(
+    "SR Document Series", "C.17.1", type1=("Modality", "SeriesInstanceUID", "SeriesNumber")
+)
+_SR_GENERAL = _Module("SR Document General", "C.17.2", type1=("CompletionFlag", "VerificationFlag"))
+_SR_CONTENT = _Module(
+    "SR Document Content",
+    "C.17.3",
+    type1=("ValueType", "ConceptNameCodeSequence", "ContentSequence"),
+)
+
+#: Required modules per kind of object.
+REQUIRED_MODULES: dict[str, tuple[_Module, ...]] = {
+    "image": (*_COMMON, _GENERAL_SERIES, _IMAGE_PIXEL),
+    "sr": (*_COMMON, _SR_SERIES, _SR_GENERAL, _SR_CONTENT),
+    "other": (*_COMMON, _GENERAL_SERIES),
+}
+
+#: Sequences whose items reference source instances by Referenced SOP Instance UID: the
+#: Source Image Sequence (PS3.3 C.7.6.1.1.4), the Referenced Image Sequence (C.7.6.1), and
+#: the Referenced SOP Sequence, found in SR content items (C.17.3.2.x, IMAGE/COMPOSITE) and in
+#: the Current Requested Procedure Evidence Sequence > Referenced Series Sequence (C.17.2).
+_REFERENCE_SEQUENCES = frozenset(
+    {"SourceImageSequence", "ReferencedImageSequence", "ReferencedSOPSequence"}
+)
+
+_STRING_FORM_VRS = frozenset({"IS", "DS", "PN"})
+_BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "SQ"})
+
+
+class _ShortReadStream(io.BytesIO):
+    """An in-memory file that records reads cut short by the end of the data.
+
+    pydicom reads the next element header 8 bytes at a time and takes an empty result as
+    the end of the data set; any other short read means the file was truncated.
+    """
+
+    truncated = False
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        data = super().read(size)
+        if size is not None and 0 <= len(data) < size and (data or size != 8):
+            self.truncated = True
+        return data
+
+
+def kind_of(ds: Dataset) -> str:
+    """``"sr"`` for Modality SR, ``"image"`` for an object with pixel data (or Rows), else
+    ``"other"``."""
+    if ds.get("Modality") == "SR":
+        return "sr"
+    if "PixelData" in ds or "Rows" in ds:
+        return "image"
+    return "other"
+
+
+def check_file(
+    path: Path,
+    *,
+    source_sop_uids: AbstractSet[str],
+    seen_uids: set[str] | None = None,
+    run_sop_uids: AbstractSet[str] = frozenset(),
+) -> list[str]:
+    """The problems of the output file ``path``; an empty list means it may be sent.
+
+    ``source_sop_uids`` are the SOP Instance UIDs of the study's source instances: every
+    instance the object references must be one of them or one of ``run_sop_uids``, the other
+    objects written by the same run (an SR may reference the run's summary image). Put the
+    run's own objects in ``run_sop_uids``, not in ``source_sop_uids``: an output whose SOP
+    Instance UID equals a source UID is reported as a collision. When ``seen_uids`` is given,
+    a SOP Instance UID already in it is reported as a duplicate, and the object's UID is
+    added to it.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return [f"cannot read output file: {exc.strerror or type(exc).__name__}"]
+    ds, problems = _read_strict(data)
+    if ds is None:
+        return problems
+    problems += _check_file_meta(ds)  # first: the round trip rewrites ds.file_meta
+    problems += _check_round_trip(ds)
+    problems += _check_required(ds)
+    problems += _check_pixel_data_length(ds)
+    problems += _check_values_and_uids(ds)
+    problems += _check_references(ds, {*source_sop_uids, *run_sop_uids})
+    problems += _check_uniqueness(ds, source_sop_uids, run_sop_uids, seen_uids)
+    if problems:
+        logger.info("output %s fails conformance: %d problem(s)", path.name, len(problems))
+    return problems
+
+
+def check_files(
+    paths: Iterable[Path],
+    *,
+    source_sop_uids: AbstractSet[str],
+    run_sop_uids: AbstractSet[str] = frozenset(),
+    seen_uids: set[str] | None = None,
+) -> list[Finding]:
+    """:func:`check_file` for every output of one run, sharing ``seen_uids``."""
+    seen = set() if seen_uids is None else seen_uids
+    return [
+        Finding(path, message)
+        for path in paths
+        for message in check_file(
+            path, source_sop_uids=source_sop_uids, seen_uids=seen, run_sop_uids=run_sop_uids
+        )
+    ]
+
+
+def _read_strict(data: bytes) -> tuple[Dataset | None, list[str]]:
+    """Parse a PS3.10 file from ``data``; return the dataset, or None and the reason."""
+    stream = _ShortReadStream(data)
+    try:
+        ds = dcmread(stream, force=False)
+    except Exception as exc:
+        return None, [f"not a readable DICOM file (PS3.10 §7): {_describe(exc)}"]
+    if stream.truncated:
+        return None, [f"file is truncated: data ends inside an element ({len(data)} bytes)"]
+    return ds, []
+
+
+def _check_file_meta(ds: Dataset) -> list[str]:
+    """File Meta Information must match the data set (PS3.10 §7.1)."""
+    meta = ds.file_meta
+    problems = []
+    if not meta.get("TransferSyntaxUID"):
+        problems.append("file meta: TransferSyntaxUID (0002,0010) missing (PS3.10 §7.1)")
+    for meta_kw, ds_kw in (
+        ("MediaStorageSOPClassUID", "SOPClassUID"),
+        ("MediaStorageSOPInstanceUID", "SOPInstanceUID"),
+    ):
+        if meta.get(meta_kw) != ds.get(ds_kw):
+            problems.append(
+                f"file meta: {meta_kw} {meta.get(meta_kw)!r} differs from {ds_kw} "
+                f"{ds.get(ds_kw)!r} (PS3.10 §7.1)"
+            )
+    return problems
+
+
+def _check_round_trip(ds: Dataset) -> list[str]:
+    """The data set must encode again as a PS3.10 file and read back the same."""
+    buffer = io.BytesIO()
+    try:
+        dcmwrite(buffer, ds, enforce_file_format=True)
+        again = dcmread(io.BytesIO(buffer.getvalue()), force=False)
+    except Exception as exc:
+        return [f"does not round-trip through pydicom: {_describe(exc)}"]
+    changed = [elem.keyword or str(elem.tag) for elem in again if ds.get(elem.tag) != elem] + [
+        str(tag) for tag in set(ds.keys()) - set(again.keys()) if tag.element != 0
+    ]
+    # group lengths (gggg,0000) are retired and dropped by pydicom (PS3.5 §7.2)
+    if changed:
+        return [f"does not round-trip through pydicom: changed {sorted(changed)[:5]}"]
+    return []
+
+
+def _check_required(ds: Dataset) -> list[str]:
+    """Type 1 and Type 2 attributes of the required modules (PS3.3, PS3.5 §7.4)."""
+    problems = []
+    for module in REQUIRED_MODULES[kind_of(ds)]:
+        where = f"PS3.3 {module.section} {module.name} Module"
+        for keyword in module.type1 + module.type2:
+            type_ = "1" if keyword in module.type1 else "2"
+            if keyword not in ds:
+                problems.append(f"{keyword} missing (Type {type_}, {where})")
+            elif type_ == "1" and ds[keyword].is_empty:
+                problems.append(f"{keyword} is empty (Type 1, {where})")
+    if kind_of(ds) == "sr" and ds.get("ValueType", "CONTAINER") != "CONTAINER":
+        problems.append(
+            f"ValueType of the root content item is {ds.ValueType!r}, not 'CONTAINER' "
+            "(PS3.3 C.17.3)"
+        )
+    return problems
+
+
+def _check_pixel_data_length(ds: Dataset) -> list[str]:
+    """Native (uncompressed) Pixel Data must hold every frame (PS3.5 §8.1.1)."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if "PixelData" not in ds or not syntax or UID(syntax).is_compressed:
+        return []
+    try:
+        expected = get_expected_length(ds, unit="bytes")
+    except (AttributeError, KeyError, TypeError, ValueError):
+        expected = None
+    if not isinstance(expected, int):
+        return []  # an Image Pixel attribute is missing or bad: reported elsewhere
+    actual = len(ds.PixelData)
+    if actual not in (expected, expected + expected % 2):
+        return [
+            f"PixelData holds {actual} bytes; Rows, Columns, SamplesPerPixel, BitsAllocated "
+            f"and NumberOfFrames need {expected + expected % 2} (PS3.5 §8.1.1)"
+        ]
+    return []
+
+
+def _elements(ds: Dataset) -> Iterator[DataElement]:
+    yield from ds.file_meta.iterall()
+    yield from ds.iterall()
+
+
+def _values(elem: DataElement) -> list[object]:
+    value = elem.value
+    if isinstance(value, MultiValue | list | tuple):
+        return [v for v in value if v not in (None, "")]
+    return [] if value in (None, "") else [value]
+
+
+def _check_values_and_uids(ds: Dataset) -> list[str]:
+    """Every value must conform to its VR (PS3.5 §6.2); every UID to PS3.5 §9.1."""
+    problems = []
+    for elem in _elements(ds):
+        if elem.VR in _BULK_VRS:
+            continue
+        name = f"{elem.keyword or 'element'} {elem.tag}"
+        for value in _values(elem):
+            if elem.VR == "UI":
+                if not is_valid_uid(value):
+                    problems.append(
+                        f"{name} {str(value)[:80]!r} is not a valid UID (PS3.5 §9.1: at most "
+                        "64 characters, digits and dots, no leading zeros)"
+                    )
+                continue
+            try:
+                # IS, DS and PN values are objects here; their validators check the string
+                plain = str(value) if elem.VR in _STRING_FORM_VRS else value
+                validate_value(elem.VR, plain, config.RAISE)
+            except ValueError:
+                # the value itself may identify the patient: name the attribute only
+                problems.append(f"{name} has a value not valid for VR {elem.VR} (PS3.5 §6.2)")
+                break
+    return problems
+
+
+def _check_references(ds: Dataset, known: AbstractSet[str]) -> list[str]:
+    """Every referenced SOP instance must be a source instance or an object of the run."""
+    problems = []
+    for elem in ds.iterall():
+        if elem.VR != "SQ" or elem.keyword not in _REFERENCE_SEQUENCES:
+            continue
+        for item in elem.value:
+            uid = item.get("ReferencedSOPInstanceUID")
+            if not uid:
+                problems.append(f"{elem.keyword} item without ReferencedSOPInstanceUID")
+            elif str(uid) not in known:
+                problems.append(f"{elem.keyword} references unknown SOP instance {uid}")
+    return problems
+
+
+def _check_uniqueness(
+    ds: Dataset,
+    source_sop_uids: AbstractSet[str],
+    run_sop_uids: AbstractSet[str],
+    seen_uids: set[str] | None,
+) -> list[str]:
+    """A new object needs a new SOP Instance UID (PS3.3 C.12.1.1.1)."""
+    uid = str(ds.get("SOPInstanceUID", "") or "")
+    if not uid:
+        return []
+    problems = []
+    if uid in source_sop_uids and uid not in run_sop_uids:
+        problems.append(f"SOPInstanceUID {uid} is the UID of a source instance")
+    if seen_uids is not None:
+        if uid in seen_uids:
+            problems.append(f"SOPInstanceUID {uid} is used by another output object")
+        seen_uids.add(uid)
+    return problems
+
+
+def quarantine_file(path: Path, quarantine_root: Path, gateway_id: str) -> Path:
+    """Move the output ``path`` to ``quarantine_root/gateway_<id>/``; return its new path.
+
+    An existing file there is never overwritten: ``<stem>-1.dcm``, ``<stem>-2.dcm``... are
+    tried in turn (hard link then unlink, so taking a name is atomic).
+    """
+    folder_name = f"gateway_{gateway_id}"
+    if safe_name(gateway_id) is None or safe_name(folder_name) is None:
+        raise OutputError(f"unusable gateway id {gateway_id[:80]!r}")
+    folder = quarantine_root / folder_name
+    folder.mkdir(parents=True, exist_ok=True)
+    for target in _candidates(folder, path.name):
+        try:
+            os.link(path, target)
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links here: check, then rename
+            if target.exists():
+                continue
+            os.replace(path, target)
+        else:
+            os.unlink(path)
+        logger.warning("quarantined output %s as %s", path.name, target.name)
+        return target
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _candidates(folder: Path, name: str) -> Iterator[Path]:
+    yield folder / name
+    stem, suffix = Path(name).stem, Path(name).suffix
+    number = 1
+    while True:
+        yield folder / f"{stem}-{number}{suffix}"
+        number += 1
+
+
+def _describe(exc: BaseException) -> str:
+    first_line = next(iter(str(exc).splitlines()), "")
+    return f"{type(exc).__name__}: {first_line[:200]}"
+
+
+__all__ = [
+    "REQUIRED_MODULES",
+    "Finding",
+    "check_file",
+    "check_files",
+    "kind_of",
+    "quarantine_file",
+]
