@@ -1,0 +1,356 @@
+"""C-STORE sending: a real Orthanc, and real pynetdicom/socket peers that misbehave."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import CTImageStorage, MRImageStorage
+from pydicom.uid import SecondaryCaptureImageStorage as SC
+from pynetdicom import AE, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from service.config import DEFAULT_UID_ROOT, PacsConfig
+from service.sender import ItemResult, SendStatus, classify, send_files
+from service.uids import UidFactory
+from tests.conftest import free_port
+from tests.orthanc import Orthanc, orthanc  # noqa: F401  (registers the fixture)
+
+
+def copy_with_new_uids(source: str, folder: Path, uids: UidFactory, name: str) -> Path:
+    """``source`` (a pydicom test file) as a new instance in a new study."""
+    ds = dcmread(get_testdata_file(source))
+    ds.StudyInstanceUID = uids.uid(name, "study")
+    ds.SeriesInstanceUID = uids.uid(name, "series")
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uids.uid(name, "sop")
+    path = folder / f"{name}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture
+def uids() -> UidFactory:
+    return UidFactory(DEFAULT_UID_ROOT, "test-sender", uuid.uuid4().hex)
+
+
+@pytest.fixture
+def ct(tmp_path: Path, uids: UidFactory) -> Path:
+    return copy_with_new_uids("CT_small.dcm", tmp_path, uids, "ct")
+
+
+@pytest.fixture
+def mr(tmp_path: Path, uids: UidFactory) -> Path:
+    return copy_with_new_uids("MR_small.dcm", tmp_path, uids, "mr")
+
+
+@pytest.fixture
+def sc(tmp_path: Path, uids: UidFactory, ct: Path) -> Path:
+    """A highdicom Secondary Capture in the CT's study, JPEG 2000 lossless encoded."""
+    reference = dcmread(ct)
+    image = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=reference,
+        pixel_array=np.arange(64 * 64, dtype=np.uint8).reshape(64, 64),
+        photometric_interpretation="MONOCHROME2",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=uids.uid("sc", "series"),
+        series_number=900,
+        sop_instance_uid=uids.uid("sc", "sop"),
+        instance_number=1,
+        manufacturer="test",
+        patient_orientation=("L", "P"),
+        transfer_syntax_uid="1.2.840.10008.1.2.4.90",
+    )
+    path = tmp_path / "sc.dcm"
+    image.save_as(path, enforce_file_format=True)
+    return path
+
+
+def sop_uid(path: Path) -> str:
+    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+# -- real Orthanc ------------------------------------------------------------------------
+
+
+def test_send_to_orthanc_stores_every_instance(
+    orthanc: Orthanc,  # noqa: F811
+    ct: Path,
+    mr: Path,
+    sc: Path,
+) -> None:
+    """CT, MR and a JPEG 2000 SC go over one association and land in Orthanc, in their
+    studies."""
+    destination = PacsConfig(
+        host="127.0.0.1", port=orthanc.dicom_port, ae_title=orthanc.ae_title, timeout_seconds=10
+    )
+    result = send_files(destination, [ct, mr, sc])
+
+    assert result.status is SendStatus.SUCCESS, result.reason
+    assert [i.status for i in result.items] == [SendStatus.SUCCESS] * 3
+    assert [i.status_code for i in result.items] == [0, 0, 0]
+    assert [i.sop_instance_uid for i in result.items] == [sop_uid(p) for p in (ct, mr, sc)]
+
+    stored = {}
+    for path in (ct, mr, sc):
+        found = orthanc.lookup(sop_uid(path))
+        assert len(found) == 1, f"{path.name} not stored in Orthanc"
+        tags = orthanc.get(f"/instances/{found[0]}/simplified-tags")
+        assert tags["SOPInstanceUID"] == sop_uid(path)
+        stored[path.name] = tags
+    assert stored["sc.dcm"]["StudyInstanceUID"] == stored["ct.dcm"]["StudyInstanceUID"]
+    assert stored["mr.dcm"]["StudyInstanceUID"] != stored["ct.dcm"]["StudyInstanceUID"]
+    study = orthanc.get(f"/instances/{orthanc.lookup(sop_uid(ct))[0]}/study")
+    assert len(study["Series"]) == 2  # the CT series and the SC series
+
+
+# -- misbehaving peers -------------------------------------------------------------------
+
+
+class Peer:
+    """A pynetdicom SCP on loopback that counts the connections it accepts."""
+
+    def __init__(self, server: ThreadedAssociationServer, ae_title: str, port: int) -> None:
+        self.server = server
+        self.port = port
+        self.ae_title = ae_title
+        self.connections = 0
+        self.requests = 0
+
+    def destination(self, timeout: float = 5.0, ae_title: str | None = None) -> PacsConfig:
+        return PacsConfig(
+            host="127.0.0.1",
+            port=self.port,
+            ae_title=ae_title or self.ae_title,
+            calling_ae_title="GATEWAY_TEST",
+            timeout_seconds=timeout,
+        )
+
+
+@pytest.fixture
+def start_peer() -> Iterator[Callable[..., Peer]]:
+    servers: list[ThreadedAssociationServer] = []
+
+    def start(
+        on_store: Callable[[evt.Event], int] | None = None,
+        sop_classes: tuple[str, ...] = (CTImageStorage, MRImageStorage, SC),
+        require_called_aet: bool = False,
+        ae_title: str = "PEER",
+    ) -> Peer:
+        ae = AE(ae_title=ae_title)
+        ae.require_called_aet = require_called_aet
+        for uid in sop_classes:
+            ae.add_supported_context(uid)
+        port = free_port()
+        peer: Peer
+
+        def opened(event: evt.Event) -> None:
+            peer.connections += 1
+
+        def requested(event: evt.Event) -> None:
+            peer.requests += 1
+
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, opened),
+            (evt.EVT_REQUESTED, requested),
+            (evt.EVT_C_STORE, on_store or (lambda event: 0x0000)),
+        ]
+        server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+        assert server is not None
+        servers.append(server)
+        peer = Peer(server, ae_title, port)
+        return peer
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def assert_all(items: list[ItemResult], status: SendStatus, code: int | None) -> None:
+    assert items, "no item results"
+    assert all(i.status is status and i.status_code == code for i in items), items
+
+
+def test_nothing_listening_is_refused(ct: Path) -> None:
+    destination = PacsConfig(host="127.0.0.1", port=free_port(), timeout_seconds=2)
+    result = send_files(destination, [ct])
+    assert result.status is SendStatus.REFUSED
+    assert "cannot connect" in result.reason
+    assert_all(result.items, SendStatus.REFUSED, None)
+
+
+def test_wrong_called_ae_title_is_rejected_once(start_peer: Callable[..., Peer], ct: Path) -> None:
+    peer = start_peer(require_called_aet=True, ae_title="RIGHT_AET")
+    result = send_files(peer.destination(ae_title="WRONG_AET"), [ct])
+    assert result.status is SendStatus.REJECTED
+    assert "Called AE title not recognised" in result.reason
+    assert_all(result.items, SendStatus.REJECTED, None)
+    assert peer.connections == 1
+
+
+def test_peer_abort_during_send_is_aborted(
+    start_peer: Callable[..., Peer], ct: Path, mr: Path
+) -> None:
+    def abort(event: evt.Event) -> int:
+        event.assoc.abort()
+        return 0x0000
+
+    peer = start_peer(on_store=abort)
+    result = send_files(peer.destination(), [ct, mr])
+    assert result.status is SendStatus.ABORTED, result.reason
+    assert_all(result.items, SendStatus.ABORTED, None)
+    assert peer.connections == 1
+
+
+def test_peer_that_never_answers_the_request_times_out(ct: Path) -> None:
+    """A raw TCP server that accepts and says nothing: the ACSE timeout ends the attempt."""
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(0.1)
+        port = listener.getsockname()[1]
+
+        def accept() -> None:
+            while not stop.is_set():
+                try:
+                    accepted.append(listener.accept()[0])
+                except TimeoutError:
+                    continue
+
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        try:
+            result = send_files(PacsConfig(host="127.0.0.1", port=port, timeout_seconds=1), [ct])
+        finally:
+            stop.set()
+            thread.join(timeout=10)
+    for conn in accepted:
+        conn.close()
+    assert result.status is SendStatus.TIMED_OUT, result.reason
+    assert_all(result.items, SendStatus.TIMED_OUT, None)
+    assert len(accepted) == 1
+
+
+def test_peer_that_never_answers_a_store_times_out(
+    start_peer: Callable[..., Peer], ct: Path
+) -> None:
+    release = threading.Event()
+
+    def stall(event: evt.Event) -> int:
+        release.wait(timeout=30)
+        return 0x0000
+
+    peer = start_peer(on_store=stall)
+    try:
+        result = send_files(peer.destination(timeout=1), [ct])
+    finally:
+        release.set()
+    assert result.status is SendStatus.TIMED_OUT, result.reason
+    assert "no C-STORE response" in result.reason
+    assert_all(result.items, SendStatus.TIMED_OUT, None)
+    assert peer.connections == 1
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        (0xA700, SendStatus.FAILURE),
+        (0xC000, SendStatus.FAILURE),
+        (0xB000, SendStatus.WARNING),
+        (0xB007, SendStatus.WARNING),
+    ],
+)
+def test_peer_status_is_reported_per_instance(
+    start_peer: Callable[..., Peer], ct: Path, mr: Path, code: int, status: SendStatus
+) -> None:
+    peer = start_peer(on_store=lambda event: code)
+    result = send_files(peer.destination(), [ct, mr])
+    assert result.status is status
+    assert_all(result.items, status, code)
+    assert [i.sop_instance_uid for i in result.items] == [sop_uid(ct), sop_uid(mr)]
+    assert peer.connections == 1
+
+
+def test_mixed_statuses_report_the_worst(
+    start_peer: Callable[..., Peer], ct: Path, mr: Path
+) -> None:
+    def by_modality(event: evt.Event) -> int:
+        return 0xB000 if event.request.AffectedSOPClassUID == CTImageStorage else 0x0000
+
+    result = send_files(start_peer(on_store=by_modality).destination(), [ct, mr])
+    assert result.status is SendStatus.WARNING
+    assert [i.status for i in result.items] == [SendStatus.WARNING, SendStatus.SUCCESS]
+
+
+def test_unsupported_sop_class_has_no_context(start_peer: Callable[..., Peer], ct: Path) -> None:
+    peer = start_peer(sop_classes=(MRImageStorage,))
+    result = send_files(peer.destination(), [ct])
+    assert result.status is SendStatus.NO_CONTEXT, result.reason
+    assert_all(result.items, SendStatus.NO_CONTEXT, None)
+    assert peer.connections == 1
+
+
+def test_partly_supported_study_sends_what_it_can(
+    start_peer: Callable[..., Peer], ct: Path, mr: Path
+) -> None:
+    stored: list[str] = []
+
+    def store(event: evt.Event) -> int:
+        stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    peer = start_peer(on_store=store, sop_classes=(MRImageStorage,))
+    result = send_files(peer.destination(), [ct, mr])
+    assert result.status is SendStatus.NO_CONTEXT
+    assert [i.status for i in result.items] == [SendStatus.NO_CONTEXT, SendStatus.SUCCESS]
+    assert stored == [sop_uid(mr)]
+    assert peer.connections == 1
+
+
+def test_unreadable_file_is_not_sent(start_peer: Callable[..., Peer], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"not dicom at all")
+    peer = start_peer()
+    result = send_files(peer.destination(), [bad])
+    assert result.status is SendStatus.ERROR
+    assert result.items == [ItemResult("", SendStatus.ERROR, None, bad)]
+    assert peer.connections == 0
+
+
+def test_input_files_are_unchanged_after_sending(
+    start_peer: Callable[..., Peer], ct: Path, mr: Path
+) -> None:
+    before = {p: p.read_bytes() for p in (ct, mr)}
+    result = send_files(start_peer().destination(), [ct, mr])
+    assert result.status is SendStatus.SUCCESS, result.reason
+    assert {p: p.read_bytes() for p in (ct, mr)} == before
+
+
+def test_compressed_object_needs_its_own_transfer_syntax(
+    start_peer: Callable[..., Peer], ct: Path, sc: Path
+) -> None:
+    """We never transcode: a JPEG 2000 object to a peer accepting only uncompressed syntaxes
+    is NO_CONTEXT, while the uncompressed CT is still stored."""
+    result = send_files(start_peer().destination(), [ct, sc])
+    assert result.status is SendStatus.NO_CONTEXT
+    assert [i.status for i in result.items] == [SendStatus.SUCCESS, SendStatus.NO_CONTEXT]
+
+
+def test_classify_follows_ps3_4_annex_b() -> None:
+    assert classify(0x0000) is SendStatus.SUCCESS
+    assert classify(0xB000) is SendStatus.WARNING
+    assert classify(0xB006) is SendStatus.WARNING
+    assert classify(0x0107) is SendStatus.WARNING
+    assert classify(0xA900) is SendStatus.FAILURE
+    assert classify(0x0122) is SendStatus.FAILURE
