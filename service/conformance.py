@@ -113,13 +113,13 @@ REQUIRED_MODULES: dict[str, tuple[_Module, ...]] = {
     "other": (*_COMMON, _GENERAL_SERIES),
 }
 
-#: Sequences whose items reference source instances by Referenced SOP Instance UID: the
-#: Source Image Sequence (PS3.3 C.7.6.1.1.4), the Referenced Image Sequence (C.7.6.1), and
-#: the Referenced SOP Sequence, found in SR content items (C.17.3.2.x, IMAGE/COMPOSITE) and in
-#: the Current Requested Procedure Evidence Sequence > Referenced Series Sequence (C.17.2).
-_REFERENCE_SEQUENCES = frozenset(
-    {"SourceImageSequence", "ReferencedImageSequence", "ReferencedSOPSequence"}
-)
+#: Sequences through which our objects reference their sources by Referenced SOP Instance
+#: UID: the Source Image Sequence (PS3.3 C.7.6.1.1.4) and the Referenced SOP Sequence, found
+#: in SR content items (C.17.3.2.x, IMAGE/COMPOSITE) and in the Current Requested Procedure
+#: Evidence Sequence > Referenced Series Sequence (C.17.2). The Referenced Image Sequence
+#: (C.7.6.1) is not checked: a derived image keeps the source's own context references
+#: (e.g. a localizer the gateway never received).
+_REFERENCE_SEQUENCES = frozenset({"SourceImageSequence", "ReferencedSOPSequence"})
 
 _STRING_FORM_VRS = frozenset({"IS", "DS", "PN"})
 _BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "SQ"})
@@ -327,6 +327,48 @@ def _check_values_and_uids(ds: Dataset) -> list[str]:
                 problems.append(f"{name} has a value not valid for VR {elem.VR} (PS3.5 §6.2)")
                 break
     return problems
+
+
+def _value_ok(elem: DataElement) -> bool:
+    if elem.VR in _BULK_VRS:
+        return True
+    for value in _values(elem):
+        if elem.VR == "UI":
+            if not is_valid_uid(value):
+                return False
+            continue
+        try:
+            validate_value(
+                elem.VR, str(value) if elem.VR in _STRING_FORM_VRS else value, config.RAISE
+            )
+        except ValueError:
+            return False
+    return True
+
+
+def repair_copied_attributes(ds: Dataset) -> list[str]:
+    """Make a dataset copied from a source pass the gate's attribute checks; list the changes.
+
+    Attributes copied from real-world sources are often invalid (e.g. PatientAge ``'30'``
+    instead of ``'030Y'``, PS3.5 §6.2) or absent (Type 2, PS3.5 §7.4). Invalid Type 2 values
+    are emptied, other invalid values removed, and missing Type 2 attributes added empty.
+    Type 1 attributes and UIDs are never invented: the gate reports those.
+    """
+    changed = []
+    type2 = {k for module in REQUIRED_MODULES[kind_of(ds)] for k in module.type2}
+    type1 = {k for module in REQUIRED_MODULES[kind_of(ds)] for k in module.type1}
+    for elem in list(ds):
+        if elem.VR == "SQ" or elem.VR == "UI" or elem.keyword in type1 or _value_ok(elem):
+            continue
+        if elem.keyword in type2:
+            elem.value = None
+        else:
+            del ds[elem.tag]
+        changed.append(elem.keyword or str(elem.tag))
+    for keyword in sorted(type2 - set(ds.dir())):
+        setattr(ds, keyword, None)
+        changed.append(keyword)
+    return changed
 
 
 def _check_references(ds: Dataset, known: AbstractSet[str]) -> list[str]:

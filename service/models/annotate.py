@@ -33,6 +33,7 @@ from pydicom.uid import (
 )
 
 from service.assembly import Instance, Study
+from service.conformance import repair_copied_attributes
 from service.errors import ModelError
 from service.models.base import Applicability, ModelResult, RunContext
 
@@ -191,6 +192,9 @@ def derive(source: Dataset, ctx: RunContext, now: datetime) -> Dataset:
         CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
     ]
     ds.SourceImageSequence = [reference]
+    repaired = repair_copied_attributes(ds)
+    if repaired:
+        logger.info("sop=%s repaired copied attributes: %s", ds.SOPInstanceUID, ", ".join(repaired))
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
     for prefix in ("Series", "Content"):
