@@ -1,0 +1,364 @@
+"""Chest radiograph classifier: torchxrayvision DenseNet-121 ``densenet121-res224-all``.
+
+The weights are the file torchxrayvision publishes, loaded once at construction the way
+torchxrayvision loads it. Pixels are prepared from the DICOM data exactly as
+torchxrayvision expects: stored values through the Modality LUT (PS3.3 C.11.1),
+MONOCHROME1 inverted (PS3.3 C.7.6.3.1.2), scaled to [-1024, 1024] from the bit depth in
+the header, centre-cropped to a square and resized to 224 x 224.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import torch
+import torchxrayvision as xrv
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.pixels.processing import apply_modality_lut
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from service.assembly import Instance, Study
+from service.config import CxrConfig
+from service.errors import InputError, ModelError, ModelNotReady
+from service.models.base import Applicability, ModelResult, RunContext
+
+logger = logging.getLogger(__name__)
+
+NAME = "cxr-densenet121"
+WEIGHTS_NAME = "densenet121-res224-all"
+FETCH_HINT = "python main.py models fetch"
+INPUT_SIZE = 224
+
+#: SOP classes accepted (PS3.4 B.5): CR, DX For Presentation, Secondary Capture.
+CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
+DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+SOP_CLASSES = {CR_IMAGE, DX_PRESENTATION, SECONDARY_CAPTURE}
+MODALITIES = {"CR", "DX"}
+#: Body Part Examined (0018,0015): CHEST is the defined term (PS3.16 Annex L); a missing
+#: value is accepted. THORAX is not a defined term and is refused (the one sample using it
+#: is a veterinary lateral view).
+BODY_PARTS = {"CHEST", ""}
+#: View Position (0018,5101) values the model was trained on; missing is accepted.
+VIEWS = {"PA", "AP", ""}
+
+
+def default_weights_path() -> Path:
+    """Where torchxrayvision caches the published file (``~/.torchxrayvision/models_data``)."""
+    url = str(xrv.models.model_urls[WEIGHTS_NAME]["weights_url"])
+    return Path(str(xrv.utils.get_cache_dir())) / os.path.basename(url)
+
+
+def weights_path(config: CxrConfig) -> Path:
+    """The configured weights file, or torchxrayvision's cache location."""
+    return Path(config.weights).expanduser() if config.weights else default_weights_path()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_weights(config: CxrConfig) -> Path:
+    """Download the published weights via torchxrayvision to :func:`weights_path`."""
+    target = weights_path(config)
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".tmp-", dir=target.parent) as tmp:
+            os.replace(xrv.models.get_weights(WEIGHTS_NAME, cache_dir=tmp), target)
+    if config.sha256 and sha256_file(target) != config.sha256:
+        raise ModelError(f"{target}: sha256 differs from models.cxr.sha256")
+    return target
+
+
+def load_densenet(path: Path) -> xrv.models.DenseNet:
+    """Load ``path`` as torchxrayvision's ``DenseNet(weights=WEIGHTS_NAME)`` does.
+
+    The published file is a whole pickled ``xrv.models.DenseNet`` (``torch.save(model)``),
+    not a state dict: torch's ``weights_only`` unpickler refuses its classes, so it is
+    loaded with ``weights_only=False`` as torchxrayvision does. That runs pickle code, so
+    only load a trusted file; pin its digest with ``models.cxr.sha256``. A bare state dict
+    is accepted too. Labels, operating thresholds and input size come from
+    ``xrv.models.model_urls``, not the file, exactly as in torchxrayvision.
+    """
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(saved, torch.nn.Module):
+        for module in saved.modules():  # xrv's patch for models pickled by old torch
+            if not hasattr(module, "_non_persistent_buffers_set"):
+                module._non_persistent_buffers_set = set()
+        state = saved.state_dict()
+    elif isinstance(saved, Mapping):
+        state = dict(saved)
+    else:
+        raise ModelError(f"{path}: neither a pickled model nor a state dict")
+    spec = xrv.models.model_urls[WEIGHTS_NAME]
+    model = xrv.models.DenseNet(weights=None, num_classes=len(spec["labels"]))
+    model.load_state_dict(state)
+    model.targets = list(spec["labels"])
+    model.pathologies = model.targets
+    model.op_threshs = torch.tensor(spec["op_threshs"])
+    model.input_resolution = spec["input_resolution"]
+    return model.eval()
+
+
+def pick_device(setting: str) -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+# -- DICOM in ------------------------------------------------------------------------------
+
+
+def read_dicom(path: Path, stop_before_pixels: bool = False) -> Dataset:
+    """Read ``path``, also a stream without preamble or File Meta (PS3.10 §7.1).
+
+    Without a Transfer Syntax UID the one the stream was parsed with is recorded
+    (implicit VR little endian, PS3.5 §10.1, for old ACR-NEMA style streams).
+    """
+    try:
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=stop_before_pixels)
+    except Exception as exc:
+        raise InputError(f"not readable as DICOM: {type(exc).__name__}: {exc}") from exc
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        ds.file_meta = ds.file_meta or FileMetaDataset()
+        if implicit is False:
+            syntax = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        else:
+            syntax = ImplicitVRLittleEndian
+        ds.file_meta.TransferSyntaxUID = syntax
+    return ds
+
+
+def check_header(ds: Dataset) -> str:
+    """Why ``ds`` is not a single-frame PA/AP chest radiograph; "" when it is."""
+    sop_class = str(ds.get("SOPClassUID", ""))
+    modality = str(ds.get("Modality", "")).upper()
+    body_part = str(ds.get("BodyPartExamined", "") or "").upper().strip()
+    view = str(ds.get("ViewPosition", "") or "").upper().strip()
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    if sop_class not in SOP_CLASSES:
+        return f"SOP class {sop_class} is not CR, DX for presentation or secondary capture"
+    if modality not in MODALITIES:
+        return f"Modality {modality or '(none)'} is not CR or DX"
+    if body_part not in BODY_PARTS:
+        return f"BodyPartExamined {body_part} is not CHEST"
+    if view not in VIEWS:
+        return f"ViewPosition {view} is not PA or AP (lateral and other views are not supported)"
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        return "multi-frame image; a single 2-D radiograph is expected"
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1 or photometric not in (
+        "MONOCHROME1",
+        "MONOCHROME2",
+    ):
+        return f"PhotometricInterpretation {photometric or '(none)'} is not MONOCHROME1/2"
+    if "BitsStored" not in ds:
+        return "no BitsStored in the header: not an image"
+    return ""
+
+
+def check_instance(inst: Instance) -> str:
+    """Why ``inst`` does not apply ("" when it does), from its header only."""
+    if inst.modality.upper() not in MODALITIES:
+        return f"Modality {inst.modality or '(none)'} is not CR or DX"
+    if inst.frames != 1:
+        return "multi-frame image; a single 2-D radiograph is expected"
+    try:
+        return check_header(read_dicom(inst.path, stop_before_pixels=True))
+    except InputError as exc:
+        return str(exc)
+
+
+def stored_range(ds: Dataset) -> tuple[float, float]:
+    """The range of values the Modality LUT can output, from the header (PS3.3 C.11.1)."""
+    bits = int(ds.BitsStored)
+    if int(ds.get("PixelRepresentation", 0)) == 1:
+        low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    else:
+        low, high = 0, 2**bits - 1
+    if "ModalityLUTSequence" in ds:
+        descriptor = ds.ModalityLUTSequence[0].LUTDescriptor
+        return 0.0, float(2 ** int(descriptor[2]) - 1)
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    ends = sorted((low * slope + intercept, high * slope + intercept))
+    return ends[0], ends[1]
+
+
+def to_xrv_range(ds: Dataset) -> np.ndarray:
+    """The 2-D image in [-1024, 1024], MONOCHROME2 sense (bright = dense), float32.
+
+    For unsigned data without rescaling this is ``xrv.utils.read_xray_dcm``: MONOCHROME1 is
+    ``maxval - x`` with ``maxval = 2**BitsStored - 1``, then ``xrv.utils.normalize``.
+    """
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        raise InputError(f"cannot decode pixel data: {type(exc).__name__}: {exc}") from exc
+    if pixels.ndim != 2:
+        raise InputError(f"pixel data has shape {pixels.shape}; a 2-D image is expected")
+    low, high = stored_range(ds)
+    values = np.clip(np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64), low, high)
+    values = high - values if ds.PhotometricInterpretation == "MONOCHROME1" else values - low
+    return np.asarray(xrv.utils.normalize(values, high - low), dtype=np.float32)
+
+
+def model_input(image: np.ndarray) -> np.ndarray:
+    """xrv's transforms: centre crop to a square, resize to 224 (skimage); (1, 224, 224)."""
+    cropped = xrv.datasets.XRayCenterCrop()(image[None, ...])
+    return np.asarray(xrv.datasets.XRayResizer(INPUT_SIZE)(cropped), dtype=np.float32)
+
+
+@dataclass
+class Radiograph:
+    """One applicable instance, read and prepared."""
+
+    instance: Instance
+    dataset: Dataset
+    image: np.ndarray  # (H, W) in [-1024, 1024]
+    input: np.ndarray  # (1, 224, 224)
+
+    @property
+    def view_position(self) -> str:
+        return str(self.dataset.get("ViewPosition", "") or "")
+
+
+def load_radiograph(inst: Instance) -> Radiograph:
+    ds = read_dicom(inst.path)
+    reason = check_header(ds)
+    if reason:
+        raise InputError(reason)
+    image = to_xrv_range(ds)
+    return Radiograph(inst, ds, image, model_input(image))
+
+
+# -- the model -----------------------------------------------------------------------------
+
+
+class CxrModel:
+    """The ``cxr-densenet121`` model: 18 findings per PA/AP chest radiograph."""
+
+    name = NAME
+
+    def __init__(self, config: CxrConfig) -> None:
+        self.config = config
+        self.weights_path = weights_path(config)
+        self.device = pick_device(config.device)
+        self.sha256 = ""
+        self.network: xrv.models.DenseNet | None = None
+        self._not_ready = ""
+        self._load()
+        self.version = f"xrv{xrv.__version__}-{self.sha256[:12] or 'noweights'}"
+
+    def _load(self) -> None:
+        path = self.weights_path
+        if not path.is_file():
+            self._not_ready = f"weights file {path} is missing; fetch it with `{FETCH_HINT}`"
+            return
+        self.sha256 = sha256_file(path)
+        if self.config.sha256 and self.sha256 != self.config.sha256:
+            self._not_ready = (
+                f"weights file {path} has sha256 {self.sha256}, "
+                f"but models.cxr.sha256 is {self.config.sha256}"
+            )
+            return
+        if not self.config.sha256:
+            logger.warning("models.cxr.sha256 is not set: weights %s are not pinned", path)
+        if self.config.threads > 0:
+            torch.set_num_threads(self.config.threads)
+        try:
+            self.network = load_densenet(path).to(self.device)
+        except Exception as exc:
+            self._not_ready = f"cannot load weights file {path}: {type(exc).__name__}: {exc}"
+            logger.error("%s", self._not_ready)
+
+    @property
+    def pathologies(self) -> list[str]:
+        """The model's findings in output order, without the unused "" slots."""
+        return [p for p in xrv.models.model_urls[WEIGHTS_NAME]["labels"] if p]
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """The operating thresholds on the sigmoid output (a score of 0.5 after op_norm)."""
+        spec = xrv.models.model_urls[WEIGHTS_NAME]
+        return {p: float(t) for p, t in zip(spec["labels"], spec["op_threshs"], strict=True) if p}
+
+    def ready(self) -> Applicability:
+        if self.network is None:
+            return Applicability(False, self._not_ready)
+        return Applicability(True)
+
+    def applies(self, study: Study) -> Applicability:
+        reasons = {i.sop_instance_uid: check_instance(i) for i in study.instances}
+        if any(not reason for reason in reasons.values()):
+            return Applicability(True)
+        if not reasons:
+            return Applicability(False, "no instances")
+        return Applicability(
+            False,
+            "no PA/AP chest radiograph: "
+            + "; ".join(f"{uid}: {why}" for uid, why in sorted(reasons.items())),
+        )
+
+    def predict(self, inputs: np.ndarray) -> np.ndarray:
+        """Scores (N, 18) for a batch (N, 1, 224, 224): ``model(x)`` of torchxrayvision."""
+        if self.network is None:
+            raise ModelNotReady(self._not_ready)
+        with torch.inference_mode():
+            batch = torch.from_numpy(np.ascontiguousarray(inputs)).to(self.device)
+            out: np.ndarray = self.network(batch).float().cpu().numpy()
+        return out
+
+    def scores(self, row: np.ndarray) -> dict[str, float]:
+        labels = xrv.models.model_urls[WEIGHTS_NAME]["labels"]
+        return {p: float(v) for p, v in zip(labels, row, strict=True) if p}
+
+    def run(self, study: Study, ctx: RunContext) -> ModelResult:
+        from service.models.cxr_outputs import build_outputs
+
+        if self.network is None:
+            raise ModelNotReady(self._not_ready)
+        skipped: dict[str, str] = {}
+        images: list[Radiograph] = []
+        for inst in study.instances:
+            reason = check_instance(inst)
+            if not reason:
+                try:
+                    images.append(load_radiograph(inst))
+                    continue
+                except InputError as exc:
+                    reason = str(exc)
+            skipped[inst.sop_instance_uid] = reason
+            logger.info("cxr skips %s: %s", inst.sop_instance_uid, reason)
+        if not images:
+            raise ModelError("no applicable PA/AP chest radiograph in the study")
+        rows = self.predict(np.stack([r.input for r in images]))
+        results = [(r, self.scores(row)) for r, row in zip(images, rows, strict=True)]
+        datasets = build_outputs(self, results, ctx)
+        findings: dict[str, Any] = {
+            "model": self.name,
+            "version": self.version,
+            "weights_sha256": self.sha256,
+            "view_position": {r.instance.sop_instance_uid: r.view_position for r in images},
+            "images": {r.instance.sop_instance_uid: s for r, s in results},
+            "positive": {
+                r.instance.sop_instance_uid: [p for p, v in s.items() if v >= 0.5]
+                for r, s in results
+            },
+        }
+        return ModelResult(datasets=datasets, findings=findings, skipped_instances=skipped)

@@ -1,0 +1,299 @@
+"""DICOM results of the chest X-ray model: a TID 1500 SR and a summary Secondary Capture.
+
+Both are new series in the source study, with UIDs from the run's :class:`UidFactory`.
+The SR (PS3.16 TID 1500 Measurement Report) holds one measurement group per radiograph:
+for each finding a NUM score and a present/absent evaluation at the model's operating
+threshold. The summary image (PS3.3 A.8.1 Secondary Capture) is the radiograph with the
+findings table burned in.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import cv2
+import highdicom as hd
+import numpy as np
+from highdicom.sr import CodedConcept
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+
+from service.uids import UidFactory
+
+if TYPE_CHECKING:
+    from service.models.base import RunContext
+    from service.models.cxr import CxrModel, Radiograph
+
+logger = logging.getLogger(__name__)
+
+MANUFACTURER = "DICOM AI Gateway"
+SR_SERIES_NUMBER = 9901
+SC_SERIES_NUMBER = 9902
+DISCLAIMER = "AI result - not for diagnostic use"
+#: Score of torchxrayvision's op_norm output at the operating threshold.
+THRESHOLD = 0.5
+TOP_N = 8
+DISPLAY_WIDTH = 1024
+
+#: Local coding scheme for findings without a SNOMED CT concept we could verify
+#: (PS3.16 §8.2: private schemes start with "99"), declared in the Coding Scheme
+#: Identification Sequence (PS3.3 C.12.1.1.4).
+LOCAL_SCHEME = "99GWAI"
+LOCAL_SCHEME_NAME = "DICOM AI Gateway chest X-ray findings"
+
+
+def _sct(value: str, meaning: str) -> CodedConcept:
+    return CodedConcept(value, "SCT", meaning)
+
+
+def _local(value: str, meaning: str) -> CodedConcept:
+    return CodedConcept(value, LOCAL_SCHEME, meaning)
+
+
+#: torchxrayvision label -> concept. SNOMED CT ids only where verified (several from
+#: pydicom's PS3.16 code dictionary); the rest use the documented local scheme.
+FINDING_CODES: dict[str, CodedConcept] = {
+    "Atelectasis": _sct("46621007", "Atelectasis"),
+    "Consolidation": _local("consolidation", "Consolidation"),
+    "Infiltration": _local("infiltration", "Infiltration"),
+    "Pneumothorax": _sct("36118008", "Pneumothorax"),
+    "Edema": _sct("19242006", "Pulmonary edema"),
+    "Emphysema": _sct("87433001", "Pulmonary emphysema"),
+    "Fibrosis": _sct("112674009", "Fibrosis"),
+    "Effusion": _sct("60046008", "Pleural effusion"),
+    "Pneumonia": _sct("233604007", "Pneumonia"),
+    "Pleural_Thickening": _local("pleural-thick", "Pleural thickening"),
+    "Cardiomegaly": _sct("8186001", "Cardiomegaly"),
+    "Nodule": _sct("27925004", "Nodule"),
+    "Mass": _sct("4147007", "Mass"),
+    "Hernia": _local("hernia", "Hernia"),
+    "Lung Lesion": _local("lung-lesion", "Lung lesion"),
+    "Fracture": _sct("125605004", "Fracture of bone"),
+    "Lung Opacity": _local("lung-opacity", "Lung opacity"),
+    "Enlarged Cardiomediastinum": _local("enl-cardiomed", "Enlarged cardiomediastinum"),
+}
+
+UNIT = CodedConcept("1", "UCUM", "no units")
+
+
+@contextmanager
+def _no_name_warnings() -> Iterator[None]:
+    """highdicom warns with the patient's name in the text; never let it reach a log."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*person name", category=UserWarning)
+        yield
+
+
+def build_outputs(
+    model: CxrModel, results: Sequence[tuple[Radiograph, dict[str, float]]], ctx: RunContext
+) -> list[Dataset]:
+    """The SR for all ``results`` and one summary image per radiograph."""
+    with _no_name_warnings():
+        datasets: list[Dataset] = [build_sr(model, results, ctx.uids)]
+        for number, (radiograph, scores) in enumerate(results, start=1):
+            datasets.append(build_summary_image(model, radiograph, scores, ctx.uids, number))
+    return datasets
+
+
+def algorithm_id(model: CxrModel) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(
+        name=model.name,
+        version=model.version,
+        parameters=[
+            f"torchxrayvision weights {model.weights_path.name}",
+            f"weights sha256 {model.sha256}",
+            f"score {THRESHOLD} = torchxrayvision operating threshold (op_threshs)",
+        ],
+    )
+
+
+def _coding_scheme_identification() -> Dataset:
+    item = Dataset()
+    item.CodingSchemeDesignator = LOCAL_SCHEME
+    item.CodingSchemeName = LOCAL_SCHEME_NAME
+    item.CodingSchemeResponsibleOrganization = MANUFACTURER
+    return item
+
+
+#: Type 2 attributes highdicom copies from the first evidence object (PS3.3 C.7.1.1, C.7.2.1).
+_TYPE2_COPIED = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+
+
+def evidence(source: Dataset) -> Dataset:
+    """The header of ``source`` without pixel data; missing Type 2 attributes empty."""
+    header = Dataset()
+    for element in source:
+        if element.keyword != "PixelData":
+            header.add(element)
+    for keyword in _TYPE2_COPIED:
+        if keyword not in header:
+            setattr(header, keyword, None)
+    age = str(header.get("PatientAge", "") or "")
+    if age and not re.fullmatch(r"\d{3}[DWMY]", age):  # AS VR, PS3.5 §6.2
+        del header.PatientAge  # an invalid value is not copied into our objects
+    return header
+
+
+def build_sr(
+    model: CxrModel,
+    results: Sequence[tuple[Radiograph, dict[str, float]]],
+    uids: UidFactory,
+) -> hd.sr.Comprehensive3DSR:
+    """A TID 1500 Measurement Report with one group per radiograph (PS3.16 TID 1501)."""
+    algorithm = algorithm_id(model)
+    groups = []
+    for radiograph, scores in results:
+        source = radiograph.dataset
+        sop_uid = str(source.SOPInstanceUID)
+        measurements = []
+        evaluations = []
+        for finding, score in scores.items():
+            concept = FINDING_CODES[finding]
+            measurements.append(hd.sr.Measurement(name=concept, value=score, unit=UNIT))
+            evaluations.append(
+                hd.sr.QualitativeEvaluation(
+                    name=concept,
+                    value=codes.SCT.Present if score >= THRESHOLD else codes.SCT.Absent,
+                )
+            )
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=uids.uid("sr", "tracking", sop_uid),
+                    identifier=f"chest X-ray findings {source.get('InstanceNumber', '')}".strip(),
+                ),
+                algorithm_id=algorithm,
+                source_images=[
+                    hd.sr.SourceImageForMeasurementGroup(str(source.SOPClassUID), sop_uid)
+                ],
+                measurements=measurements,
+                qualitative_evaluations=evaluations,
+            )
+        )
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=UidFactory(uids.root, "device", model.name).uid(),
+        name=model.name,
+        manufacturer_name=MANUFACTURER,
+        model_name=model.version,
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(
+            observer_device_context=hd.sr.ObserverContext(
+                observer_type=codes.DCM.Device, observer_identifying_attributes=device
+            )
+        ),
+        procedure_reported=codes.SCT.ImagingProcedure,
+        imaging_measurements=groups,
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[evidence(r.dataset) for r, _ in results],
+        content=report,
+        series_instance_uid=uids.uid("series", "sr"),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=uids.uid("sr"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        series_description=f"AI {model.name} findings",
+    )
+    sr.CodingSchemeIdentificationSequence = [_coding_scheme_identification()]
+    return sr
+
+
+def display_image(image: np.ndarray) -> np.ndarray:
+    """The [-1024, 1024] image as 8-bit MONOCHROME2, 1st-99th percentile window, 1024 wide."""
+    low, high = np.percentile(image, (1, 99))
+    scaled = np.clip((image - low) / max(float(high - low), 1e-6), 0.0, 1.0) * 255.0
+    rows, cols = image.shape
+    size = (DISPLAY_WIDTH, max(1, round(rows * DISPLAY_WIDTH / cols)))
+    interpolation = cv2.INTER_AREA if cols > DISPLAY_WIDTH else cv2.INTER_LINEAR
+    return np.asarray(cv2.resize(scaled.astype(np.uint8), size, interpolation=interpolation))
+
+
+def burn_in_table(pixels: np.ndarray, rows: Sequence[tuple[str, str]]) -> np.ndarray:
+    """Draw a two-column table white on a black box in the top-left corner."""
+    out = pixels.copy()
+    font, scale, thickness = cv2.FONT_HERSHEY_SIMPLEX, 0.8, 2
+
+    def width(text: str) -> int:
+        return int(cv2.getTextSize(text, font, scale, thickness)[0][0])
+
+    line_h = int(cv2.getTextSize("Ag", font, scale, thickness)[0][1]) + 14
+    column = max(width(left) for left, right in rows if right) + 30
+    box_w = max(max(width(left) for left, _ in rows), column + max(width(r) for _, r in rows))
+    out[: min(out.shape[0], line_h * len(rows) + 10), : min(out.shape[1], box_w + 20)] = 0
+    for index, (left, right) in enumerate(rows):
+        y = line_h * (index + 1)
+        cv2.putText(out, left, (10, y), font, scale, 255, thickness, cv2.LINE_AA)
+        cv2.putText(out, right, (10 + column, y), font, scale, 255, thickness, cv2.LINE_AA)
+    return out
+
+
+def table_rows(model: CxrModel, scores: dict[str, float]) -> list[tuple[str, str]]:
+    """The disclaimer, the model, then the top findings with their scores."""
+    top = sorted(scores.items(), key=lambda item: item[1], reverse=True)[:TOP_N]
+    rows = [(DISCLAIMER, ""), (f"{model.name} {model.version}", ""), ("finding", "score")]
+    for finding, score in top:
+        mark = "  positive" if score >= THRESHOLD else ""
+        rows.append((finding.replace("_", " "), f"{score:.3f}{mark}"))
+    return rows
+
+
+def build_summary_image(
+    model: CxrModel,
+    radiograph: Radiograph,
+    scores: dict[str, float],
+    uids: UidFactory,
+    instance_number: int,
+) -> hd.sc.SCImage:
+    """A Secondary Capture of the radiograph with the findings burned in (PS3.3 A.8.1)."""
+    source = radiograph.dataset
+    sop_uid = str(source.SOPInstanceUID)
+    pixels = burn_in_table(display_image(radiograph.image), table_rows(model, scores))
+    orientation = [str(v) for v in source.get("PatientOrientation", []) or []]
+    known = len(orientation) == 2 and all(orientation)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=pixels,
+        photometric_interpretation="MONOCHROME2",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=uids.uid("series", "sc"),
+        series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=uids.uid("sc", sop_uid),
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        patient_orientation=(orientation[0], orientation[1]) if known else ("L", "F"),
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        series_description=f"AI {model.name} summary",
+    )
+    if not known:
+        sc["PatientOrientation"].value = ""  # Type 2C, unknown in the source (PS3.3 C.7.6.1)
+    sc.Laterality = str(source.get("Laterality", "") or "")  # Type 2C (PS3.3 C.7.3.1)
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.BurnedInAnnotation = "YES"
+    sc.DerivationDescription = f"{DISCLAIMER}; {model.name} {model.version}"
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = sop_uid
+    sc.SourceImageSequence = [reference]
+    series = Dataset()
+    series.SeriesInstanceUID = source.SeriesInstanceUID
+    series.ReferencedInstanceSequence = [reference]
+    sc.ReferencedSeriesSequence = [series]
+    return sc

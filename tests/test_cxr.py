@@ -1,0 +1,219 @@
+"""The chest X-ray model on real radiographs, against torchxrayvision's own pipeline.
+
+The published weights cannot be downloaded here, so a checkpoint in the same file format
+(a whole pickled ``xrv.models.DenseNet``, as ``torch.save(model)`` writes it) is made from a
+random initialisation; the loading, preprocessing and inference code is the real one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+import torchxrayvision as xrv
+from pydicom.uid import ImplicitVRLittleEndian
+
+from service.assembly import Instance, Study
+from service.config import CxrConfig
+from service.errors import ModelError, ModelNotReady
+from service.models.base import RunContext
+from service.models.cxr import (
+    WEIGHTS_NAME,
+    CxrModel,
+    default_weights_path,
+    load_radiograph,
+    model_input,
+    read_dicom,
+    to_xrv_range,
+)
+from service.uids import UidFactory
+from tests.conftest import shared_file
+
+pytestmark = pytest.mark.filterwarnings("ignore:Converting MONOCHROME1:UserWarning")
+
+ROOT = "1.2.826.0.1.3680043.8.498."
+CXR = ("siim-cr-pa-jpeg.dcm", "siim-cr-pa-monochrome1.dcm", "nema-rg1-pa-j2k.dcm")
+NOMETA = "cr-mono1-chest-nometa"
+NEGATIVES = ("dx-thorax-lateral-small.dcm", "cr-leg-j2k-lossless.dcm")
+PUBLISHED_NAME = os.path.basename(xrv.models.model_urls[WEIGHTS_NAME]["weights_url"])
+
+
+def write_checkpoint(folder: Path) -> Path:
+    """A random DenseNet-121 saved like the published file: the whole pickled module.
+
+    Batch-norm statistics and the classifier are perturbed so the scores spread out.
+    """
+    torch.manual_seed(1500)
+    model = xrv.models.DenseNet(weights=None)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+        model.classifier.weight.mul_(0.01)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / PUBLISHED_NAME
+    torch.save(model, path)
+    return path
+
+
+def instance(path: Path) -> Instance:
+    ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+    return Instance(
+        path=path,
+        size=path.stat().st_size,
+        sha256="",
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        sop_class_uid=str(ds.SOPClassUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        study_instance_uid=str(ds.StudyInstanceUID),
+        modality=str(ds.get("Modality", "")),
+        body_part=str(ds.get("BodyPartExamined", "") or ""),
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
+    )
+
+
+def study_of(*paths: Path) -> Study:
+    instances = [instance(p) for p in paths]
+    return Study("1", instances[0].study_instance_uid, paths[0].parent, instances)
+
+
+def xrv_reference_input(path: Path) -> np.ndarray:
+    """torchxrayvision's own DICOM reader, then its crop and resize transforms."""
+    image = xrv.utils.read_xray_dcm(path)
+    image = xrv.datasets.XRayCenterCrop()(image[None, ...])
+    return np.asarray(xrv.datasets.XRayResizer(224)(image))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("xrv-cache"))
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint: Path) -> CxrModel:
+    return CxrModel(CxrConfig(weights=str(checkpoint), device="cpu"))
+
+
+@pytest.mark.parametrize("name", CXR)
+def test_preprocessing_equals_xrv_reference(name: str) -> None:
+    path = shared_file(f"cxr/{name}")
+    ours = load_radiograph(instance(path)).input
+    assert ours.shape == (1, 224, 224) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, xrv_reference_input(path), rtol=0, atol=1e-4)
+
+
+def test_monochrome1_copy_is_the_negated_image() -> None:
+    """Same stored pixels, MONOCHROME1 header: inverted in the 8-bit stored range (255 - x),
+    so after xrv's scaling the image is exactly the negative of the MONOCHROME2 one."""
+    mono2 = read_dicom(shared_file("cxr/siim-cr-pa-jpeg.dcm"))
+    mono1 = read_dicom(shared_file("cxr/siim-cr-pa-monochrome1.dcm"))
+    assert np.array_equal(mono1.pixel_array, mono2.pixel_array)
+    image2, image1 = to_xrv_range(mono2), to_xrv_range(mono1)
+    np.testing.assert_allclose(image1, -image2, rtol=0, atol=1e-3)  # float32 rounding
+    np.testing.assert_allclose(model_input(image1), -model_input(image2), atol=1e-3)
+
+
+def test_j2k_15_bit_scaled_from_header_bit_depth() -> None:
+    ds = read_dicom(shared_file("cxr/nema-rg1-pa-j2k.dcm"))
+    assert ds.BitsStored == 15 and ds.PhotometricInterpretation == "MONOCHROME1"
+    pixels = ds.pixel_array.astype(np.float64)
+    expected = (2 * ((32767 - pixels) / 32767) - 1) * 1024
+    np.testing.assert_allclose(to_xrv_range(ds), expected, atol=1e-3)
+
+
+def test_stream_without_file_meta_decodes() -> None:
+    path = shared_file(f"cxr/{NOMETA}")
+    ds = read_dicom(path)
+    assert ds.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    assert ds.BitsStored == 10
+    pixels = ds.pixel_array.astype(np.float32)
+    image = xrv.utils.normalize(1023 - pixels, 1023)  # read_xray_dcm's steps
+    image = xrv.datasets.XRayResizer(224)(xrv.datasets.XRayCenterCrop()(image[None, ...]))
+    np.testing.assert_allclose(load_radiograph(instance(path)).input, image, atol=1e-4)
+
+
+def test_scores_equal_torchxrayvision_model(checkpoint: Path, model: CxrModel) -> None:
+    """One batch of every radiograph through the service equals xrv's ``model(x)`` with the
+    weights loaded by xrv itself from the same file (its cache folder)."""
+    paths = [shared_file(f"cxr/{name}") for name in CXR]
+    ours = model.predict(np.stack([load_radiograph(instance(p)).input for p in paths]))
+    reference = xrv.models.DenseNet(weights=WEIGHTS_NAME, cache_dir=str(checkpoint.parent))
+    with torch.no_grad():
+        theirs = reference(torch.from_numpy(np.stack([xrv_reference_input(p) for p in paths])))
+    assert ours.shape == (3, 18)
+    np.testing.assert_allclose(ours, theirs.numpy(), rtol=0, atol=1e-5)
+    assert np.ptp(ours) > 0.01  # the scores are not saturated constants
+
+
+def test_run_batches_chest_images_and_skips_negatives(model: CxrModel) -> None:
+    chest = shared_file("cxr/siim-cr-pa-jpeg.dcm")
+    negatives = [shared_file(f"negative/{name}") for name in NEGATIVES]
+    study = study_of(chest, *negatives)
+    assert model.applies(study).ok
+    result = model.run(study, RunContext(UidFactory(ROOT, "1", study.study_uid), run_id=1))
+    skipped = result.skipped_instances
+    reasons = {p.name: skipped[instance(p).sop_instance_uid] for p in negatives}
+    assert "THORAX" in reasons["dx-thorax-lateral-small.dcm"]
+    assert "EXTREMITY" in reasons["cr-leg-j2k-lossless.dcm"]
+    sop = instance(chest).sop_instance_uid
+    findings = json.loads(json.dumps(result.findings))
+    assert findings["view_position"] == {sop: "PA"}
+    assert set(findings["images"][sop]) == set(model.pathologies)
+    assert len(model.pathologies) == 18
+    assert findings["positive"][sop] == [p for p, v in findings["images"][sop].items() if v >= 0.5]
+    assert findings["weights_sha256"] == model.sha256
+    assert len(result.datasets) == 2  # the SR and one summary image
+
+
+def test_negatives_do_not_apply_and_run_refuses(model: CxrModel) -> None:
+    study = study_of(*[shared_file(f"negative/{name}") for name in NEGATIVES])
+    verdict = model.applies(study)
+    assert not verdict.ok
+    assert "BodyPartExamined THORAX" in verdict.reason
+    assert "BodyPartExamined EXTREMITY" in verdict.reason
+    with pytest.raises(ModelError, match="no applicable"):
+        model.run(study, RunContext(UidFactory(ROOT, "x"), run_id=1))
+
+
+def test_lateral_view_is_skipped(tmp_path: Path, model: CxrModel) -> None:
+    ds = pydicom.dcmread(shared_file("cxr/siim-cr-pa-jpeg.dcm"))
+    ds.ViewPosition = "LL"
+    ds.save_as(tmp_path / "lateral.dcm")
+    verdict = model.applies(study_of(tmp_path / "lateral.dcm"))
+    assert not verdict.ok and "ViewPosition LL" in verdict.reason
+
+
+def test_missing_weights_not_ready_names_file(tmp_path: Path) -> None:
+    missing = tmp_path / "absent" / PUBLISHED_NAME
+    model = CxrModel(CxrConfig(weights=str(missing)))
+    verdict = model.ready()
+    assert not verdict.ok
+    assert str(missing) in verdict.reason and "python main.py models fetch" in verdict.reason
+    with pytest.raises(ModelNotReady):
+        model.run(study_of(shared_file("cxr/siim-cr-pa-jpeg.dcm")), RunContext(UidFactory(ROOT), 1))
+
+
+def test_sha256_mismatch_not_ready(checkpoint: Path, model: CxrModel) -> None:
+    wrong = CxrModel(CxrConfig(weights=str(checkpoint), sha256="0" * 64))
+    assert not wrong.ready().ok
+    assert "sha256" in wrong.ready().reason and str(checkpoint) in wrong.ready().reason
+    pinned = CxrModel(CxrConfig(weights=str(checkpoint), sha256=model.sha256))
+    assert pinned.ready().ok
+
+
+def test_version_follows_weights(model: CxrModel) -> None:
+    assert model.name == "cxr-densenet121"
+    assert model.version == f"xrv{xrv.__version__}-{model.sha256[:12]}"
+
+
+def test_default_weights_path_is_xrv_cache() -> None:
+    path = default_weights_path()
+    assert path.name == PUBLISHED_NAME
+    assert path.parent == Path(xrv.utils.get_cache_dir())

@@ -1,0 +1,164 @@
+"""The chest X-ray model's DICOM results: TID 1500 SR and summary Secondary Capture."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom import Dataset
+
+from service.assembly import Study
+from service.config import CxrConfig
+from service.models.base import ModelResult, RunContext
+from service.models.cxr import CxrModel
+from service.models.cxr_outputs import FINDING_CODES, LOCAL_SCHEME, display_image
+from service.uids import UidFactory
+from service.writers import write_dataset
+from tests.conftest import dciodvfy, shared_file
+from tests.test_cxr import ROOT, study_of, write_checkpoint
+
+SOURCES = ("siim-cr-pa-jpeg.dcm", "nema-rg1-pa-j2k.dcm")
+
+
+@dataclass
+class Run:
+    model: CxrModel
+    sources: list[Dataset]
+    result: ModelResult
+    files: list[Path]
+    study: Study
+    ctx: RunContext
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """Two real radiographs made one study (copies), run once, results written to disk."""
+    folder = tmp_path_factory.mktemp("study")
+    study_uid = UidFactory(ROOT, "test").uid("study")
+    sources = []
+    for name in SOURCES:
+        ds = pydicom.dcmread(shared_file(f"cxr/{name}"))
+        ds.StudyInstanceUID = study_uid
+        ds.save_as(folder / name)
+        sources.append(ds)
+    model = CxrModel(CxrConfig(weights=str(write_checkpoint(folder / "weights")), device="cpu"))
+    study = study_of(*(folder / name for name in SOURCES))
+    ctx = RunContext(UidFactory(ROOT, "1", study_uid, "1"), run_id=1)
+    result = model.run(study, ctx)
+    out = tmp_path_factory.mktemp("out")
+    files = []
+    for ds in result.datasets:
+        write_dataset(ds, out / f"{ds.SOPInstanceUID}.dcm")
+        files.append(out / f"{ds.SOPInstanceUID}.dcm")
+    return Run(model, sources, result, files, study, ctx)
+
+
+def content_items(ds: Dataset) -> Iterator[Dataset]:
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from content_items(item)
+
+
+def concept(item: Dataset) -> tuple[str, str]:
+    code = item.ConceptNameCodeSequence[0]
+    return str(code.CodingSchemeDesignator), str(code.CodeValue)
+
+
+def test_outputs_round_trip_and_pass_dciodvfy(run: Run) -> None:
+    assert len(run.files) == 1 + len(SOURCES)
+    for path in run.files:
+        ds = pydicom.dcmread(path)
+        assert ds.StudyInstanceUID == run.sources[0].StudyInstanceUID
+        assert ds.SeriesInstanceUID not in {s.SeriesInstanceUID for s in run.sources}
+        assert dciodvfy(path) == [], path.name
+
+
+def test_sr_is_tid1500_with_a_group_per_image(run: Run) -> None:
+    sr = pydicom.dcmread(run.files[0])
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    evidence = {
+        inst.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for inst in series.ReferencedSOPSequence
+    }
+    assert evidence == {s.SOPInstanceUID for s in run.sources}
+    groups = next(
+        item
+        for item in sr.ContentSequence
+        if concept(item) == ("DCM", "126010")  # Imaging Measurements
+    ).ContentSequence
+    assert len(groups) == len(SOURCES)
+    scores = run.result.findings["images"]
+    for group, source in zip(groups, run.sources, strict=True):
+        items = list(content_items(group))
+        refs = [i for i in items if concept(i) == ("DCM", "121112")]  # Source of Measurement
+        assert refs[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+        numbers = {
+            concept(i): float(i.MeasuredValueSequence[0].NumericValue)
+            for i in items
+            if i.ValueType == "NUM"
+        }
+        codes = {
+            concept(i): str(i.ConceptCodeSequence[0].CodeValue)
+            for i in items
+            if i.ValueType == "CODE"
+            and concept(i)[0] in ("SCT", LOCAL_SCHEME)
+            and concept(i) != ("SCT", "121071")
+        }
+        expected = scores[source.SOPInstanceUID]
+        assert len(expected) == 18
+        for finding, score in expected.items():
+            key = (FINDING_CODES[finding].scheme_designator, FINDING_CODES[finding].value)
+            assert numbers[key] == pytest.approx(score, abs=1e-6)
+            assert codes[key] == ("52101004" if score >= 0.5 else "272519000")
+    assert ("SCT", "36118008") in numbers and ("SCT", "60046008") in numbers
+
+
+def test_sr_carries_algorithm_device_and_weights_digest(run: Run) -> None:
+    sr = pydicom.dcmread(run.files[0])
+    texts = [str(i.get("TextValue", "")) for i in content_items(sr)]
+    assert f"weights sha256 {run.model.sha256}" in texts
+    assert run.model.version in texts and "cxr-densenet121" in texts
+    uids = [str(i.get("UID", "")) for i in content_items(sr) if i.ValueType == "UIDREF"]
+    assert any(uid.startswith(ROOT) for uid in uids)  # Device Observer UID
+    scheme = sr.CodingSchemeIdentificationSequence[0]
+    assert scheme.CodingSchemeDesignator == LOCAL_SCHEME
+
+
+def test_summary_image_references_its_source(run: Run) -> None:
+    for path, source in zip(run.files[1:], run.sources, strict=True):
+        sc = pydicom.dcmread(path)
+        assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+        assert sc.Modality == "OT"
+        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+        assert sc.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+        assert sc.PhotometricInterpretation == "MONOCHROME2" and sc.BitsAllocated == 8
+        assert sc.BurnedInAnnotation == "YES"
+        assert "not for diagnostic use" in sc.DerivationDescription
+        assert sc.pixel_array.shape[1] == 1024
+
+
+def test_summary_image_has_the_table_burned_in(run: Run) -> None:
+    sc = pydicom.dcmread(run.files[1])
+    from service.models.cxr import load_radiograph
+    from tests.test_cxr import instance
+
+    plain = display_image(load_radiograph(instance(shared_file(f"cxr/{SOURCES[0]}"))).image)
+    box = sc.pixel_array[:300, :400]
+    assert not np.array_equal(box, plain[:300, :400])
+    assert (box == 0).mean() > 0.5 and (box == 255).any()  # white text on black
+    np.testing.assert_array_equal(sc.pixel_array[600:], plain[600:])
+
+
+def test_output_uids_are_stable_for_a_rerun(run: Run) -> None:
+    """A run repeated (e.g. after a crash) rewrites the same objects under the same UIDs."""
+    first = [str(ds.SOPInstanceUID) for ds in run.result.datasets]
+    again = [str(ds.SOPInstanceUID) for ds in run.model.run(run.study, run.ctx).datasets]
+    assert again == first and len(set(first)) == len(first)
+    assert all(uid.startswith(ROOT) for uid in first)
