@@ -141,6 +141,8 @@ def main() -> int:
             f"{name:<10} {median:>9.3f} {min(values):>8.3f} "
             f"{args.count / median:>8.1f} {size / 1e6 / median:>7.1f}"
         )
+    for name, values in times.items():
+        print(f"{name} runs (s): {' '.join(f'{v:.3f}' for v in values)}")
     print(f"ratio (our rate / storescu rate): {medians['storescu'] / medians['ours']:.2f}")
     return 0
 

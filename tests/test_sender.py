@@ -6,24 +6,29 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import highdicom as hd
 import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
-from pydicom.uid import CTImageStorage, MRImageStorage
+from pydicom.uid import CTImageStorage, ImplicitVRLittleEndian, MRImageStorage
 from pydicom.uid import SecondaryCaptureImageStorage as SC
-from pynetdicom import AE, evt
+from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.transport import ThreadedAssociationServer
 
 from service.config import DEFAULT_UID_ROOT, PacsConfig
-from service.sender import ItemResult, SendStatus, classify, send_files
+from service.sender import ItemResult, SendStatus, _store_command, classify, send_files
 from service.uids import UidFactory
 from tests.conftest import free_port
-from tests.orthanc import Orthanc, orthanc  # noqa: F401  (registers the fixture)
+from tests.orthanc import Orthanc
 
 
 def copy_with_new_uids(source: str, folder: Path, uids: UidFactory, name: str) -> Path:
@@ -83,7 +88,7 @@ def sop_uid(path: Path) -> str:
 
 
 def test_send_to_orthanc_stores_every_instance(
-    orthanc: Orthanc,  # noqa: F811
+    orthanc: Orthanc,
     ct: Path,
     mr: Path,
     sc: Path,
@@ -145,11 +150,15 @@ def start_peer() -> Iterator[Callable[..., Peer]]:
         sop_classes: tuple[str, ...] = (CTImageStorage, MRImageStorage, SC),
         require_called_aet: bool = False,
         ae_title: str = "PEER",
+        transfer_syntaxes: list[str] | None = None,
+        max_pdu: int = 16382,
+        more_handlers: list[Any] | None = None,
     ) -> Peer:
         ae = AE(ae_title=ae_title)
         ae.require_called_aet = require_called_aet
+        ae.maximum_pdu_size = max_pdu
         for uid in sop_classes:
-            ae.add_supported_context(uid)
+            ae.add_supported_context(uid, transfer_syntaxes or DEFAULT_TRANSFER_SYNTAXES)
         port = free_port()
         peer: Peer
 
@@ -163,6 +172,7 @@ def start_peer() -> Iterator[Callable[..., Peer]]:
             (evt.EVT_CONN_OPEN, opened),
             (evt.EVT_REQUESTED, requested),
             (evt.EVT_C_STORE, on_store or (lambda event: 0x0000)),
+            *(more_handlers or []),
         ]
         server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
         assert server is not None
@@ -354,3 +364,128 @@ def test_classify_follows_ps3_4_annex_b() -> None:
     assert classify(0x0107) is SendStatus.WARNING
     assert classify(0xA900) is SendStatus.FAILURE
     assert classify(0x0122) is SendStatus.FAILURE
+
+
+# -- the direct C-STORE path ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("instance", "msg_id"), [("1.2.3.4", 1), ("1.2.826.0.1.3680043.10.1.12345", 65535)]
+)
+def test_store_command_is_what_pynetdicom_encodes(instance: str, msg_id: int) -> None:
+    """Our C-STORE-RQ Command Set is byte for byte pynetdicom's (odd and even UIDs)."""
+    primitive = C_STORE()
+    primitive.MessageID = msg_id
+    primitive.AffectedSOPClassUID = CTImageStorage
+    primitive.AffectedSOPInstanceUID = instance
+    primitive.Priority = 0x0002
+    primitive.DataSet = BytesIO(b"\0\0")
+    message = C_STORE_RQ()
+    message.primitive_to_message(primitive)
+    assert _store_command(CTImageStorage, instance, msg_id) == encode(
+        message.command_set, True, True
+    )
+
+
+def large_ct(folder: Path, uids: UidFactory, name: str, rows: int = 512) -> Path:
+    """CT_small with a ``rows`` x ``rows`` 16-bit image (about 512 KB at 512)."""
+    ds = dcmread(cast(str, get_testdata_file("CT_small.dcm")))
+    ds.Rows = ds.Columns = rows
+    pixels = np.random.default_rng(7).integers(0, 4000, (rows, rows), dtype=np.int16)
+    ds.PixelData = pixels.tobytes()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uids.uid(name, "sop")
+    path = folder / f"{name}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def file_data_set(path: Path) -> bytes:
+    """The bytes of ``path`` after its File Meta (PS3.10 §7.1: preamble, "DICM", then the
+    group length element and the group it counts)."""
+    meta_length = int(
+        dcmread(path, stop_before_pixels=True).file_meta.FileMetaInformationGroupLength
+    )
+    return path.read_bytes()[128 + 4 + 12 + meta_length :]
+
+
+def test_large_instance_is_fragmented_to_the_peers_max_pdu(
+    start_peer: Callable[..., Peer], tmp_path: Path, uids: UidFactory
+) -> None:
+    """A 512 KB instance goes in P-DATA-TFs within the peer's 4 KB limit (PS3.8 D.1), the
+    peer gets the file's data set byte for byte, and the association is then released."""
+    big = large_ct(tmp_path, uids, "big")
+    pdu_lengths: list[int] = []
+    received: list[bytes] = []
+    ended: list[str] = []
+    done = threading.Event()
+
+    def store(event: evt.Event) -> int:
+        received.append(cast(BytesIO, cast(C_STORE, event.request).DataSet).getvalue())
+        return 0x0000
+
+    def end(event: evt.Event) -> None:
+        ended.append(event.event.name)
+        done.set()
+
+    def pdu(event: evt.Event) -> None:
+        if isinstance(event.pdu, P_DATA_TF):
+            pdu_lengths.append(event.pdu.pdu_length)
+
+    peer = start_peer(
+        on_store=store,
+        max_pdu=4096,
+        more_handlers=[
+            (evt.EVT_PDU_RECV, pdu),
+            (evt.EVT_RELEASED, end),
+            (evt.EVT_ABORTED, end),
+        ],
+    )
+    result = send_files(peer.destination(), [big])
+    assert result.status is SendStatus.SUCCESS, result.reason
+    assert received == [file_data_set(big)]
+    assert max(pdu_lengths) <= 4096
+    assert len(pdu_lengths) > 512 * 512 * 2 // 4096
+    done.wait(timeout=10)
+    assert ended == ["EVT_RELEASED"]
+
+
+def test_uncompressed_object_is_converted_when_its_syntax_is_refused(
+    start_peer: Callable[..., Peer], ct: Path
+) -> None:
+    """An Explicit VR file to a peer that takes only Implicit VR Little Endian arrives
+    re-encoded in Implicit VR, with the same content (PS3.5 §10.1)."""
+    received: list[tuple[str, Any]] = []
+
+    def store(event: evt.Event) -> int:
+        received.append((event.context.transfer_syntax, event.dataset))
+        return 0x0000
+
+    peer = start_peer(on_store=store, transfer_syntaxes=[ImplicitVRLittleEndian])
+    result = send_files(peer.destination(), [ct])
+    assert result.status is SendStatus.SUCCESS, result.reason
+    [(syntax, dataset)] = received
+    assert syntax == ImplicitVRLittleEndian
+    original = dcmread(ct)
+    assert dataset.SOPInstanceUID == original.SOPInstanceUID
+    assert dataset.PixelData == original.PixelData
+    assert dataset.PatientName == original.PatientName
+
+
+def test_many_instances_share_one_association(
+    start_peer: Callable[..., Peer], tmp_path: Path, uids: UidFactory
+) -> None:
+    """30 instances: one association, Message IDs 1..30 in order, each stored once."""
+    paths = [copy_with_new_uids("CT_small.dcm", tmp_path, uids, f"ct{i}") for i in range(30)]
+    seen: list[tuple[int, str]] = []
+
+    def store(event: evt.Event) -> int:
+        request = cast(C_STORE, event.request)
+        seen.append((int(cast(int, request.MessageID)), str(request.AffectedSOPInstanceUID)))
+        return 0x0000
+
+    peer = start_peer(on_store=store)
+    result = send_files(peer.destination(), paths)
+    assert result.status is SendStatus.SUCCESS, result.reason
+    assert seen == [(i, sop_uid(p)) for i, p in enumerate(paths, start=1)]
+    assert [i.status_code for i in result.items] == [0] * 30
+    assert peer.connections == 1
