@@ -34,3 +34,6 @@ def dciodvfy(path: Path) -> list[str]:
     proc = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
     lines = (proc.stdout + proc.stderr).splitlines()
     return [line for line in lines if line.startswith("Error")]
+
+
+pytest_plugins = ["tests.orthanc"]  # the session-scoped `orthanc` fixture (a real Orthanc)

@@ -1,0 +1,552 @@
+"""Study assembly: which files make a study, when it is stable, and what each one is.
+
+A study folder is ``INPUT/gateway_<id>/<StudyInstanceUID>/`` holding one file per instance,
+possibly in deeper sub-folders, names with or without extension.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import stat
+import struct
+import zlib
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom import Dataset, dcmread
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+)
+
+from service.fsutil import is_within, safe_name
+from service.uids import is_valid_uid
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FileState:
+    """What a listing tells about a file: enough to notice any change."""
+
+    size: int
+    mtime_ns: int
+
+
+#: relative path (posix, from the study folder) -> state
+Snapshot = dict[str, FileState]
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One parsed, complete DICOM instance. Holds no patient identifiers."""
+
+    path: Path
+    size: int
+    sha256: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    modality: str = ""
+    body_part: str = ""
+    rows: int = 0
+    columns: int = 0
+    frames: int = 1
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A file that is not used, with the reason recorded in the ledger."""
+
+    path: Path
+    reason: str
+    quarantine: bool = True  # False: ignored silently-but-recorded (e.g. temp names)
+
+
+@dataclass
+class Study:
+    """The instances of one study folder of one gateway, as last assembled."""
+
+    gateway_id: str
+    study_uid: str
+    folder: Path
+    instances: list[Instance] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    incomplete: list[Path] = field(default_factory=list)  # still being written: wait
+
+    @property
+    def sop_uids(self) -> set[str]:
+        return {i.sop_instance_uid for i in self.instances}
+
+
+# -- listing and stability -----------------------------------------------------------------
+
+
+def snapshot(folder: Path, input_root: Path, max_depth: int = 8) -> Snapshot:
+    """List the regular files under ``folder`` (at most ``max_depth`` sub-folders deep).
+
+    Names starting with ``.`` (temp files of a copy in progress) are left out, symlinked
+    folders are not followed, and a symlinked file counts only when it resolves inside
+    ``input_root``. A file that vanishes while listing is simply absent.
+    """
+    snap: Snapshot = {}
+    pending: list[tuple[Path, str, int]] = [(folder, "", 0)]
+    while pending:
+        directory, prefix, depth = pending.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError as exc:
+            logger.debug("cannot list %s: %s", directory, exc.strerror)
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            rel = prefix + entry.name
+            try:
+                if entry.is_symlink():
+                    if entry.is_dir() or not is_within(Path(entry.path), input_root):
+                        logger.debug("skipping symlink %s", rel)
+                        continue
+                elif entry.is_dir(follow_symlinks=False):
+                    if depth < max_depth:
+                        pending.append((Path(entry.path), rel + "/", depth + 1))
+                    else:
+                        logger.warning("%s is deeper than %d folders: ignored", rel, max_depth)
+                    continue
+                st = entry.stat()
+            except OSError:
+                continue  # vanished or unreadable between listing and stat
+            if stat.S_ISREG(st.st_mode):
+                snap[rel] = FileState(st.st_size, st.st_mtime_ns)
+    return snap
+
+
+class Stability:
+    """How long each listing has stayed unchanged, measured on the monotonic clock only.
+
+    File mtimes are compared for equality, never against the wall clock, so files carrying
+    timestamps from the future or the past behave the same.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[Hashable, tuple[Snapshot, float]] = {}
+
+    def observe(self, key: Hashable, snap: Snapshot, now: float) -> float:
+        """Seconds ``snap`` has been unchanged for ``key``; 0.0 when new or changed."""
+        last = self._seen.get(key)
+        if last is None or last[0] != snap:
+            self._seen[key] = (dict(snap), now)
+            return 0.0
+        return max(0.0, now - last[1])
+
+    def forget(self, key: Hashable) -> None:
+        self._seen.pop(key, None)
+
+
+# -- inspecting one file -------------------------------------------------------------------
+
+#: Reason recorded when a file stayed truncated for the whole stable period.
+INCOMPLETE_REASON = "file is incomplete (truncated) and did not change for the stable period"
+
+_REQUIRED_UIDS = (
+    ("SOPClassUID", "(0008,0016)"),
+    ("SOPInstanceUID", "(0008,0018)"),
+    ("StudyInstanceUID", "(0020,000D)"),
+    ("SeriesInstanceUID", "(0020,000E)"),
+)
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel Data, Float, Double Float
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+#: Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 §7.1.2).
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_MAX_NESTING = 64
+
+
+class _Incomplete(Exception):
+    """The file ends before its structure does: most likely still being written."""
+
+
+class _Malformed(Exception):
+    """The file's structure is broken in a way more bytes cannot fix."""
+
+
+@dataclass(frozen=True)
+class _Walk:
+    pixel_tag: int | None
+    pixel_length: int | None  # None: undefined length (encapsulated, PS3.5 §A.4)
+
+
+class _Reader:
+    """Walks DICOM element structure (PS3.5 §7) by seeking, without reading values."""
+
+    def __init__(self, fh: BinaryIO, size: int, implicit: bool, little: bool) -> None:
+        self.fh, self.size, self.implicit = fh, size, implicit
+        self.e = "<" if little else ">"
+
+    def read(self, n: int, what: str) -> bytes:
+        data = self.fh.read(n)
+        if len(data) < n:
+            raise _Incomplete(f"file ends inside {what} at byte {self.size}")
+        return data
+
+    def skip(self, length: int, what: str) -> None:
+        target = self.fh.tell() + length
+        if target > self.size:
+            raise _Incomplete(
+                f"{what} declares {length} bytes but the file ends {target - self.size} bytes short"
+            )
+        self.fh.seek(target)
+
+    def element(self, implicit: bool) -> tuple[int, bytes, int]:
+        """Tag, VR (b"" when implicit or an item tag) and length of the next element."""
+        group, elem = struct.unpack(self.e + "HH", self.read(4, "an element tag"))
+        tag = group << 16 | elem
+        if group == 0xFFFE or implicit:
+            return tag, b"", struct.unpack(self.e + "L", self.read(4, "an element length"))[0]
+        vr = self.read(2, "an element VR")
+        if vr in _LONG_VRS:
+            self.read(2, "an element header")
+            return tag, vr, struct.unpack(self.e + "L", self.read(4, "an element length"))[0]
+        return tag, vr, struct.unpack(self.e + "H", self.read(2, "an element length"))[0]
+
+    def dataset(self, implicit: bool, nested: bool, depth: int = 0) -> _Walk:
+        """Walk a data set to EOF (top level) or to its Item Delimitation Item (nested)."""
+        if depth > _MAX_NESTING:
+            raise _Malformed(f"sequences nested deeper than {_MAX_NESTING} levels")
+        pixel_tag = pixel_length = None
+        while nested or self.fh.tell() < self.size:
+            tag, vr, length = self.element(implicit)
+            name = f"element ({tag >> 16:04X},{tag & 0xFFFF:04X})"
+            if tag == _ITEM_END and nested:
+                return _Walk(None, None)
+            if tag >> 16 == 0xFFFE:
+                raise _Malformed(f"unexpected item tag {name} in a data set")
+            if tag in _PIXEL_TAGS and not nested:
+                pixel_tag, pixel_length = tag, (None if length == _UNDEFINED else length)
+            if length == _UNDEFINED:
+                # SQ, UN holding an implicit little endian SQ (PS3.5 §6.2.2), or
+                # encapsulated Pixel Data: a series of items up to a delimiter.
+                self.items(implicit or vr == b"UN", depth + 1, name)
+            else:
+                self.skip(length, name)
+        return _Walk(pixel_tag, pixel_length)
+
+    def items(self, implicit: bool, depth: int, name: str) -> None:
+        while True:
+            tag, _vr, length = self.element(True)
+            if tag == _SEQ_END:
+                return
+            if tag != _ITEM:
+                raise _Malformed(f"{name} holds a non-item tag {tag:08X}")
+            if length == _UNDEFINED:
+                self.dataset(implicit, nested=True, depth=depth)
+            else:
+                self.skip(length, f"an item of {name}")
+
+
+def _dataset_start(fh: BinaryIO, size: int) -> tuple[int, str]:
+    """Offset of the data set after preamble and File Meta (PS3.10 §7.1), and its TS UID."""
+    fh.seek(0)
+    start = 132 if fh.read(132)[128:132] == b"DICM" else 0
+    fh.seek(start)
+    reader = _Reader(fh, size, implicit=False, little=True)
+    ts = ""
+    while fh.tell() + 4 <= size:
+        pos = fh.tell()
+        if struct.unpack("<H", fh.read(2))[0] != 0x0002:
+            fh.seek(pos)
+            break
+        fh.seek(pos)
+        tag, _vr, length = reader.element(False)
+        if tag == 0x00020010:
+            ts = reader.read(length, "the Transfer Syntax UID").decode("ascii", "replace")
+            ts = ts.strip("\x00 ")
+        else:
+            reader.skip(length, "a File Meta element")
+    return fh.tell(), ts
+
+
+def _encoding(fh: BinaryIO, start: int, ts: str, ds: Dataset | None) -> tuple[bool, bool]:
+    """(implicit VR, little endian) of the data set: as pydicom read it, else guessed."""
+    fh.seek(start)
+    head = fh.read(6)
+    # Like pydicom, trust the bytes over the Transfer Syntax: some writers disagree.
+    implicit = not (len(head) == 6 and head[4:6].isalpha() and head[4:6].isupper())
+    if ds is not None and ds.original_encoding[1] is not None:
+        return implicit, bool(ds.original_encoding[1])
+    if ts:
+        return implicit, ts != ExplicitVRBigEndian
+    return implicit, not (len(head) >= 2 and head[0] == 0)
+
+
+def _looks_like_dicom(head: bytes) -> bool:
+    """DICM prefix (PS3.10 §7.1), or a data set starting with group 0000, 0002 or 0008."""
+    if head[128:132] == b"DICM":
+        return True
+    if len(head) < 8:
+        return False
+    little, big = struct.unpack("<H", head[:2])[0], struct.unpack(">H", head[:2])[0]
+    return little in (0, 2, 8) or big in (2, 8)
+
+
+def _expected_native_bytes(ds: Dataset, rows: int, columns: int, frames: int) -> int | None:
+    bits = ds.get("BitsAllocated")
+    samples = ds.get("SamplesPerPixel", 1) or 1
+    if not isinstance(bits, int) or bits <= 0:
+        return None
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+        samples = 2  # two values per pixel after 4:2:2 subsampling (PS3.3 C.7.6.3.1.2)
+    return math.ceil(rows * columns * frames * int(samples) * bits / 8)
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    try:
+        value = ds.get(keyword, "")
+    except Exception:  # an unparseable value of an optional attribute
+        return ""
+    return str(value).strip() if value is not None else ""
+
+
+def _inspect(path: Path, max_file_bytes: int, max_pixels: int) -> Instance | Rejected:
+    """Like :func:`inspect_file`, but an incomplete file raises :class:`_Incomplete`."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise _Incomplete(f"cannot stat file: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        return Rejected(path, "not a regular file")
+    if st.st_size == 0:
+        return Rejected(path, "empty file (0 bytes)")
+    if st.st_size > max_file_bytes:
+        return Rejected(
+            path, f"file of {st.st_size} bytes exceeds the limit of {max_file_bytes} bytes"
+        )
+    with open(path, "rb") as fh:
+        if not _looks_like_dicom(fh.read(136)):
+            return Rejected(path, "not a DICOM file: no DICM prefix (PS3.10 §7.1) and no data set")
+        fh.seek(0)
+        try:
+            ds: Dataset | None = dcmread(fh, stop_before_pixels=True, force=True)
+        except Exception as exc:  # pydicom raises many types on broken input
+            parse_error = type(exc).__name__
+            ds = None
+        try:
+            start, ts = _dataset_start(fh, st.st_size)
+            implicit, little = _encoding(fh, start, ts, ds)
+            fh.seek(start)
+            if ts == DeflatedExplicitVRLittleEndian:
+                walk = _check_deflated(fh)
+            else:
+                walk = _Reader(fh, st.st_size, bool(implicit), bool(little)).dataset(
+                    bool(implicit), nested=False
+                )
+        except _Malformed as exc:
+            return Rejected(path, f"malformed DICOM: {exc}")
+        if ds is None:
+            return Rejected(path, f"cannot parse the DICOM header ({parse_error})")
+        result = _check_header(path, ds, walk, max_pixels)
+        if isinstance(result, Rejected):
+            return result
+        fh.seek(0)
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    after = os.stat(path)
+    if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+        raise _Incomplete("file changed while being read")
+    return dataclasses.replace(result, size=st.st_size, sha256=digest)
+
+
+def _check_deflated(fh: BinaryIO) -> _Walk:
+    """A Deflated data set (PS3.5 §A.5) is complete when its deflate stream ends."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        while not inflater.eof and (chunk := fh.read(1 << 20)):
+            inflater.decompress(chunk, 1 << 20)  # output bounded: a zip bomb costs no memory
+            while inflater.unconsumed_tail and not inflater.eof:
+                inflater.decompress(inflater.unconsumed_tail, 1 << 20)
+    except zlib.error as exc:
+        raise _Malformed(f"broken deflate stream: {exc}") from None
+    if not inflater.eof:
+        raise _Incomplete("the deflated data set ends early")
+    return _Walk(0x7FE00010, None)  # not walked: accept whatever pixel data it holds
+
+
+def _check_header(path: Path, ds: Dataset, walk: _Walk, max_pixels: int) -> Instance | Rejected:
+    uids: dict[str, str] = {}
+    for keyword, tag in _REQUIRED_UIDS:
+        value = _text(ds, keyword)
+        if not value:
+            return Rejected(path, f"missing {keyword} {tag}")
+        if not is_valid_uid(value):
+            return Rejected(path, f"invalid {keyword} {value[:80]!r} (PS3.5 §9.1)")
+        uids[keyword] = value
+    try:
+        rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        return Rejected(path, "invalid Rows, Columns or Number of Frames")
+    if rows * columns * max(frames, 1) > max_pixels:
+        return Rejected(
+            path,
+            f"{rows} x {columns} x {frames} frames = {rows * columns * frames} pixels "
+            f"exceeds the limit of {max_pixels}",
+        )
+    if rows and columns:
+        if walk.pixel_tag is None:
+            raise _Incomplete("image attributes present but the file ends before Pixel Data")
+        expected = _expected_native_bytes(ds, rows, columns, max(frames, 1))
+        if walk.pixel_length is not None and expected and walk.pixel_length < expected:
+            return Rejected(
+                path,
+                f"native Pixel Data holds {walk.pixel_length} bytes, Rows x Columns x Samples "
+                f"x Bits Allocated x frames requires {expected} (PS3.5 §8.1.1)",
+            )
+    return Instance(
+        path=path,
+        size=0,
+        sha256="",
+        sop_instance_uid=uids["SOPInstanceUID"],
+        sop_class_uid=uids["SOPClassUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        modality=_text(ds, "Modality"),
+        body_part=_text(ds, "BodyPartExamined"),
+        rows=rows,
+        columns=columns,
+        frames=max(frames, 1),
+    )
+
+
+def inspect_file(path: Path, *, max_file_bytes: int, max_pixels: int) -> Instance | Rejected | None:
+    """Parse one file's header: an :class:`Instance`, a :class:`Rejected`, or None.
+
+    None means the file looks incomplete (still being copied): the caller waits, and once the
+    study is stable records it as rejected with :func:`incomplete_reason`. Size and pixel
+    budgets are checked before reading pixel data; the file is only ever read.
+    """
+    try:
+        return _inspect(path, max_file_bytes, max_pixels)
+    except _Incomplete:
+        return None
+    except OSError as exc:
+        logger.debug("cannot read %s: %s", path, exc.strerror)
+        return None
+
+
+def incomplete_reason(path: Path) -> str:
+    """Why :func:`inspect_file` found ``path`` incomplete, for the recorded rejection."""
+    try:
+        _inspect(path, max_file_bytes=2**63, max_pixels=2**63)
+    except _Incomplete as exc:
+        return f"{INCOMPLETE_REASON}: {exc}"
+    except OSError as exc:
+        return f"file cannot be read: {exc.strerror}"
+    return INCOMPLETE_REASON
+
+
+# -- assembling a study --------------------------------------------------------------------
+
+
+def study_uid_from_folder(name: str) -> str | None:
+    """The study folder's name when it is a safe single path component, else None."""
+    return safe_name(name)
+
+
+def inputs_digest(instances: Iterable[Instance]) -> str:
+    """SHA-256 over the sorted (SOP Instance UID, content SHA-256) pairs.
+
+    Independent of file names and order: renaming or moving files keeps the digest.
+    """
+    h = hashlib.sha256()
+    for sop_uid, digest in sorted({(i.sop_instance_uid, i.sha256) for i in instances}):
+        h.update(f"{sop_uid}\0{digest}\n".encode())
+    return h.hexdigest()
+
+
+_Result = Instance | Rejected | None
+
+
+class Assembler:
+    """Builds :class:`Study` objects, re-inspecting only files whose size or mtime changed.
+
+    Not thread-safe: use one assembler from one thread.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, str], dict[str, tuple[FileState, _Result]]] = {}
+
+    def forget(self, gateway_id: str, study_uid: str) -> None:
+        """Drop the cached inspections of one study (e.g. once it is finished)."""
+        self._cache.pop((gateway_id, study_uid), None)
+
+    def assemble(
+        self,
+        gateway_id: str,
+        study_uid: str,
+        folder: Path,
+        snap: Snapshot,
+        *,
+        max_file_bytes: int,
+        max_pixels: int,
+    ) -> Study:
+        """The instances, rejections and incomplete files of the study folder listed in ``snap``."""
+        old = self._cache.get((gateway_id, study_uid), {})
+        new: dict[str, tuple[FileState, _Result]] = {}
+        study = Study(gateway_id, study_uid, folder)
+        by_uid: dict[str, list[tuple[str, Instance]]] = {}
+        for rel in sorted(snap):
+            state = snap[rel]
+            cached = old.get(rel)
+            if cached is not None and cached[0] == state:
+                result = cached[1]
+            else:
+                result = inspect_file(
+                    folder / rel, max_file_bytes=max_file_bytes, max_pixels=max_pixels
+                )
+            new[rel] = (state, result)
+            if result is None:
+                study.incomplete.append(folder / rel)
+            elif isinstance(result, Rejected):
+                study.rejected.append(result)
+            elif result.study_instance_uid != study_uid:
+                study.rejected.append(
+                    Rejected(
+                        result.path,
+                        f"StudyInstanceUID {result.study_instance_uid} differs from the "
+                        f"study folder name {study_uid}",
+                    )
+                )
+            else:
+                by_uid.setdefault(result.sop_instance_uid, []).append((rel, result))
+        self._cache[(gateway_id, study_uid)] = new
+        for sop_uid, copies in by_uid.items():
+            keep_rel, keep = copies[0]  # lowest relative path
+            if len({inst.sha256 for _rel, inst in copies}) > 1:
+                logger.warning(
+                    "gateway %s study %s: %d files with different content for SOPInstanceUID %s",
+                    gateway_id,
+                    study_uid,
+                    len(copies),
+                    sop_uid,
+                )
+                names = ", ".join(rel for rel, _inst in copies)
+                study.rejected.extend(
+                    Rejected(
+                        inst.path,
+                        f"conflicting content for SOPInstanceUID {sop_uid}: files {names} differ",
+                    )
+                    for _rel, inst in copies
+                )
+                continue
+            study.instances.append(keep)
+            study.rejected.extend(
+                Rejected(inst.path, f"duplicate of {keep_rel}, identical bytes", quarantine=False)
+                for _rel, inst in copies[1:]
+            )
+        return study

@@ -1,0 +1,490 @@
+"""The gateway engine: from touched study folders to runs, outputs and sends.
+
+Watcher events only mark a study as *touched*; on each tick the engine decides with the
+completeness rule (quiet period on a monotonic clock, every file complete DICOM, image.db's
+instances present or ``max_wait_seconds`` elapsed) whether a study is ready, then runs the
+routed model exactly once per (gateway, study, inputs digest, model version).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset
+
+from service import assembly
+from service.assembly import Assembler, Stability, Study
+from service.config import GATEWAY_ID_RE, Config
+from service.conformance import check_files, quarantine_file
+from service.errors import ConfigError, GatewayError
+from service.fsutil import atomic_write, is_within, sweep_temp_files
+from service.imagedb import ImageDb
+from service.ledger import Ledger, RunState, StudyState
+from service.models.base import Model, RunContext, select_model
+from service.uids import UidFactory
+from service.writers import output_path, write_dataset
+
+logger = logging.getLogger(__name__)
+
+GATEWAY_PREFIX = "gateway_"
+HEARTBEAT_NAME = "heartbeat"
+REQUESTS_DIR = "requests"
+#: Seconds between re-checks of a study waiting for a model or for image.db's instances.
+RECHECK_SECONDS = 5.0
+
+
+@dataclass
+class _Pending:
+    first_seen: float
+    stable_since: float | None = None  # monotonic time the study was first found stable
+    next_check: float = 0.0
+    force_generation: bool = False  # reprocess: run again even if this digest ran
+    observed: bool = False  # the engine has looked at the folder at least once
+
+
+@dataclass
+class Engine:
+    """Owns the ledger, the models and the queue of touched studies."""
+
+    config: Config
+    models: Mapping[str, Model]
+    ledger: Ledger = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ledger = Ledger(self.config.ledger_path)
+        self._pending: dict[tuple[str, str], _Pending] = {}
+        self._lock = threading.Lock()
+        self._stability = Stability()
+        self._assembler = Assembler()
+        self._last_heartbeat = 0.0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """After a restart: remove temp files, mark interrupted sends; reruns happen on scan."""
+        for root in (self.config.output_dir, self.config.state_dir):
+            removed = sweep_temp_files(root)
+            if removed:
+                logger.warning("removed %d temporary file(s) left under %s", removed, root)
+        for send in self.ledger.interrupted_sends():
+            run = self.ledger.get_run(send["run_id"])
+            self.ledger.finish_send(send["send_id"], "interrupted", "service stopped during send")
+            if run is not None:
+                reason = "send interrupted by a stop; use `resend` to try again"
+                self.ledger.set_run_state(run.run_id, RunState.SEND_FAILED, reason)
+                self.ledger.set_study_state(
+                    run.gateway_id, run.study_uid, StudyState.SEND_FAILED, reason
+                )
+
+    def touch(self, gateway_id: str, study_name: str, *, reprocess: bool = False) -> None:
+        """Mark a study folder as touched (thread-safe; called by the watcher)."""
+        now = time.monotonic()
+        with self._lock:
+            pending = self._pending.get((gateway_id, study_name))
+            if pending is None:
+                self._pending[(gateway_id, study_name)] = _Pending(
+                    first_seen=now, force_generation=reprocess
+                )
+            else:
+                pending.next_check = 0.0
+                pending.force_generation |= reprocess
+
+    @property
+    def pending_count(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def tick(self, now: float | None = None) -> None:
+        """Look at every touched study once; run those that are ready."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            due = [(k, p) for k, p in self._pending.items() if p.next_check <= now]
+        for (gateway_id, study_name), pending in due:
+            try:
+                done = self._check(gateway_id, study_name, pending, now)
+            except Exception as exc:  # one study never stops the service
+                logger.exception("gateway=%s study=%s check failed", gateway_id, study_name)
+                self.ledger.event(gateway_id, study_name, "ERROR", f"unexpected error: {exc}")
+                done = True
+            if done:
+                with self._lock:
+                    if self._pending.get((gateway_id, study_name)) is pending:
+                        del self._pending[(gateway_id, study_name)]
+                self._stability.forget((gateway_id, study_name))
+        self._take_requests()
+        self._heartbeat()
+
+    def _take_requests(self) -> None:
+        """Pick up ``reprocess`` requests written by the CLI into ``STATE/requests``."""
+        folder = self.config.state_dir / REQUESTS_DIR
+        if not folder.is_dir():
+            return
+        for path in folder.iterdir():
+            if path.name.startswith("."):
+                continue
+            gateway_id, _, study_uid = path.name.partition("__")
+            path.unlink(missing_ok=True)
+            if GATEWAY_ID_RE.match(gateway_id) and assembly.study_uid_from_folder(study_uid):
+                logger.info("gateway=%s study=%s reprocess requested", gateway_id, study_uid)
+                self.touch(gateway_id, study_uid, reprocess=True)
+
+    def _heartbeat(self) -> None:
+        if time.monotonic() - self._last_heartbeat < 5.0:
+            return
+        self._last_heartbeat = time.monotonic()
+        path = self.config.state_dir / HEARTBEAT_NAME
+        path.touch()
+
+    # -- one study -------------------------------------------------------------------------
+
+    def _check(self, gateway_id: str, study_name: str, pending: _Pending, now: float) -> bool:
+        """Advance one study; True when it needs no more attention until touched again."""
+        gw = self.config.gateway(gateway_id)
+        study_uid = assembly.study_uid_from_folder(study_name)
+        gateway_dir = self.config.input_dir / f"{GATEWAY_PREFIX}{gateway_id}"
+        folder = gateway_dir / study_name
+        if study_uid is None or folder.is_symlink() or not is_within(folder, gateway_dir):
+            logger.warning("gateway=%s ignoring unsafe study folder name", gateway_id)
+            self.ledger.event(gateway_id, "", "WARNING", "unsafe study folder name ignored")
+            return True
+        snap = assembly.snapshot(folder, self.config.input_dir)
+        if not snap:
+            return True  # folder gone or empty: nothing to do until touched again
+        quiet = self._stability.observe((gateway_id, study_name), snap, now)
+        if quiet < gw.stable_seconds:
+            # 'receiving' for a new study or one seen changing; a re-touched finished study
+            # keeps its state unless its files really change.
+            if (pending.observed and quiet == 0.0) or self.ledger.study_state(
+                gateway_id, study_uid
+            ) is None:
+                self.ledger.set_study_state(gateway_id, study_uid, StudyState.RECEIVING)
+            pending.observed = True
+            pending.stable_since = None
+            pending.next_check = now + min(1.0, gw.stable_seconds - quiet)
+            return False
+        if pending.stable_since is None:
+            pending.stable_since = now
+        study = self._assembler.assemble(
+            gateway_id,
+            study_uid,
+            folder,
+            snap,
+            max_file_bytes=self.config.max_file_bytes,
+            max_pixels=self.config.max_pixels,
+        )
+        self._record_instances(study, snap)
+        if not study.instances:
+            self.ledger.set_study_state(
+                gateway_id, study_uid, StudyState.SKIPPED, "no usable DICOM instance in the study"
+            )
+            return True
+        expected = ImageDb(gateway_dir / "image.db").expected_instances(study_uid)
+        missing = (expected or set()) - study.sop_uids
+        if missing:
+            waited = now - pending.stable_since
+            if waited < gw.max_wait_seconds:
+                self.ledger.set_study_state(
+                    gateway_id,
+                    study_uid,
+                    StudyState.WAITING,
+                    f"image.db lists {len(missing)} instance(s) not on disk yet",
+                )
+                pending.next_check = now + min(RECHECK_SECONDS, gw.max_wait_seconds - waited)
+                return False
+            self.ledger.event(
+                gateway_id,
+                study_uid,
+                "WARNING",
+                f"ran with {len(study.instances)} instance(s); image.db lists {len(missing)} "
+                f"more that never arrived within {gw.max_wait_seconds:g} s",
+            )
+        return self._route_and_run(study, pending, now)
+
+    def _record_instances(self, study: Study, snap: assembly.Snapshot) -> None:
+        for inst in study.instances:
+            rel = inst.path.relative_to(study.folder).as_posix()
+            state = snap.get(rel)
+            self.ledger.record_instance(
+                study.gateway_id,
+                study.study_uid,
+                str(inst.path),
+                inst.size,
+                state.mtime_ns if state else 0,
+                sha256=inst.sha256,
+                sop_instance_uid=inst.sop_instance_uid,
+                series_uid=inst.series_instance_uid,
+                sop_class_uid=inst.sop_class_uid,
+            )
+        for rej in study.rejected:
+            rel = rej.path.relative_to(study.folder).as_posix()
+            state = snap.get(rel)
+            self.ledger.record_instance(
+                study.gateway_id,
+                study.study_uid,
+                str(rej.path),
+                state.size if state else 0,
+                state.mtime_ns if state else 0,
+                rejected_reason=rej.reason,
+            )
+            if rej.quarantine:
+                logger.warning(
+                    "gateway=%s study=%s file %s rejected: %s",
+                    study.gateway_id,
+                    study.study_uid,
+                    rel,
+                    rej.reason,
+                )
+        for path in study.incomplete:
+            rel = path.relative_to(study.folder).as_posix()
+            reason = "incomplete DICOM (truncated) after the quiet period"
+            state = snap.get(rel)
+            self.ledger.record_instance(
+                study.gateway_id,
+                study.study_uid,
+                str(path),
+                state.size if state else 0,
+                state.mtime_ns if state else 0,
+                rejected_reason=reason,
+            )
+            logger.warning(
+                "gateway=%s study=%s file %s rejected: %s",
+                study.gateway_id,
+                study.study_uid,
+                rel,
+                reason,
+            )
+
+    def _route_and_run(self, study: Study, pending: _Pending, now: float) -> bool:
+        gw = self.config.gateway(study.gateway_id)
+        digest = assembly.inputs_digest(study.instances)
+        model, why_not = select_model(gw.rules, self.models, study)
+        if model is None:
+            existing = self.ledger.find_run(study.gateway_id, study.study_uid, digest, "none", "-")
+            if existing is None:
+                run_id = self.ledger.start_run(
+                    study.gateway_id, study.study_uid, "none", "-", digest, len(study.instances)
+                )
+                self.ledger.set_run_state(run_id, RunState.SKIPPED, why_not)
+            self.ledger.set_study_state(
+                study.gateway_id, study.study_uid, StudyState.SKIPPED, why_not
+            )
+            return True
+        readiness = model.ready()
+        if not readiness.ok:
+            self.ledger.set_study_state(
+                study.gateway_id, study.study_uid, StudyState.WAITING_MODEL, readiness.reason
+            )
+            pending.next_check = now + RECHECK_SECONDS
+            return False
+        existing = self.ledger.find_run(
+            study.gateway_id, study.study_uid, digest, model.name, model.version
+        )
+        if existing is not None and not pending.force_generation:
+            if existing.state != RunState.RUNNING:
+                return True  # these inputs already ran with this model version
+            run_id, generation = existing.run_id, existing.generation  # interrupted: finish it
+            logger.info(
+                "gateway=%s study=%s resuming interrupted run %d",
+                study.gateway_id,
+                study.study_uid,
+                run_id,
+            )
+        else:
+            generation = (
+                self.ledger.next_generation(study.gateway_id, study.study_uid, digest)
+                if existing is not None
+                else 0
+            )
+            run_id = self.ledger.start_run(
+                study.gateway_id,
+                study.study_uid,
+                model.name,
+                model.version,
+                digest,
+                len(study.instances),
+                generation,
+            )
+        pending.force_generation = False
+        self.execute_run(run_id, study, model, digest, generation)
+        return True
+
+    # -- running, writing, sending -----------------------------------------------------------
+
+    def execute_run(
+        self, run_id: int, study: Study, model: Model, digest: str, generation: int
+    ) -> None:
+        """Run ``model`` on ``study``, write its outputs, then make the one send attempt."""
+        gid, suid = study.gateway_id, study.study_uid
+        self.ledger.set_study_state(gid, suid, StudyState.RUNNING, f"run {run_id} ({model.name})")
+        uids = UidFactory(
+            self.config.uid_root, gid, suid, digest, model.name, model.version, str(generation)
+        )
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        try:
+            result = model.run(study, RunContext(uids=uids, run_id=run_id))
+            timings["model_s"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            paths = self._write_outputs(run_id, gid, result.datasets)
+            timings["write_s"] = time.perf_counter() - t1
+        except (GatewayError, OSError, ValueError, RuntimeError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            self.ledger.set_run_state(run_id, RunState.FAILED, reason, timings=timings)
+            self.ledger.set_study_state(gid, suid, StudyState.FAILED, reason)
+            self.ledger.event(gid, suid, "ERROR", f"run {run_id} failed: {reason}")
+            return
+        if not result.datasets:
+            reason = "model produced no output"
+            self.ledger.set_run_state(
+                run_id, RunState.SKIPPED, reason, timings=timings, findings=result.findings
+            )
+            self.ledger.set_study_state(gid, suid, StudyState.SKIPPED, reason)
+            return
+        if not self._passes_gate(run_id, study, paths, timings, result.findings):
+            return
+        self.ledger.set_run_state(
+            run_id, RunState.WRITTEN, timings=timings, findings=result.findings
+        )
+        self.ledger.set_study_state(
+            gid, suid, StudyState.WRITTEN, f"run {run_id}: {len(paths)} object(s) written"
+        )
+        self.send_run(run_id, gid, suid, paths)
+
+    def _passes_gate(
+        self,
+        run_id: int,
+        study: Study,
+        paths: list[Path],
+        timings: dict[str, float],
+        findings: dict[str, Any],
+    ) -> bool:
+        """Conformance gate before anything leaves: failing objects go to quarantine."""
+        t0 = time.perf_counter()
+        run_uids = {row["sop_instance_uid"] for row in self.ledger.outputs(run_id)}
+        problems = check_files(paths, source_sop_uids=study.sop_uids, run_sop_uids=run_uids)
+        timings["gate_s"] = time.perf_counter() - t0
+        if not problems:
+            return True
+        for finding in problems:
+            if finding.path.exists():
+                moved = quarantine_file(finding.path, self.config.quarantine_dir, study.gateway_id)
+                logger.error(
+                    "gateway=%s study=%s output %s quarantined to %s: %s",
+                    study.gateway_id,
+                    study.study_uid,
+                    finding.path.name,
+                    moved,
+                    finding.message,
+                )
+        first = problems[0]
+        reason = f"conformance gate: {len(problems)} problem(s); {first.path.name}: {first.message}"
+        self.ledger.set_run_state(
+            run_id, RunState.FAILED, reason, timings=timings, findings=findings
+        )
+        self.ledger.set_study_state(study.gateway_id, study.study_uid, StudyState.FAILED, reason)
+        self.ledger.event(study.gateway_id, study.study_uid, "ERROR", f"run {run_id}: {reason}")
+        return False
+
+    def _write_outputs(self, run_id: int, gateway_id: str, datasets: list[Dataset]) -> list[Path]:
+        layout = self.config.gateway(gateway_id).layout
+        paths = []
+        for ds in datasets:
+            target = output_path(self.config.output_dir, gateway_id, layout, ds)
+            write_dataset(ds, target)
+            self.ledger.add_output(
+                run_id, target, ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID
+            )
+            paths.append(target)
+        return paths
+
+    def send_run(
+        self, run_id: int, gateway_id: str, study_uid: str, paths: list[Path], manual: bool = False
+    ) -> None:
+        """One C-STORE association for the run's outputs; the outcome is recorded, never retried."""
+        from service.sender import SendStatus, send_files
+
+        destination = self.config.destination(gateway_id)
+        if not destination.enabled:
+            logger.info("gateway=%s study=%s no destination configured", gateway_id, study_uid)
+            return
+        where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+        send_id = self.ledger.start_send(run_id, where, manual)
+        self.ledger.set_run_state(run_id, RunState.SENDING)
+        self.ledger.set_study_state(gateway_id, study_uid, StudyState.SENDING, where)
+        result = send_files(destination, paths)
+        self.ledger.finish_send(
+            send_id,
+            str(result.status),
+            result.reason,
+            [(i.sop_instance_uid, str(i.status), i.status_code) for i in result.items],
+        )
+        ok = result.status in (SendStatus.SUCCESS, SendStatus.WARNING)
+        run_state = RunState.SENT if ok else RunState.SEND_FAILED
+        reason = f"{result.status}: {result.reason}" if result.reason else str(result.status)
+        self.ledger.set_run_state(run_id, run_state, "" if ok else reason)
+        self.ledger.set_study_state(
+            gateway_id, study_uid, StudyState.SENT if ok else StudyState.SEND_FAILED, reason
+        )
+
+    def resend(self, gateway_id: str, study_uid: str) -> bool:
+        """Operator-triggered new send attempt of the study's latest written run."""
+        runs = [r for r in self.ledger.runs(gateway_id, study_uid) if self.ledger.outputs(r.run_id)]
+        if not runs:
+            return False
+        run = runs[-1]
+        paths = [Path(row["path"]) for row in self.ledger.outputs(run.run_id)]
+        self.send_run(run.run_id, gateway_id, study_uid, paths, manual=True)
+        return True
+
+    # -- whole folders ---------------------------------------------------------------------
+
+    def discover(self) -> list[str]:
+        """Gateway ids present under INPUT now (recorded in the ledger)."""
+        found = []
+        root = self.config.input_dir
+        if not root.is_dir():
+            return found
+        for child in sorted(root.iterdir()):
+            gid = child.name[len(GATEWAY_PREFIX) :]
+            if (
+                child.name.startswith(GATEWAY_PREFIX)
+                and child.is_dir()
+                and not child.is_symlink()
+                and GATEWAY_ID_RE.match(gid)
+            ):
+                if self.ledger.add_gateway(gid, child):
+                    logger.info("gateway=%s discovered", gid)
+                found.append(gid)
+        return found
+
+    def drain(
+        self, timeout: float, poll: float = 0.2, stop: threading.Event | None = None
+    ) -> bool:
+        """Tick until no study is pending, ``timeout`` or ``stop``; True when drained."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not (stop and stop.is_set()):
+            self.tick()
+            if self.pending_count == 0:
+                return True
+            time.sleep(poll)
+        return self.pending_count == 0
+
+    def close(self) -> None:
+        self.ledger.close()
+
+
+def request_reprocess(config: Config, gateway_id: str, study_uid: str) -> Path:
+    """Ask the (running or next) service to run a study again with a new output series."""
+    if not GATEWAY_ID_RE.match(gateway_id):
+        raise ConfigError("gateway_id", f"not a valid gateway id: {gateway_id!r}")
+    if assembly.study_uid_from_folder(study_uid) is None:
+        raise ConfigError("study_uid", "not a valid study folder name")
+    target = config.state_dir / REQUESTS_DIR / f"{gateway_id}__{study_uid}"
+    atomic_write(target, lambda fh: fh.write(b"reprocess\n"))
+    return target

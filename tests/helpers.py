@@ -1,0 +1,136 @@
+"""Test helpers: configs, copies of real studies, ledger queries, service subprocesses."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom import dcmread
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_config(tmp_path: Path, extra: str = "", stable: float = 0.3) -> Path:
+    """A config routing everything to ``annotate`` with folders under ``tmp_path``."""
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        f"""
+[service]
+input_dir = "{tmp_path / "INPUT"}"
+output_dir = "{tmp_path / "OUTPUT"}"
+state_dir = "{tmp_path / "STATE"}"
+uid_root = "1.2.826.0.1.3680043.10.999."
+rescan_seconds = 2
+poll_seconds = 0.5
+shutdown_seconds = 20
+[defaults]
+stable_seconds = {stable}
+max_wait_seconds = 3
+rules = [{{ model = "annotate" }}]
+{extra}
+"""
+    )
+    return path
+
+
+def copy_series(src: Path, gateway_dir: Path, limit: int | None = None) -> tuple[str, list[Path]]:
+    """Copy real DICOM files into ``gateway_dir/<StudyUID>/<SOPUID>`` as a gateway app does."""
+    files = sorted(p for p in src.rglob("*") if p.is_file())[:limit]
+    study_uid = ""
+    copied = []
+    for path in files:
+        ds = dcmread(path, stop_before_pixels=True, force=True)
+        study_uid = str(ds.StudyInstanceUID)
+        target = gateway_dir / study_uid / str(ds.SOPInstanceUID)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        copied.append(target)
+    return study_uid, copied
+
+
+def ledger_rows(state_dir: Path, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
+    path = state_dir / "ledger.sqlite3"
+    if not path.exists():
+        return []
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    db.row_factory = sqlite3.Row
+    try:
+        return list(db.execute(sql, params))
+    except sqlite3.OperationalError:
+        return []  # schema not created yet
+    finally:
+        db.close()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` until true; fail with ``what`` after a generous ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def start_service(
+    config: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """``python main.py --config CONFIG serve ARGS`` as a real process."""
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), "--config", str(config), "serve", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def stop_service(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, str]:
+    """SIGTERM the service; return its exit code and everything it logged."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def wait_service(proc: subprocess.Popen[str], timeout: float = 300) -> tuple[int, str]:
+    """Wait for a ``serve --once`` process to finish by itself."""
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def temp_files(*roots: Path) -> list[Path]:
+    return [p for root in roots if root.exists() for p in root.rglob(".tmp-*")]
+
+
+def tree_digest(root: Path) -> dict[str, bytes]:
+    """Every file's bytes under ``root`` (to prove inputs were not touched)."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def kill(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)

@@ -1,0 +1,180 @@
+"""The service as real processes: serve, SIGTERM/SIGKILL, status, reprocess, run contract."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from tests.conftest import shared_file
+from tests.helpers import (
+    copy_series,
+    kill,
+    ledger_rows,
+    run_cli,
+    start_service,
+    stop_service,
+    temp_files,
+    tree_digest,
+    wait_for,
+    wait_service,
+    write_config,
+)
+
+PATIENT_NAME = "Doe^Jane"
+
+
+def run_states(state_dir: Path) -> list[tuple[str, str, str]]:
+    rows = ledger_rows(state_dir, "SELECT gateway_id, study_uid, state FROM runs ORDER BY run_id")
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+def test_drop_while_running_sample_and_mr_series(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    (tmp_path / "INPUT").mkdir()
+    proc = start_service(config)
+    try:
+        time.sleep(1.0)
+        shutil.copytree(shared_file("gateway-sample/INPUT/gateway_1"), tmp_path / "INPUT/gateway_1")
+        shutil.copytree(shared_file("gateway-sample/INPUT/gateway_2"), tmp_path / "INPUT/gateway_2")
+        mr_uid, _ = copy_series(shared_file("series/mr-phantom-63"), tmp_path / "INPUT/gateway_7")
+        wait_for(
+            lambda: sum(1 for r in run_states(tmp_path / "STATE") if r[2] == "written") == 3,
+            120,
+            "three written runs",
+        )
+        time.sleep(1.0)  # a second event or rescan must not run anything again
+    finally:
+        code, log = stop_service(proc)
+    assert code == 0, log
+    states = run_states(tmp_path / "STATE")
+    assert len(states) == 3 and {s[0] for s in states} == {"1", "2", "7"}
+    assert len(list((tmp_path / "OUTPUT/gateway_7" / mr_uid).glob("*.dcm"))) == 63
+    assert "gateway=7" in log and "state=written" in log
+    assert PATIENT_NAME not in log
+
+
+def test_slow_chunked_file_is_read_only_when_complete(tmp_path: Path) -> None:
+    config = write_config(tmp_path, stable=1.0)
+    src = shared_file("series/ct-4-noise")
+    study_uid, files = copy_series(src, tmp_path / "staging", limit=1)
+    data = files[0].read_bytes()
+    target = tmp_path / "INPUT/gateway_1" / study_uid / files[0].name
+    target.parent.mkdir(parents=True)
+    proc = start_service(config)
+    try:
+        with target.open("wb") as fh:
+            for start in range(0, len(data), len(data) // 6):
+                fh.write(data[start : start + len(data) // 6])
+                fh.flush()
+                time.sleep(0.5)  # slower than nothing, faster than the quiet period
+        wait_for(lambda: bool(run_states(tmp_path / "STATE")), 60, "a run")
+    finally:
+        code, log = stop_service(proc)
+    assert code == 0, log
+    assert [s[2] for s in run_states(tmp_path / "STATE")] == ["written"]
+    rejected = ledger_rows(tmp_path / "STATE", "SELECT * FROM instances WHERE state='rejected'")
+    assert rejected == []
+    assert target.read_bytes() == data
+
+
+def test_backlog_sigkill_mid_run_then_restart_processes_each_study_once(tmp_path: Path) -> None:
+    config = write_config(tmp_path, stable=0.2)
+    gw = tmp_path / "INPUT/gateway_1"
+    mr_uid, _ = copy_series(shared_file("series/mr-phantom-63"), gw)
+    ct_uid, _ = copy_series(shared_file("series/ct-4-noise"), gw)
+    shutil.copytree(shared_file("gateway-sample/INPUT/gateway_2"), tmp_path / "INPUT/gateway_2")
+    before = tree_digest(tmp_path / "INPUT")
+    proc = start_service(config)
+    try:
+        wait_for(
+            lambda: any(r[2] == "running" for r in run_states(tmp_path / "STATE")),
+            120,
+            "a run in progress",
+        )
+    finally:
+        kill(proc)  # SIGKILL mid-run
+    proc = start_service(config, "--once", "--once-timeout", "180")
+    code, log = wait_service(proc, timeout=240)
+    assert code == 0, log
+    states = run_states(tmp_path / "STATE")
+    assert len(states) == 3
+    assert {(g, s) for g, s, _ in states if g == "1"} == {("1", mr_uid), ("1", ct_uid)}
+    assert [s[2] for s in states] == ["written"] * 3
+    assert temp_files(tmp_path / "OUTPUT", tmp_path / "STATE") == []
+    assert len(list((gw.parent.parent / "OUTPUT/gateway_1" / mr_uid).glob("*.dcm"))) == 63
+    assert tree_digest(tmp_path / "INPUT") == before
+    # a third start finds nothing to do
+    code, _ = wait_service(start_service(config, "--once", "--once-timeout", "60"))
+    assert code == 0 and len(run_states(tmp_path / "STATE")) == 3
+
+
+def test_status_and_reprocess(tmp_path: Path) -> None:
+    config = write_config(tmp_path, stable=0.2)
+    copy_series(shared_file("series/ct-4-noise"), tmp_path / "INPUT/gateway_3", limit=2)
+    code, log = wait_service(start_service(config, "--once", "--once-timeout", "60"))
+    assert code == 0, log
+    result = run_cli("--config", str(config), "status", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["gateways"]["3"]["studies"] == {"written": 1}
+    study_uid = report["gateways"]["3"]["latest_runs"][0]["study_uid"]
+    text = run_cli("--config", str(config), "status")
+    assert "gateway 3: written=1" in text.stdout
+    assert run_cli("--config", str(config), "reprocess", "3", study_uid).returncode == 0
+    assert run_cli("--config", str(config), "reprocess", "3", "../x").returncode == 2
+    code, log = wait_service(start_service(config, "--once", "--once-timeout", "60"))
+    assert code == 0, log
+    assert [r[2] for r in run_states(tmp_path / "STATE")] == ["written", "written"]
+    health = run_cli("--config", str(config), "status", "--health")
+    assert health.returncode == 0, health.stdout  # --once beat within the last minute
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[defaults]\nstable_seconds = 'soon'\n")
+    result = run_cli("--config", str(config), "status")
+    assert result.returncode == 2
+    assert "defaults.stable_seconds" in result.stderr
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_run_contract_nested_dicom_in_dicom_out(tmp_path: Path, nested: bool) -> None:
+    config = write_config(tmp_path)
+    dicom_in = tmp_path / "in"
+    src = shared_file("series/ct-4-noise")
+    for i, path in enumerate(sorted(src.iterdir())):
+        target = dicom_in / ("a/b" if nested and i % 2 else "") / f"file{i}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    series_uid = str(dcmread(sorted(src.iterdir())[0], stop_before_pixels=True).SeriesInstanceUID)
+    result = run_cli(
+        "--config", str(config), "run", str(dicom_in), str(tmp_path / "out"), series_uid
+    )
+    assert result.returncode == 0, result.stderr
+    outputs = sorted((tmp_path / "out").glob("*.dcm"))
+    assert len(outputs) == 4
+    assert all(dcmread(p).SeriesInstanceUID != series_uid for p in outputs)
+
+
+def test_run_contract_exit_codes(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    missing = run_cli("--config", str(config), "run", str(tmp_path / "nope"), str(tmp_path / "o"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "x").write_bytes(b"not dicom")
+    bad = run_cli("--config", str(config), "run", str(junk), str(tmp_path / "o"))
+    assert bad.returncode == 1 and "no usable input" in bad.stderr
+    # the default rules route only chest radiographs: a CT is skipped with the reason
+    default = tmp_path / "default.toml"
+    default.write_text("")
+    ct = tmp_path / "ct"
+    copy_series(shared_file("series/ct-4-noise"), ct, limit=1)
+    skipped = run_cli("--config", str(default), "run", str(ct), str(tmp_path / "o"))
+    assert skipped.returncode == 3 and "no routing rule matches" in skipped.stderr
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,233 @@
+"""Engine: completeness rule, exactly-once runs, image.db fallback, hostile input (in-process)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from service.config import load_config
+from service.engine import Engine, request_reprocess
+from service.ledger import RunState, StudyState
+from service.models import build_models
+from service.watcher import StudyWatcher
+from tests.conftest import shared_file
+from tests.helpers import copy_series, temp_files, tree_digest, write_config
+
+
+@pytest.fixture
+def sample_input(tmp_path: Path) -> Path:
+    """The real gateway-sample drop layout (two gateways, same study UID, 3 CT each)."""
+    src = shared_file("gateway-sample/INPUT")
+    shutil.copytree(src, tmp_path / "INPUT")
+    return tmp_path / "INPUT"
+
+
+def make_engine(tmp_path: Path, extra: str = "", stable: float = 0.3) -> Engine:
+    config = load_config(write_config(tmp_path, extra, stable), environ={})
+    engine = Engine(config, build_models(config))
+    engine.recover()
+    return engine
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    eng = make_engine(tmp_path)
+    yield eng
+    eng.close()
+
+
+def scan(engine: Engine) -> None:
+    engine.discover()
+    StudyWatcher(engine.config.input_dir, engine.touch, mode="polling").scan()
+
+
+def runs(engine: Engine) -> list[tuple[str, str, str]]:
+    return [(r.gateway_id, r.study_uid, str(r.state)) for r in engine.ledger.runs()]
+
+
+def test_gateway_sample_one_run_per_study_in_its_own_gateway(
+    engine: Engine, sample_input: Path
+) -> None:
+    before = tree_digest(sample_input)
+    scan(engine)
+    assert engine.drain(60)
+    study_uid = next(p.name for p in (sample_input / "gateway_1").iterdir() if p.is_dir())
+    assert sorted(runs(engine)) == [("1", study_uid, "written"), ("2", study_uid, "written")]
+    for gid in ("1", "2"):
+        outputs = sorted((engine.config.output_dir / f"gateway_{gid}" / study_uid).glob("*.dcm"))
+        assert len(outputs) == 3
+        run = engine.ledger.runs(gid)[0]
+        recorded = {Path(o["path"]) for o in engine.ledger.outputs(run.run_id)}
+        assert recorded == set(outputs)
+        for out in outputs:
+            ds = dcmread(out)
+            assert ds.StudyInstanceUID == study_uid
+            assert ds.SOPInstanceUID.startswith("1.2.826.0.1.3680043.10.999.")
+    # the two gateways share a StudyInstanceUID but not outputs
+    uids = [
+        {o["sop_instance_uid"] for o in engine.ledger.outputs(r.run_id)}
+        for r in engine.ledger.runs()
+    ]
+    assert not uids[0] & uids[1]
+    assert engine.ledger.study_state("1", study_uid) == (
+        StudyState.WRITTEN,
+        f"run {engine.ledger.runs('1')[0].run_id}: 3 object(s) written",
+    )
+    assert tree_digest(sample_input) == before  # inputs untouched
+
+
+def test_second_event_and_identical_redrop_do_nothing_new_files_run_again(
+    engine: Engine, tmp_path: Path
+) -> None:
+    gw = tmp_path / "INPUT" / "gateway_1"
+    _, files = copy_series(shared_file("series/ct-4-noise"), gw, limit=3)
+    scan(engine)
+    assert engine.drain(60)
+    assert len(engine.ledger.runs()) == 1
+    scan(engine)  # a second event for the same files
+    shutil.copyfile(files[0], files[0].with_name("same-bytes-again"))  # re-dropped identical
+    scan(engine)
+    assert engine.drain(60)
+    assert len(engine.ledger.runs()) == 1
+    copy_series(shared_file("series/ct-4-noise"), gw)  # the 4th slice arrives late
+    scan(engine)
+    assert engine.drain(60)
+    first, second = engine.ledger.runs()
+    assert second.inputs_digest != first.inputs_digest
+    series = {
+        r.run_id: {o["series_uid"] for o in engine.ledger.outputs(r.run_id)}
+        for r in (first, second)
+    }
+    assert not series[first.run_id] & series[second.run_id]  # a new output series
+
+
+def test_restart_does_not_run_again_and_reprocess_does(tmp_path: Path) -> None:
+    copy_series(shared_file("series/ct-4-noise"), tmp_path / "INPUT" / "gateway_1", limit=2)
+    engine = make_engine(tmp_path)
+    scan(engine)
+    assert engine.drain(60)
+    engine.close()
+    engine = make_engine(tmp_path)  # a restart
+    scan(engine)
+    assert engine.drain(60)
+    assert len(engine.ledger.runs()) == 1
+    study_uid = engine.ledger.runs()[0].study_uid
+    request_reprocess(engine.config, "1", study_uid)
+    assert engine.drain(60)
+    assert [r.generation for r in engine.ledger.runs()] == [0, 1]
+    engine.close()
+
+
+def test_interrupted_run_is_finished_with_the_same_uids(tmp_path: Path) -> None:
+    copy_series(shared_file("series/ct-4-noise"), tmp_path / "INPUT" / "gateway_1", limit=2)
+    engine = make_engine(tmp_path)
+    scan(engine)
+    assert engine.drain(60)
+    run = engine.ledger.runs()[0]
+    written = {o["sop_instance_uid"] for o in engine.ledger.outputs(run.run_id)}
+    # simulate a crash mid-run: the run is still 'running', a temp file is left behind
+    engine.ledger.set_run_state(run.run_id, RunState.RUNNING)
+    leftover = Path(engine.ledger.outputs(run.run_id)[0]["path"]).with_name(".tmp-crash.part")
+    leftover.write_bytes(b"half")
+    engine.close()
+    engine = make_engine(tmp_path)
+    assert temp_files(engine.config.output_dir) == []
+    scan(engine)
+    assert engine.drain(60)
+    rows = engine.ledger.runs()
+    assert [(r.run_id, r.state) for r in rows] == [(run.run_id, RunState.WRITTEN)]
+    assert {o["sop_instance_uid"] for o in engine.ledger.outputs(run.run_id)} == written
+    engine.close()
+
+
+def test_imagedb_locked_exclusively_falls_back_to_file_tags(
+    engine: Engine, sample_input: Path
+) -> None:
+    holder = sqlite3.connect(sample_input / "gateway_1" / "image.db", timeout=0)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        scan(engine)
+        assert engine.drain(60)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert {r[2] for r in runs(engine)} == {"written"}
+    assert len(runs(engine)) == 2
+
+
+def test_imagedb_missing_instance_waits_then_runs_with_what_is_there(
+    engine: Engine, sample_input: Path
+) -> None:
+    gw = sample_input / "gateway_1"
+    study = next(p for p in gw.iterdir() if p.is_dir())
+    sorted(study.iterdir())[0].unlink()  # image.db still lists it
+    shutil.rmtree(sample_input / "gateway_2")
+    scan(engine)
+    engine.tick()
+    engine.tick()
+    time.sleep(0.5)
+    engine.tick()
+    assert engine.ledger.study_state("1", study.name)[0] == StudyState.WAITING  # type: ignore[index]
+    assert engine.drain(60)  # max_wait_seconds = 3 in the test config
+    (run,) = engine.ledger.runs()
+    assert run.state == RunState.WRITTEN
+    events = engine.ledger.query("SELECT message FROM events WHERE gateway_id='1'")
+    assert any("never arrived" in e["message"] for e in events)
+
+
+def test_junk_truncated_and_empty_files_are_recorded_and_the_rest_runs(
+    engine: Engine, tmp_path: Path
+) -> None:
+    gw = tmp_path / "INPUT" / "gateway_1"
+    study_uid, files = copy_series(shared_file("series/ct-4-noise"), gw, limit=3)
+    (gw / study_uid / "junk").write_bytes(b"this is not DICOM" * 100)
+    (gw / study_uid / "empty").write_bytes(b"")
+    data = files[0].read_bytes()
+    truncated = gw / study_uid / "truncated"
+    truncated.write_bytes(data[: len(data) // 2])
+    before = tree_digest(tmp_path / "INPUT")
+    scan(engine)
+    assert engine.drain(60)
+    (run,) = engine.ledger.runs()
+    assert run.state == RunState.WRITTEN
+    rejected = {
+        Path(r["path"]).name: r["reason"]
+        for r in engine.ledger.query("SELECT * FROM instances WHERE state='rejected'")
+    }
+    assert set(rejected) == {"junk", "empty", "truncated"}
+    assert all(rejected.values())
+    assert tree_digest(tmp_path / "INPUT") == before
+
+
+def test_hostile_names_and_symlinks_never_leave_the_folders(engine: Engine, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret_uid, _ = copy_series(shared_file("series/ct-4-noise"), outside, limit=1)
+    gw = tmp_path / "INPUT" / "gateway_1"
+    gw.mkdir(parents=True)
+    os.symlink(outside / secret_uid, gw / secret_uid)  # a study folder pointing outside
+    study_uid, _ = copy_series(shared_file("series/mr-phantom-63"), gw, limit=1)
+    os.symlink(next((outside / secret_uid).iterdir()), gw / study_uid / "escape")
+    (gw / "bad\x01name").mkdir()
+    scan(engine)
+    engine.touch("1", "..")
+    engine.touch("1", "../../outside")
+    assert engine.drain(60)
+    (run,) = engine.ledger.runs()
+    assert run.study_uid == study_uid and run.state == RunState.WRITTEN
+    paths = [Path(r["path"]) for r in engine.ledger.query("SELECT path FROM instances")]
+    assert paths and all(str(p).startswith(str(gw / study_uid)) for p in paths)
+    assert "escape" not in {p.name for p in paths}
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    allowed = (tmp_path / "INPUT", tmp_path / "OUTPUT", tmp_path / "STATE", outside)
+    assert all(
+        any(p.is_relative_to(a) for a in allowed) or p.name == "gateway.toml" for p in written
+    )
+    assert not (tmp_path / "OUTPUT" / "gateway_1" / secret_uid).exists()
