@@ -19,12 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from pydicom import Dataset, dcmread
+from pydicom import Dataset, FileMetaDataset, dcmread
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
 )
 
+from service.errors import InputError
 from service.fsutil import is_within, safe_name
 from service.uids import is_valid_uid
 
@@ -94,7 +97,9 @@ def snapshot(folder: Path, input_root: Path, max_depth: int = 8) -> Snapshot:
 
     Names starting with ``.`` (temp files of a copy in progress) are left out, symlinked
     folders are not followed, and a symlinked file counts only when it resolves inside
-    ``input_root``. A file that vanishes while listing is simply absent.
+    ``input_root``. A file that vanishes while listing is simply absent. A folder deeper
+    than ``max_depth`` is listed as an entry of its own (not entered), so that
+    :func:`inspect_file` rejects it with the reason instead of its files going unrecorded.
     """
     snap: Snapshot = {}
     pending: list[tuple[Path, str, int]] = [(folder, "", 0)]
@@ -117,13 +122,13 @@ def snapshot(folder: Path, input_root: Path, max_depth: int = 8) -> Snapshot:
                 elif entry.is_dir(follow_symlinks=False):
                     if depth < max_depth:
                         pending.append((Path(entry.path), rel + "/", depth + 1))
-                    else:
-                        logger.warning("%s is deeper than %d folders: ignored", rel, max_depth)
-                    continue
+                        continue
+                    # listed itself, so that it is recorded as rejected with the reason
+                    logger.warning("%s is deeper than %d folders: ignored", rel, max_depth)
                 st = entry.stat()
             except OSError:
                 continue  # vanished or unreadable between listing and stat
-            if stat.S_ISREG(st.st_mode):
+            if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
                 snap[rel] = FileState(st.st_size, st.st_mtime_ns)
     return snap
 
@@ -320,6 +325,8 @@ def _inspect(path: Path, max_file_bytes: int, max_pixels: int) -> Instance | Rej
         st = os.stat(path)
     except OSError as exc:
         raise _Incomplete(f"cannot stat file: {exc.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        return Rejected(path, "folder nested deeper than the maximum depth: its files are not read")
     if not stat.S_ISREG(st.st_mode):
         return Rejected(path, "not a regular file")
     if st.st_size == 0:
@@ -550,3 +557,26 @@ class Assembler:
                 for _rel, inst in copies[1:]
             )
         return study
+
+
+def read_dicom(
+    path: Path, stop_before_pixels: bool = False, defer_size: int | None = None
+) -> Dataset:
+    """Read ``path``, also a stream without preamble or File Meta (PS3.10 §7.1).
+
+    Without a Transfer Syntax UID the one the stream was parsed with is recorded
+    (implicit VR little endian, PS3.5 §10.1, for old ACR-NEMA style streams).
+    """
+    try:
+        ds = dcmread(path, force=True, stop_before_pixels=stop_before_pixels, defer_size=defer_size)
+    except Exception as exc:
+        raise InputError(f"not readable as DICOM: {type(exc).__name__}: {exc}") from exc
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        ds.file_meta = ds.file_meta or FileMetaDataset()
+        if implicit is False:
+            syntax = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        else:
+            syntax = ImplicitVRLittleEndian
+        ds.file_meta.TransferSyntaxUID = syntax
+    return ds

@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
 #: ``status --health`` fails when the service loop has not beaten for this long.
 HEALTH_MAX_AGE_SECONDS = 60.0
+#: Seconds the service loop sleeps between engine ticks when nothing ran.
+TICK_SECONDS = 0.2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,11 +178,12 @@ def serve(config: Config, *, once: bool = False, timeout: float = 3600.0) -> int
     def loop() -> None:
         last_discover = time.monotonic()
         while not stop.is_set():
-            engine.tick()
+            ran = engine.tick()
             if time.monotonic() - last_discover >= config.rescan_seconds:
                 engine.discover()
                 last_discover = time.monotonic()
-            stop.wait(0.2)
+            if not ran:  # after a run, tick again at once: other studies may be due
+                stop.wait(TICK_SECONDS)
 
     watcher.start()
     worker = threading.Thread(target=loop, name="engine", daemon=True)

@@ -8,10 +8,11 @@ routed model exactly once per (gateway, study, inputs digest, model version).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ RECHECK_SECONDS = 5.0
 class _Pending:
     first_seen: float
     stable_since: float | None = None  # monotonic time the study was first found stable
+    stable_at: float = 0.0  # wall-clock time of the same moment, recorded in run timings
     next_check: float = 0.0
     force_generation: bool = False  # reprocess: run again even if this digest ran
     observed: bool = False  # the engine has looked at the folder at least once
@@ -63,6 +65,11 @@ class Engine:
         self._stability = Stability()
         self._assembler = Assembler()
         self._last_heartbeat = 0.0
+        #: digest of the listing each study had when it was last finished: a touch (e.g. a
+        #: full rescan) of an unchanged finished study costs one listing, no ledger work
+        self._finished: dict[tuple[str, str], bytes] = {}
+        self._last_gateway = ""  # the gateway whose study ran last (round-robin start)
+        self._runs_started = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -100,18 +107,30 @@ class Engine:
         with self._lock:
             return len(self._pending)
 
-    def tick(self, now: float | None = None) -> None:
-        """Look at every touched study once; run those that are ready."""
+    def tick(self, now: float | None = None) -> bool:
+        """Look at every due touched study once; run at most one study per gateway.
+
+        Gateways take turns (round-robin, starting after the gateway that ran last), so a
+        flood of studies on one gateway cannot starve another. Returns True when a study
+        ran: the caller should tick again at once rather than sleep.
+        """
         now = time.monotonic() if now is None else now
         with self._lock:
             due = [(k, p) for k, p in self._pending.items() if p.next_check <= now]
-        for (gateway_id, study_name), pending in due:
+        served: set[str] = set()
+        for (gateway_id, study_name), pending in fair_order(due, self._last_gateway):
+            if gateway_id in served:
+                continue  # this gateway had its turn; its next study waits for the next tick
+            runs_before = self._runs_started
             try:
                 done = self._check(gateway_id, study_name, pending, now)
             except Exception as exc:  # one study never stops the service
                 logger.exception("gateway=%s study=%s check failed", gateway_id, study_name)
                 self.ledger.event(gateway_id, study_name, "ERROR", f"unexpected error: {exc}")
                 done = True
+            if self._runs_started != runs_before:
+                served.add(gateway_id)
+                self._last_gateway = gateway_id
             if done:
                 with self._lock:
                     if self._pending.get((gateway_id, study_name)) is pending:
@@ -119,6 +138,7 @@ class Engine:
                 self._stability.forget((gateway_id, study_name))
         self._take_requests()
         self._heartbeat()
+        return bool(served)
 
     def _take_requests(self) -> None:
         """Pick up ``reprocess`` requests written by the CLI into ``STATE/requests``."""
@@ -156,6 +176,10 @@ class Engine:
         snap = assembly.snapshot(folder, self.config.input_dir)
         if not snap:
             return True  # folder gone or empty: nothing to do until touched again
+        key = (gateway_id, study_name)
+        listing = _listing_digest(snap)
+        if self._finished.get(key) == listing and not pending.force_generation:
+            return True  # unchanged since it was finished (e.g. touched by a full rescan)
         quiet = self._stability.observe((gateway_id, study_name), snap, now)
         if quiet < gw.stable_seconds:
             # 'receiving' for a new study or one seen changing; a re-touched finished study
@@ -170,6 +194,7 @@ class Engine:
             return False
         if pending.stable_since is None:
             pending.stable_since = now
+            pending.stable_at = time.time()
         study = self._assembler.assemble(
             gateway_id,
             study_uid,
@@ -178,13 +203,23 @@ class Engine:
             max_file_bytes=self.config.max_file_bytes,
             max_pixels=self.config.max_pixels,
         )
+        if study.incomplete and assembly.snapshot(folder, self.config.input_dir) != snap:
+            # a file vanished or changed while being read: wait for a quiet listing again
+            pending.stable_since = None
+            pending.next_check = now + min(1.0, gw.stable_seconds)
+            return False
         self._record_instances(study, snap)
         if not study.instances:
             self.ledger.set_study_state(
                 gateway_id, study_uid, StudyState.SKIPPED, "no usable DICOM instance in the study"
             )
+            self._finished[key] = listing
             return True
-        expected = ImageDb(gateway_dir / "image.db").expected_instances(study_uid)
+        imagedb = ImageDb(gateway_dir / "image.db")
+        expected = imagedb.expected_instances(study_uid)
+        if expected is None and imagedb.path.exists():  # locked or corrupt: say so
+            message = f"{imagedb.last_error}; using the files' own tags"
+            self.ledger.event(gateway_id, study_uid, "WARNING", message)
         missing = (expected or set()) - study.sop_uids
         if missing:
             waited = now - pending.stable_since
@@ -204,7 +239,10 @@ class Engine:
                 f"ran with {len(study.instances)} instance(s); image.db lists {len(missing)} "
                 f"more that never arrived within {gw.max_wait_seconds:g} s",
             )
-        return self._route_and_run(study, pending, now)
+        done = self._route_and_run(study, pending, now)
+        if done:
+            self._finished[key] = listing
+        return done
 
     def _record_instances(self, study: Study, snap: assembly.Snapshot) -> None:
         for inst in study.instances:
@@ -311,21 +349,37 @@ class Engine:
                 generation,
             )
         pending.force_generation = False
-        self.execute_run(run_id, study, model, digest, generation)
+        self.execute_run(run_id, study, model, digest, generation, stable_at=pending.stable_at)
         return True
 
     # -- running, writing, sending -----------------------------------------------------------
 
     def execute_run(
-        self, run_id: int, study: Study, model: Model, digest: str, generation: int
+        self,
+        run_id: int,
+        study: Study,
+        model: Model,
+        digest: str,
+        generation: int,
+        *,
+        stable_at: float = 0.0,
     ) -> None:
-        """Run ``model`` on ``study``, write its outputs, then make the one send attempt."""
+        """Run ``model`` on ``study``, write its outputs, then make the one send attempt.
+
+        The run's timings record durations (``model_s``, ``write_s``, ``gate_s``) and wall
+        clock moments (epoch seconds): ``stable_at`` when the engine found the study quiet
+        for ``stable_seconds`` (when known), ``started_at`` and ``written_at``; the send's
+        own row has its end.
+        """
         gid, suid = study.gateway_id, study.study_uid
+        self._runs_started += 1
         self.ledger.set_study_state(gid, suid, StudyState.RUNNING, f"run {run_id} ({model.name})")
         uids = UidFactory(
             self.config.uid_root, gid, suid, digest, model.name, model.version, str(generation)
         )
-        timings: dict[str, float] = {}
+        timings: dict[str, float] = {"started_at": time.time()}
+        if stable_at:
+            timings["stable_at"] = stable_at
         t0 = time.perf_counter()
         try:
             result = model.run(study, RunContext(uids=uids, run_id=run_id))
@@ -348,6 +402,7 @@ class Engine:
             return
         if not self._passes_gate(run_id, study, paths, timings, result.findings):
             return
+        timings["written_at"] = time.time()
         self.ledger.set_run_state(
             run_id, RunState.WRITTEN, timings=timings, findings=result.findings
         )
@@ -427,6 +482,9 @@ class Engine:
         ok = result.status in (SendStatus.SUCCESS, SendStatus.WARNING)
         run_state = RunState.SENT if ok else RunState.SEND_FAILED
         reason = f"{result.status}: {result.reason}" if result.reason else str(result.status)
+        codes = sorted({i.status_code for i in result.items if i.status_code})
+        if codes:
+            reason += " (status " + ", ".join(f"0x{c:04X}" for c in codes) + ")"
         self.ledger.set_run_state(run_id, run_state, "" if ok else reason)
         self.ledger.set_study_state(
             gateway_id, study_uid, StudyState.SENT if ok else StudyState.SEND_FAILED, reason
@@ -446,7 +504,7 @@ class Engine:
 
     def discover(self) -> list[str]:
         """Gateway ids present under INPUT now (recorded in the ledger)."""
-        found = []
+        found: list[str] = []
         root = self.config.input_dir
         if not root.is_dir():
             return found
@@ -469,14 +527,44 @@ class Engine:
         """Tick until no study is pending, ``timeout`` or ``stop``; True when drained."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not (stop and stop.is_set()):
-            self.tick()
+            ran = self.tick()
             if self.pending_count == 0:
                 return True
-            time.sleep(poll)
+            if not ran:
+                time.sleep(poll)
         return self.pending_count == 0
 
     def close(self) -> None:
         self.ledger.close()
+
+
+def fair_order(
+    due: Iterable[tuple[tuple[str, str], _Pending]], last_gateway: str = ""
+) -> list[tuple[tuple[str, str], _Pending]]:
+    """``due`` interleaved across gateways: one study of each gateway in turn.
+
+    Gateways go in id order starting with the first one after ``last_gateway`` (the one
+    that ran last), wrapping around; each gateway's studies keep their order (touch order).
+    """
+    queues: dict[str, list[tuple[tuple[str, str], _Pending]]] = {}
+    for item in due:
+        queues.setdefault(item[0][0], []).append(item)
+    gateways = sorted(queues)
+    start = next((i for i, g in enumerate(gateways) if g > last_gateway), 0)
+    gateways = gateways[start:] + gateways[:start]
+    ordered: list[tuple[tuple[str, str], _Pending]] = []
+    for turn in range(max((len(q) for q in queues.values()), default=0)):
+        ordered.extend(queues[g][turn] for g in gateways if turn < len(queues[g]))
+    return ordered
+
+
+def _listing_digest(snap: assembly.Snapshot) -> bytes:
+    """A digest of a folder listing (paths, sizes, mtimes) to compare listings cheaply."""
+    h = hashlib.blake2b(digest_size=16)
+    for rel in sorted(snap):
+        state = snap[rel]
+        h.update(f"{rel}\0{state.size}\0{state.mtime_ns}\n".encode())
+    return h.digest()
 
 
 def request_reprocess(config: Config, gateway_id: str, study_uid: str) -> Path:

@@ -11,7 +11,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian
 
-from service.assembly import Instance, Study
+from service.assembly import Instance, Study, read_dicom
 from service.models.annotate import AnnotateModel
 from service.models.base import RunContext
 from service.uids import UidFactory
@@ -32,7 +32,7 @@ def _source(name: str) -> Path:
 
 
 def _instance(path: Path) -> Instance:
-    ds = dcmread(path, stop_before_pixels=True)
+    ds = read_dicom(path, stop_before_pixels=True)
     return Instance(
         path=path,
         size=path.stat().st_size,
@@ -61,6 +61,10 @@ SOURCES = [
     "shared:cxr/siim-cr-pa-jpeg.dcm",
     "shared:cxr/siim-cr-pa-monochrome1.dcm",
     "SC_rgb_rle_2frame.dcm",
+    "shared:series/ct-4-noise/IM-0001-0001.dcm",
+    "shared:cxr/nema-rg1-pa-j2k.dcm",
+    "shared:cxr/cr-mono1-chest-nometa",
+    "shared:negative/cr-leg-j2k-lossless.dcm",
 ]
 
 
@@ -78,13 +82,14 @@ def test_derived_copy_is_valid_and_new(tmp_path: Path, name: str) -> None:
 
     target = output_path(tmp_path, "1", "study", result.datasets[0])
     write_dataset(result.datasets[0], target)
-    out, src = dcmread(target), dcmread(path)
+    out, src = dcmread(target), read_dicom(path)
 
-    # Validity: nothing added to what dciodvfy says about the source (PS3.3 IODs).
-    errors, source_errors = set(dciodvfy(target)), set(dciodvfy(path))
-    assert errors <= source_errors, errors - source_errors
-    if not name.startswith("shared:") and name != "SC_rgb_rle_2frame.dcm":
-        assert errors == set()
+    # Validity (PS3.3 IODs): no dciodvfy error, even where the source itself has some
+    # (invalid copied values, missing Type 2 attributes, unmet Type 2C conditions).
+    errors = dciodvfy(target)
+    if name == "SC_rgb_rle_2frame.dcm":  # pydicom's test file: NumberOfFrames, kept as is
+        errors = [e for e in errors if "Number of Frames" not in e and "NumberOfFrames" not in e]
+    assert errors == []
     assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
 
     # New UIDs from the configured root, same study and patient.
@@ -93,7 +98,7 @@ def test_derived_copy_is_valid_and_new(tmp_path: Path, name: str) -> None:
         assert out[keyword].value != src[keyword].value
     assert out.SOPClassUID == src.SOPClassUID
     assert out.StudyInstanceUID == src.StudyInstanceUID
-    assert out.PatientID == src.PatientID
+    assert (out.PatientID or "") == src.get("PatientID", "")  # Type 2: added empty if absent
     assert result.findings == {"instances": 1, "series": [out.SeriesInstanceUID]}
 
     # Derivation attributes (PS3.3 C.7.6.1).

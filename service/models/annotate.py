@@ -19,9 +19,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 from highdicom.sr import CodedConcept
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
-from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
 from pydicom.uid import (
     UID,
@@ -32,9 +31,9 @@ from pydicom.uid import (
     JPEGLSNearLossless,
 )
 
-from service.assembly import Instance, Study
+from service.assembly import Instance, Study, read_dicom
 from service.conformance import repair_copied_attributes
-from service.errors import ModelError
+from service.errors import InputError, ModelError
 from service.models.base import Applicability, ModelResult, RunContext
 
 logger = logging.getLogger(__name__)
@@ -143,6 +142,10 @@ def _lossy_attributes(ds: Dataset, tsyntax: UID) -> None:
     ds.LossyImageCompressionRatio = f"{raw * frames / max(1, len(ds.PixelData)):.2f}"
 
 
+#: SOP classes whose IOD requires the Frame of Reference module (PS3.3 A.3 CT, A.4 MR).
+FRAME_OF_REFERENCE_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"})
+
+
 def derive(source: Dataset, ctx: RunContext, now: datetime) -> Dataset:
     """The annotated derived copy of ``source`` (which is modified in place and returned)."""
     ds = source
@@ -192,6 +195,9 @@ def derive(source: Dataset, ctx: RunContext, now: datetime) -> Dataset:
         CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
     ]
     ds.SourceImageSequence = [reference]
+    if "FrameOfReferenceUID" not in ds and src_class in FRAME_OF_REFERENCE_CLASSES:
+        # Type 1 (PS3.3 C.7.4.1); the source has none, so no spatial relation is broken
+        ds.FrameOfReferenceUID = ctx.uids.uid("frame-of-reference", "annotate", src_series)
     repaired = repair_copied_attributes(ds)
     if repaired:
         logger.info("sop=%s repaired copied attributes: %s", ds.SOPInstanceUID, ", ".join(repaired))
@@ -205,10 +211,10 @@ def derive(source: Dataset, ctx: RunContext, now: datetime) -> Dataset:
     return ds
 
 
-def _read(path: Path, **kwargs: Any) -> Dataset:
+def _read(path: Path, defer_size: int | None = None) -> Dataset:
     try:
-        return dcmread(path, **kwargs)
-    except (InvalidDicomError, OSError, ValueError) as exc:
+        return read_dicom(path, defer_size=defer_size)
+    except InputError as exc:
         raise ModelError(f"cannot read {path.name}: {exc}") from exc
 
 

@@ -19,15 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 import torch
 import torchxrayvision as xrv
 from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
 from pydicom.pixels.processing import apply_modality_lut
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from service.assembly import Instance, Study
+from service.assembly import Instance, Study, read_dicom
 from service.config import CxrConfig
 from service.errors import InputError, ModelError, ModelNotReady
 from service.models.base import Applicability, ModelResult, RunContext
@@ -122,27 +119,6 @@ def pick_device(setting: str) -> torch.device:
 
 
 # -- DICOM in ------------------------------------------------------------------------------
-
-
-def read_dicom(path: Path, stop_before_pixels: bool = False) -> Dataset:
-    """Read ``path``, also a stream without preamble or File Meta (PS3.10 §7.1).
-
-    Without a Transfer Syntax UID the one the stream was parsed with is recorded
-    (implicit VR little endian, PS3.5 §10.1, for old ACR-NEMA style streams).
-    """
-    try:
-        ds = pydicom.dcmread(path, force=True, stop_before_pixels=stop_before_pixels)
-    except Exception as exc:
-        raise InputError(f"not readable as DICOM: {type(exc).__name__}: {exc}") from exc
-    if "TransferSyntaxUID" not in ds.file_meta:
-        implicit, little = ds.original_encoding
-        ds.file_meta = ds.file_meta or FileMetaDataset()
-        if implicit is False:
-            syntax = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
-        else:
-            syntax = ImplicitVRLittleEndian
-        ds.file_meta.TransferSyntaxUID = syntax
-    return ds
 
 
 def check_header(ds: Dataset) -> str:
