@@ -37,9 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--config", metavar="FILE", help="TOML config (GATEWAY_* env overrides)")
+    # --config is accepted after the command name too
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="TOML config")
     sub = parser.add_subparsers(dest="command")
 
-    serve = sub.add_parser("serve", help="watch INPUT and process studies (the default)")
+    serve = sub.add_parser(
+        "serve", parents=[common], help="watch INPUT and process studies (the default)"
+    )
     serve.add_argument(
         "--once",
         action="store_true",
@@ -49,13 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--once-timeout", type=float, default=3600.0, help="seconds --once waits at most"
     )
 
-    run = sub.add_parser("run", help="one-shot container contract: dicom-in dicom-out [series]")
+    run = sub.add_parser(
+        "run", parents=[common], help="one-shot container contract: dicom-in dicom-out [series]"
+    )
     run.add_argument("dicom_in", type=Path)
     run.add_argument("dicom_out", type=Path)
     run.add_argument("series_uid", nargs="?", default=None)
     run.add_argument("--model", help="model name (default: chosen by the routing rules)")
 
-    status = sub.add_parser("status", help="studies by state per gateway")
+    status = sub.add_parser("status", parents=[common], help="studies by state per gateway")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument(
         "--health", action="store_true", help="exit 0 only if the service loop is alive"
@@ -65,19 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
         ("reprocess", "run a study again (picked up by the running service)"),
         ("resend", "make one new send attempt of a study's latest results"),
     ):
-        cmd = sub.add_parser(name, help=text)
+        cmd = sub.add_parser(name, parents=[common], help=text)
         cmd.add_argument("gateway_id")
         cmd.add_argument("study_uid")
 
-    receiver = sub.add_parser("receiver", help="development storage SCP (not for production)")
+    receiver = sub.add_parser(
+        "receiver", parents=[common], help="development storage SCP (not for production)"
+    )
     receiver.add_argument("--port", type=int, required=True)
     receiver.add_argument("--dir", type=Path, required=True)
     receiver.add_argument("--ae-title", default="DEVRECEIVER")
     receiver.add_argument("--host", default="127.0.0.1")
 
-    models = sub.add_parser("models", help="model weights")
+    models = sub.add_parser("models", parents=[common], help="model weights")
     models_sub = models.add_subparsers(dest="models_command", required=True)
-    models_sub.add_parser("fetch", help="download the CXR weights (needs internet)")
+    models_sub.add_parser(
+        "fetch", parents=[common], help="download the CXR weights (needs internet)"
+    )
     return parser
 
 
