@@ -98,6 +98,8 @@ def configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if level != "DEBUG":  # one line per association from our sender is enough
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

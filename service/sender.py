@@ -426,7 +426,7 @@ def _store_each(
             continue
         code = _read_status(sock, msg_id, uid)
         status = classify(code)
-        log = logger.info if status is SendStatus.SUCCESS else logger.warning
+        log = logger.debug if status is SendStatus.SUCCESS else logger.warning
         log("C-STORE %s: status 0x%04X (%s)", uid, code, status.value)
         items.append(ItemResult(uid, status, code, item.path))
 

@@ -200,7 +200,9 @@ def derive(source: Dataset, ctx: RunContext, now: datetime) -> Dataset:
         ds.FrameOfReferenceUID = ctx.uids.uid("frame-of-reference", "annotate", src_series)
     repaired = repair_copied_attributes(ds)
     if repaired:
-        logger.info("sop=%s repaired copied attributes: %s", ds.SOPInstanceUID, ", ".join(repaired))
+        logger.debug(
+            "sop=%s repaired copied attributes: %s", ds.SOPInstanceUID, ", ".join(repaired)
+        )
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
     for prefix in ("Series", "Content"):
