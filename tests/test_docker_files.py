@@ -111,3 +111,15 @@ def test_development_script_uses_the_compose_file() -> None:
     assert match and (ROOT / match.group(1)).exists()
     for step in ("down", "build", "up -d"):
         assert f'docker compose -f "$COMPOSE_FILE" {step}' in script
+
+
+def test_compose_command_is_a_real_cli_command_with_a_valid_config(
+    compose: dict[str, Any],
+) -> None:
+    command = compose["services"]["gateway"]["command"]
+    assert command[:2] == ["python", "main.py"]
+    args = build_parser().parse_args(command[2:])
+    env = {k: str(v) for k, v in compose["services"]["gateway"]["environment"].items()}
+    config = load_config(ROOT / args.config, environ=env)
+    assert config.destination("1").host == "orthanc"
+    assert [rule.model for rule in config.defaults.rules] == ["cxr-densenet121", "annotate"]
