@@ -6,7 +6,9 @@ the DICOM File Format (PS3.10 §7), with the File Meta Information from the asso
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +82,9 @@ def serve_receiver(
     host: str = "127.0.0.1",
 ) -> None:
     """Run the receiver until interrupted (returns on KeyboardInterrupt)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    logger.info("receiver %s on %s:%d, storing in %s", ae_title, host, port, directory)
-    handlers: list[Any] = [(evt.EVT_C_STORE, _handle_store, [directory])]
-    _receiver_ae(ae_title).start_server((host, port), block=True, evt_handlers=handlers)
+    server = start_receiver(port, directory, ae_title, host)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
+    finally:
+        server.shutdown()
