@@ -35,7 +35,7 @@ run: venv sample
 	GATEWAY_PACS_HOST=127.0.0.1 GATEWAY_PACS_PORT=$(RUN_PORT) GATEWAY_PACS_AE_TITLE=DEVRECEIVER \
 	$(BIN)/python main.py serve --config config/sample.toml
 
-test: venv test-deps
+test: venv test-deps lint
 	$(BIN)/python -m pytest
 
 lint: venv

@@ -521,9 +521,7 @@ class Engine:
                 found.append(gid)
         return found
 
-    def drain(
-        self, timeout: float, poll: float = 0.2, stop: threading.Event | None = None
-    ) -> bool:
+    def drain(self, timeout: float, poll: float = 0.2, stop: threading.Event | None = None) -> bool:
         """Tick until no study is pending, ``timeout`` or ``stop``; True when drained."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not (stop and stop.is_set()):

@@ -18,7 +18,7 @@ import torch
 import torchxrayvision as xrv
 from pydicom.uid import ImplicitVRLittleEndian
 
-from service.assembly import Instance, Study
+from service.assembly import Instance, Study, read_dicom
 from service.config import CxrConfig
 from service.errors import ModelError, ModelNotReady
 from service.models.base import RunContext
@@ -28,7 +28,6 @@ from service.models.cxr import (
     default_weights_path,
     load_radiograph,
     model_input,
-    read_dicom,
     to_xrv_range,
 )
 from service.uids import UidFactory
