@@ -20,13 +20,13 @@ from typing import Any
 from pydicom import Dataset
 
 from service import assembly
-from service.assembly import Assembler, Stability, Study
+from service.assembly import Assembler, Rejected, Stability, Study
 from service.config import GATEWAY_ID_RE, Config
 from service.conformance import check_files, quarantine_file
 from service.errors import ConfigError, GatewayError
 from service.fsutil import atomic_write, is_within, sweep_temp_files
 from service.imagedb import ImageDb
-from service.ledger import Ledger, RunState, StudyState
+from service.ledger import InstanceRecord, Ledger, RunState, StudyState
 from service.models.base import Model, RunContext, select_model
 from service.uids import UidFactory
 from service.writers import output_path, write_dataset
@@ -38,6 +38,8 @@ HEARTBEAT_NAME = "heartbeat"
 REQUESTS_DIR = "requests"
 #: Seconds between re-checks of a study waiting for a model or for image.db's instances.
 RECHECK_SECONDS = 5.0
+#: Rejected files logged one by one per study check; the rest are counted in one line.
+MAX_REJECT_LOG_LINES = 20
 
 
 @dataclass
@@ -245,58 +247,45 @@ class Engine:
         return done
 
     def _record_instances(self, study: Study, snap: assembly.Snapshot) -> None:
-        for inst in study.instances:
-            rel = inst.path.relative_to(study.folder).as_posix()
-            state = snap.get(rel)
-            self.ledger.record_instance(
-                study.gateway_id,
-                study.study_uid,
+        def state(path: Path) -> assembly.FileState:
+            rel = path.relative_to(study.folder).as_posix()
+            return snap.get(rel) or assembly.FileState(0, 0)
+
+        records = [
+            InstanceRecord(
                 str(inst.path),
                 inst.size,
-                state.mtime_ns if state else 0,
-                sha256=inst.sha256,
-                sop_instance_uid=inst.sop_instance_uid,
-                series_uid=inst.series_instance_uid,
-                sop_class_uid=inst.sop_class_uid,
+                state(inst.path).mtime_ns,
+                inst.sha256,
+                inst.sop_instance_uid,
+                inst.series_instance_uid,
+                inst.sop_class_uid,
             )
-        for rej in study.rejected:
-            rel = rej.path.relative_to(study.folder).as_posix()
-            state = snap.get(rel)
-            self.ledger.record_instance(
-                study.gateway_id,
-                study.study_uid,
-                str(rej.path),
-                state.size if state else 0,
-                state.mtime_ns if state else 0,
-                rejected_reason=rej.reason,
+            for inst in study.instances
+        ]
+        incomplete = [Rejected(p, assembly.incomplete_reason(p)) for p in study.incomplete]
+        logged = 0
+        for rej in [*study.rejected, *incomplete]:
+            st = state(rej.path)
+            records.append(
+                InstanceRecord(str(rej.path), st.size, st.mtime_ns, rejected_reason=rej.reason)
             )
-            if rej.quarantine:
+            if rej.quarantine and (logged := logged + 1) <= MAX_REJECT_LOG_LINES:
                 logger.warning(
                     "gateway=%s study=%s file %s rejected: %s",
                     study.gateway_id,
                     study.study_uid,
-                    rel,
+                    rej.path.relative_to(study.folder).as_posix(),
                     rej.reason,
                 )
-        for path in study.incomplete:
-            rel = path.relative_to(study.folder).as_posix()
-            reason = "incomplete DICOM (truncated) after the quiet period"
-            state = snap.get(rel)
-            self.ledger.record_instance(
-                study.gateway_id,
-                study.study_uid,
-                str(path),
-                state.size if state else 0,
-                state.mtime_ns if state else 0,
-                rejected_reason=reason,
-            )
+        if logged > MAX_REJECT_LOG_LINES:
             logger.warning(
-                "gateway=%s study=%s file %s rejected: %s",
+                "gateway=%s study=%s %d more file(s) rejected; reasons in the ledger",
                 study.gateway_id,
                 study.study_uid,
-                rel,
-                reason,
+                logged - MAX_REJECT_LOG_LINES,
             )
+        self.ledger.record_instances(study.gateway_id, study.study_uid, records)
 
     def _route_and_run(self, study: Study, pending: _Pending, now: float) -> bool:
         gw = self.config.gateway(study.gateway_id)

@@ -135,6 +135,20 @@ CREATE TABLE IF NOT EXISTS events (
 
 
 @dataclass(frozen=True)
+class InstanceRecord:
+    """One file of a study as recorded: a used instance, or rejected with the reason."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str = ""
+    sop_instance_uid: str = ""
+    series_uid: str = ""
+    sop_class_uid: str = ""
+    rejected_reason: str = ""
+
+
+@dataclass(frozen=True)
 class RunRow:
     run_id: int
     gateway_id: str
@@ -236,43 +250,36 @@ class Ledger:
 
     # -- instances -------------------------------------------------------------------------
 
-    def record_instance(
-        self,
-        gateway_id: str,
-        study_uid: str,
-        path: str,
-        size: int,
-        mtime_ns: int,
-        *,
-        sha256: str = "",
-        sop_instance_uid: str = "",
-        series_uid: str = "",
-        sop_class_uid: str = "",
-        rejected_reason: str = "",
+    def record_instances(
+        self, gateway_id: str, study_uid: str, records: Sequence[InstanceRecord]
     ) -> None:
-        state = "rejected" if rejected_reason else "ok"
+        """Record a study's files (used or rejected with the reason) in one transaction."""
+        now = time.time()
         with self.transaction() as db:
-            db.execute(
+            db.executemany(
                 "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT"
                 " (gateway_id, path) DO UPDATE SET study_uid=excluded.study_uid,"
                 " size=excluded.size, mtime_ns=excluded.mtime_ns, sha256=excluded.sha256,"
                 " sop_instance_uid=excluded.sop_instance_uid, series_uid=excluded.series_uid,"
                 " sop_class_uid=excluded.sop_class_uid, state=excluded.state,"
                 " reason=excluded.reason, updated=excluded.updated",
-                (
-                    gateway_id,
-                    study_uid,
-                    path,
-                    size,
-                    mtime_ns,
-                    sha256,
-                    sop_instance_uid,
-                    series_uid,
-                    sop_class_uid,
-                    state,
-                    rejected_reason,
-                    time.time(),
-                ),
+                [
+                    (
+                        gateway_id,
+                        study_uid,
+                        r.path,
+                        r.size,
+                        r.mtime_ns,
+                        r.sha256,
+                        r.sop_instance_uid,
+                        r.series_uid,
+                        r.sop_class_uid,
+                        "rejected" if r.rejected_reason else "ok",
+                        r.rejected_reason,
+                        now,
+                    )
+                    for r in records
+                ],
             )
 
     def known_instances(self, gateway_id: str, study_uid: str) -> dict[str, sqlite3.Row]:
