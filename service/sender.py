@@ -311,9 +311,11 @@ def _failed_association(
 ) -> tuple[SendStatus, str]:
     """Why ``assoc`` was not established (PS3.8 §7.1)."""
     timeout = destination.timeout_seconds
+    tls = bool(destination.tls_ca or destination.tls_cert)
     if not watch.connected:
         where = f"{destination.host}:{destination.port}"
-        return SendStatus.REFUSED, f"cannot connect to {where} (refused or unreachable)"
+        why = "refused, unreachable or TLS handshake failed" if tls else "refused or unreachable"
+        return SendStatus.REFUSED, f"cannot connect to {where} ({why})"
     rsp = assoc.acceptor.primitive
     if assoc.is_rejected and rsp is not None:
         return (
