@@ -31,7 +31,7 @@ from pathlib import Path
 
 from pydicom import Dataset, config, dcmread, dcmwrite
 from pydicom.datadict import dictionary_VM
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.multival import MultiValue
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID
@@ -177,7 +177,7 @@ def check_file(
     if ds is None:
         return problems
     problems += _check_file_meta(ds)  # first: the round trip rewrites ds.file_meta
-    problems += _check_round_trip(ds)
+    problems += _check_round_trip(ds, data)
     problems += _check_required(ds)
     problems += _check_pixel_data_length(ds)
     problems += _check_values_and_uids(ds)
@@ -236,11 +236,18 @@ def _check_file_meta(ds: Dataset) -> list[str]:
     return problems
 
 
-def _check_round_trip(ds: Dataset) -> list[str]:
-    """The data set must encode again as a PS3.10 file and read back the same."""
+def _check_round_trip(ds: Dataset, original: bytes | None = None) -> list[str]:
+    """The data set must encode again as a PS3.10 file and read back the same.
+
+    ``original`` are the bytes ``ds`` was parsed from: when encoding ``ds`` again gives
+    exactly these bytes, reading them back gives ``ds`` again, so the element-by-element
+    comparison is skipped (the usual case for files pydicom wrote).
+    """
     buffer = io.BytesIO()
     try:
         dcmwrite(buffer, ds, enforce_file_format=True)
+        if original is not None and buffer.getbuffer() == original:
+            return []  # the same bytes parse to the same data set: nothing can differ
         again = dcmread(io.BytesIO(buffer.getvalue()), force=False)
     except Exception as exc:
         return [f"does not round-trip through pydicom: {_describe(exc)}"]
@@ -292,9 +299,26 @@ def _check_pixel_data_length(ds: Dataset) -> list[str]:
     return []
 
 
-def _elements(ds: Dataset) -> Iterator[DataElement]:
-    yield from ds.file_meta.iterall()
-    yield from ds.iterall()
+def _walk(ds: Dataset) -> Iterator[tuple[Dataset, DataElement | RawDataElement]]:
+    """Every element of ``ds`` and of its sequence items, in ``iterall`` order, with the
+    data set holding it. Elements still raw (as read) stay raw, except sequences, which are
+    parsed to be walked: converting every value is what makes checking slow."""
+    for tag in sorted(ds.keys()):
+        elem = ds.get_item(tag)
+        if elem is None:
+            continue
+        if isinstance(elem, RawDataElement) and not _plain_raw(elem):
+            elem = ds[tag]
+        yield ds, elem
+        if elem.VR == "SQ":
+            for item in elem.value:
+                yield from _walk(item)
+
+
+def _plain_raw(elem: RawDataElement) -> bool:
+    """A raw element whose value converts from its bytes alone: not a sequence, not UN
+    (converted with the dictionary's VR), no VR to resolve from other elements."""
+    return elem.VR is not None and elem.VR not in ("SQ", "UN") and " or " not in elem.VR
 
 
 def _values(elem: DataElement) -> list[object]:
@@ -305,33 +329,50 @@ def _values(elem: DataElement) -> list[object]:
 
 
 def _check_values_and_uids(ds: Dataset) -> list[str]:
-    """Every value must conform to its VR (PS3.5 §6.2); every UID to PS3.5 §9.1."""
-    problems = []
-    for elem in _elements(ds):
-        if elem.VR in _BULK_VRS:
-            continue
-        name = f"{elem.keyword or 'element'} {elem.tag}"
-        if not _vm_ok(elem):
-            problems.append(
-                f"{name} has {elem.VM} values, not VM {dictionary_VM(elem.tag)} (PS3.6)"
-            )
-            continue
-        for value in _values(elem):
-            if elem.VR == "UI":
-                if not is_valid_uid(value):
-                    problems.append(
-                        f"{name} {str(value)[:80]!r} is not a valid UID (PS3.5 §9.1: at most "
-                        "64 characters, digits and dots, no leading zeros)"
-                    )
+    """Every value must conform to its VR (PS3.5 §6.2); every UID to PS3.5 §9.1.
+
+    A raw element identical to one already checked (same tag, VR, encoded bytes and
+    character set: e.g. the repeated codes of an SR) has the same problems; it is not
+    converted again.
+    """
+    problems: list[str] = []
+    checked: dict[tuple[object, ...], list[str]] = {}
+    for parent in (ds.file_meta, ds):
+        for holder, elem in _walk(parent):
+            if elem.VR in _BULK_VRS:
                 continue
-            try:
-                # IS, DS and PN values are objects here; their validators check the string
-                plain = str(value) if elem.VR in _STRING_FORM_VRS else value
-                validate_value(elem.VR, plain, config.RAISE)
-            except ValueError:
-                # the value itself may identify the patient: name the attribute only
-                problems.append(f"{name} has a value not valid for VR {elem.VR} (PS3.5 §6.2)")
-                break
+            if isinstance(elem, RawDataElement) and isinstance(elem.value, bytes | None):
+                key = (elem.tag, elem.VR, elem.value, tuple(holder._character_set))
+                if key not in checked:
+                    checked[key] = _value_problems(holder[elem.tag])
+                problems += checked[key]
+            else:
+                problems += _value_problems(elem)
+    return problems
+
+
+def _value_problems(elem: DataElement) -> list[str]:
+    """The problems of one element's value: VM (PS3.6), VR (PS3.5 §6.2), UID (§9.1)."""
+    name = f"{elem.keyword or 'element'} {elem.tag}"
+    if not _vm_ok(elem):
+        return [f"{name} has {elem.VM} values, not VM {dictionary_VM(elem.tag)} (PS3.6)"]
+    problems = []
+    for value in _values(elem):
+        if elem.VR == "UI":
+            if not is_valid_uid(value):
+                problems.append(
+                    f"{name} {str(value)[:80]!r} is not a valid UID (PS3.5 §9.1: at most "
+                    "64 characters, digits and dots, no leading zeros)"
+                )
+            continue
+        try:
+            # IS, DS and PN values are objects here; their validators check the string
+            plain = str(value) if elem.VR in _STRING_FORM_VRS else value
+            validate_value(elem.VR, plain, config.RAISE)
+        except ValueError:
+            # the value itself may identify the patient: name the attribute only
+            problems.append(f"{name} has a value not valid for VR {elem.VR} (PS3.5 §6.2)")
+            break
     return problems
 
 
@@ -357,22 +398,7 @@ def _vm_ok(elem: DataElement) -> bool:
 
 
 def _value_ok(elem: DataElement) -> bool:
-    if elem.VR in _BULK_VRS:
-        return True
-    if not _vm_ok(elem):
-        return False
-    for value in _values(elem):
-        if elem.VR == "UI":
-            if not is_valid_uid(value):
-                return False
-            continue
-        try:
-            validate_value(
-                elem.VR, str(value) if elem.VR in _STRING_FORM_VRS else value, config.RAISE
-            )
-        except ValueError:
-            return False
-    return True
+    return elem.VR in _BULK_VRS or not _value_problems(elem)
 
 
 #: Type 2 (and simple Type 2C) attributes of image IODs whose derived copies keep the source's
@@ -499,8 +525,10 @@ def _fit_conditions(ds: Dataset) -> list[str]:
 def _check_references(ds: Dataset, known: AbstractSet[str]) -> list[str]:
     """Every referenced SOP instance must be a source instance or an object of the run."""
     problems = []
-    for elem in ds.iterall():
-        if elem.VR != "SQ" or elem.keyword not in _REFERENCE_SEQUENCES:
+    for _, elem in _walk(ds):
+        if not isinstance(elem, DataElement) or elem.VR != "SQ":
+            continue  # sequences are always parsed by _walk
+        if elem.keyword not in _REFERENCE_SEQUENCES:
             continue
         for item in elem.value:
             uid = item.get("ReferencedSOPInstanceUID")

@@ -5,6 +5,7 @@ CT_small.dcm; each is checked intact (and by dciodvfy), then broken one way at a
 from __future__ import annotations
 
 import copy
+import io
 from collections.abc import Callable
 from pathlib import Path
 
@@ -321,3 +322,26 @@ def test_quarantine_refuses_an_unsafe_gateway_id(tmp_path: Path) -> None:
         quarantine_file(path, tmp_path / "Q", "../escape")
     assert path.read_bytes() == b"data"
     assert not (tmp_path / "Q").exists()
+
+
+def test_same_invalid_value_is_reported_in_every_item(tmp_path: Path) -> None:
+    """Identical raw values are checked once, but each occurrence is still reported."""
+    ds = derived_ct()
+    second = copy.deepcopy(ds.SourceImageSequence[0])
+    ds.SourceImageSequence.append(second)
+    for item in ds.SourceImageSequence:
+        set_unchecked(item, "ReferencedSOPClassUID", "1.02.3")
+    problems = check_file(write(ds, tmp_path), source_sop_uids=SOURCE_UIDS)
+    assert sum("'1.02.3'" in p for p in problems) == 2, problems
+
+
+def test_file_encoded_differently_is_compared_element_by_element(tmp_path: Path) -> None:
+    """pydicom's rtdose.dcm does not re-encode to the same bytes; its round trip is then
+    compared element by element and passes (only its values are reported)."""
+    source = Path(get_testdata_file("rtdose.dcm"))
+    ds = dcmread(source)
+    again = io.BytesIO()
+    dcmwrite(again, ds, enforce_file_format=True)
+    assert again.getvalue() != source.read_bytes()
+    problems = check_file(source, source_sop_uids=SOURCE_UIDS)
+    assert problems and not has(problems, "round-trip"), problems

@@ -23,8 +23,10 @@ from service.config import CxrConfig
 from service.errors import ModelError, ModelNotReady
 from service.models.base import RunContext
 from service.models.cxr import (
+    PREFERRED_DECODERS,
     WEIGHTS_NAME,
     CxrModel,
+    decode,
     default_weights_path,
     load_radiograph,
     model_input,
@@ -216,3 +218,27 @@ def test_default_weights_path_is_xrv_cache() -> None:
     path = default_weights_path()
     assert path.name == PUBLISHED_NAME
     assert path.parent == Path(xrv.utils.get_cache_dir())
+
+
+@pytest.mark.parametrize("shape", [(230, 230), (300, 1000), (1001, 999), (2100, 1700)])
+def test_model_input_equals_xrv_transforms_for_any_size(shape: tuple[int, int]) -> None:
+    """The fast resize path gives skimage's ``resize`` result (float32 rounding aside)."""
+    image = np.random.default_rng(7).uniform(-1024, 1024, shape).astype(np.float32)
+    image[: shape[0] // 3] = 1024.0  # saturated and flat regions, like real radiographs
+    expected = xrv.datasets.XRayResizer(224)(xrv.datasets.XRayCenterCrop()(image[None, ...]))
+    np.testing.assert_allclose(model_input(image), expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", CXR)
+def test_preferred_decoder_gives_the_default_decoders_pixels(name: str) -> None:
+    path = shared_file(f"cxr/{name}")
+    np.testing.assert_array_equal(decode(read_dicom(path)), read_dicom(path).pixel_array)
+
+
+def test_unusable_preferred_decoder_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A preferred decoder that cannot decode (here: a plugin that is not installed) costs
+    nothing but the attempt: every available decoder is then tried."""
+    path = shared_file(f"cxr/{CXR[0]}")
+    syntax = str(read_dicom(path).file_meta.TransferSyntaxUID)
+    monkeypatch.setitem(PREFERRED_DECODERS, syntax, "no-such-plugin")
+    np.testing.assert_array_equal(decode(read_dicom(path)), read_dicom(path).pixel_array)

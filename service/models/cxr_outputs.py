@@ -45,6 +45,7 @@ DISPLAY_WIDTH = 1024
 #: Identification Sequence (PS3.3 C.12.1.1.4).
 LOCAL_SCHEME = "99GWAI"
 LOCAL_SCHEME_NAME = "DICOM AI Gateway chest X-ray findings"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"  # PS3.4 B.5
 
 
 def _sct(value: str, meaning: str) -> CodedConcept:
@@ -79,6 +80,8 @@ FINDING_CODES: dict[str, CodedConcept] = {
 }
 
 UNIT = CodedConcept("1", "UCUM", "no units")
+PRESENT = CodedConcept.from_code(codes.SCT.Present)
+ABSENT = CodedConcept.from_code(codes.SCT.Absent)
 
 
 @contextmanager
@@ -98,6 +101,20 @@ def build_outputs(
         for number, (radiograph, scores) in enumerate(results, start=1):
             datasets.append(build_summary_image(model, radiograph, scores, ctx.uids, number))
     return datasets
+
+
+def warm_up() -> None:
+    """Build one throwaway highdicom object (never written): highdicom loads its tables of
+    the standard (about 0.5 s of JSON) once per process, at start rather than in a run."""
+    hd.SOPClass(
+        study_instance_uid="1.2.3",
+        series_instance_uid="1.2.3.1",
+        series_number=1,
+        sop_instance_uid="1.2.3.1.1",
+        sop_class_uid=COMPREHENSIVE_3D_SR,
+        instance_number=1,
+        modality="SR",
+    )
 
 
 def algorithm_id(model: CxrModel) -> hd.sr.AlgorithmIdentification:
@@ -168,7 +185,7 @@ def build_sr(
             evaluations.append(
                 hd.sr.QualitativeEvaluation(
                     name=concept,
-                    value=codes.SCT.Present if score >= THRESHOLD else codes.SCT.Absent,
+                    value=PRESENT if score >= THRESHOLD else ABSENT,
                 )
             )
         groups.append(
@@ -216,13 +233,18 @@ def build_sr(
 
 
 def display_image(image: np.ndarray) -> np.ndarray:
-    """The [-1024, 1024] image as 8-bit MONOCHROME2, 1st-99th percentile window, 1024 wide."""
-    low, high = np.percentile(image, (1, 99))
-    scaled = np.clip((image - low) / max(float(high - low), 1e-6), 0.0, 1.0) * 255.0
+    """The [-1024, 1024] image as 8-bit MONOCHROME2, 1024 wide, 1st-99th percentile window.
+
+    The image is resized first (area averaging when shrinking), so the window is computed
+    on the 1024-wide image: a large radiograph costs a resize, not a full-size percentile.
+    """
     rows, cols = image.shape
     size = (DISPLAY_WIDTH, max(1, round(rows * DISPLAY_WIDTH / cols)))
     interpolation = cv2.INTER_AREA if cols > DISPLAY_WIDTH else cv2.INTER_LINEAR
-    return np.asarray(cv2.resize(scaled.astype(np.uint8), size, interpolation=interpolation))
+    small = cv2.resize(np.asarray(image, dtype=np.float32), size, interpolation=interpolation)
+    low, high = np.percentile(small, (1, 99))
+    scaled = np.clip((small - low) / max(float(high - low), 1e-6), 0.0, 1.0) * 255.0
+    return np.asarray(scaled.astype(np.uint8))
 
 
 def burn_in_table(pixels: np.ndarray, rows: Sequence[tuple[str, str]]) -> np.ndarray:
