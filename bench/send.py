@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,15 +30,10 @@ sys.path.insert(0, str(ROOT))
 from pydicom import dcmread  # noqa: E402
 from pydicom.data import get_testdata_file  # noqa: E402
 
+from bench.common import free_port, wait_listening  # noqa: E402
 from service.config import DEFAULT_UID_ROOT, PacsConfig  # noqa: E402
 from service.sender import SendStatus, send_files  # noqa: E402
 from service.uids import UidFactory  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_study(source: Path, count: int, folder: Path) -> list[Path]:
@@ -56,16 +50,6 @@ def make_study(source: Path, count: int, folder: Path) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
-
-
-def wait_listening(port: int, deadline: float = 10.0) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"storescp did not listen on port {port}")
 
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
