@@ -196,7 +196,8 @@ def serve(config: Config, *, once: bool = False, timeout: float = 3600.0) -> int
                 engine.discover()
                 last_discover = time.monotonic()
             if not ran:  # after a run, tick again at once: other studies may be due
-                stop.wait(TICK_SECONDS)
+                engine.wait(TICK_SECONDS, stop)
+        engine.finish_in_flight(config.shutdown_seconds)
 
     watcher.start()
     worker = threading.Thread(target=loop, name="engine", daemon=True)

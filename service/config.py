@@ -98,6 +98,9 @@ class Config:
     max_file_bytes: int = 2 * 1024**3
     max_pixels: int = 512 * 1024 * 1024  # Rows x Columns x frames
     log_level: str = "INFO"
+    workers: int = field(default_factory=lambda: auto_workers())
+    max_batch: int = 8
+    batch_wait_seconds: float = 0.2
     defaults: GatewayConfig = field(default_factory=GatewayConfig)
     pacs: PacsConfig = field(default_factory=PacsConfig)
     cxr: CxrConfig = field(default_factory=CxrConfig)
@@ -121,6 +124,11 @@ class Config:
 
 
 # -- parsing helpers ---------------------------------------------------------------------
+
+
+def auto_workers() -> int:
+    """``workers = "auto"``: one worker process per core beyond the service's own, up to 4."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
 def _as_float(value: Any, key: str, minimum: float = 0.0) -> float:
@@ -257,6 +265,12 @@ def _service(table: dict[str, Any], out: dict[str, Any]) -> None:
             out[key] = _as_float(value, name, 0.05)
         elif key in ("max_file_bytes", "max_pixels"):
             out[key] = _as_int(value, name, 1)
+        elif key == "workers":
+            out[key] = auto_workers() if value == "auto" else _as_int(value, name, 0, 64)
+        elif key == "max_batch":
+            out[key] = _as_int(value, name, 1, 256)
+        elif key == "batch_wait_seconds":
+            out[key] = _as_float(value, name)
         elif key == "log_level":
             out[key] = _as_choice(str(value).upper(), name, ("DEBUG", "INFO", "WARNING", "ERROR"))
 
@@ -295,6 +309,7 @@ ENV_KEYS: dict[str, str] = {
     "GATEWAY_RESCAN_SECONDS": "service.rescan_seconds",
     "GATEWAY_POLL_SECONDS": "service.poll_seconds",
     "GATEWAY_LOG_LEVEL": "service.log_level",
+    "GATEWAY_WORKERS": "service.workers",
     "GATEWAY_STABLE_SECONDS": "defaults.stable_seconds",
     "GATEWAY_MAX_WAIT_SECONDS": "defaults.max_wait_seconds",
     "GATEWAY_LAYOUT": "defaults.layout",

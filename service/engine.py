@@ -17,19 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydicom import Dataset
-
 from service import assembly
 from service.assembly import Assembler, Rejected, Stability, Study
 from service.config import GATEWAY_ID_RE, Config
-from service.conformance import check_files, quarantine_file
-from service.errors import ConfigError, GatewayError
+from service.conformance import Finding, quarantine_file
+from service.errors import ConfigError
 from service.fsutil import atomic_write, is_within, sweep_temp_files
 from service.imagedb import ImageDb
 from service.ledger import InstanceRecord, Ledger, RunState, StudyState
 from service.models.base import Model, RunContext, select_model
+from service.pipeline import Finished, Job, Pipeline
 from service.uids import UidFactory
-from service.writers import output_path, write_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +70,14 @@ class Engine:
         self._finished: dict[tuple[str, str], bytes] = {}
         self._last_gateway = ""  # the gateway whose study ran last (round-robin start)
         self._runs_started = 0
+        #: studies with a run in the pipeline, with their listing digest at the start
+        self._in_flight: dict[tuple[str, str], bytes] = {}
+        self._pipeline = Pipeline(
+            self.config.workers,
+            self.config.output_dir,
+            self.config.max_batch,
+            self.config.batch_wait_seconds,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -117,10 +123,17 @@ class Engine:
         ran: the caller should tick again at once rather than sleep.
         """
         now = time.monotonic() if now is None else now
+        completed = self._complete_finished()
         with self._lock:
-            due = [(k, p) for k, p in self._pending.items() if p.next_check <= now]
+            due = [
+                (k, p)
+                for k, p in self._pending.items()
+                if p.next_check <= now and k not in self._in_flight
+            ]
         served: set[str] = set()
         for (gateway_id, study_name), pending in fair_order(due, self._last_gateway):
+            if not self._pipeline.has_capacity:
+                break  # the rest stay due: they are looked at when a run finishes
             if gateway_id in served:
                 continue  # this gateway had its turn; its next study waits for the next tick
             runs_before = self._runs_started
@@ -138,9 +151,10 @@ class Engine:
                     if self._pending.get((gateway_id, study_name)) is pending:
                         del self._pending[(gateway_id, study_name)]
                 self._stability.forget((gateway_id, study_name))
+        completed += self._complete_finished()
         self._take_requests()
         self._heartbeat()
-        return bool(served)
+        return bool(served or completed)
 
     def _take_requests(self) -> None:
         """Pick up ``reprocess`` requests written by the CLI into ``STATE/requests``."""
@@ -242,7 +256,9 @@ class Engine:
                 f"more that never arrived within {gw.max_wait_seconds:g} s",
             )
         done = self._route_and_run(study, pending, now)
-        if done:
+        if key in self._in_flight:  # its run started: the listing is finished when it ends
+            self._in_flight[key] = listing
+        elif done:
             self._finished[key] = listing
         return done
 
@@ -353,12 +369,14 @@ class Engine:
         *,
         stable_at: float = 0.0,
     ) -> None:
-        """Run ``model`` on ``study``, write its outputs, then make the one send attempt.
+        """Start ``model`` on ``study`` in the pipeline; :meth:`_complete` records the outcome
+        and makes the one send attempt.
 
-        The run's timings record durations (``model_s``, ``write_s``, ``gate_s``) and wall
-        clock moments (epoch seconds): ``stable_at`` when the engine found the study quiet
-        for ``stable_seconds`` (when known), ``started_at`` and ``written_at``; the send's
-        own row has its end.
+        The run's timings record durations (``prepare_s``, ``forward_s``, ``build_s`` or
+        ``model_s``, ``write_s``, ``gate_s``, the forward's ``batch`` size) and wall clock
+        moments (epoch seconds): ``stable_at`` when the engine found the study quiet for
+        ``stable_seconds`` (when known), ``started_at`` and ``written_at``; the send's own
+        row has its end.
         """
         gid, suid = study.gateway_id, study.study_uid
         self._runs_started += 1
@@ -369,52 +387,69 @@ class Engine:
         timings: dict[str, float] = {"started_at": time.time()}
         if stable_at:
             timings["stable_at"] = stable_at
-        t0 = time.perf_counter()
-        try:
-            result = model.run(study, RunContext(uids=uids, run_id=run_id))
-            timings["model_s"] = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            paths = self._write_outputs(run_id, gid, result.datasets)
-            timings["write_s"] = time.perf_counter() - t1
-        except (GatewayError, OSError, ValueError, RuntimeError) as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            self.ledger.set_run_state(run_id, RunState.FAILED, reason, timings=timings)
-            self.ledger.set_study_state(gid, suid, StudyState.FAILED, reason)
-            self.ledger.event(gid, suid, "ERROR", f"run {run_id} failed: {reason}")
+        layout = self.config.gateway(gid).layout
+        ctx = RunContext(uids=uids, run_id=run_id)
+        self._in_flight[(gid, study.folder.name)] = b""
+        self._pipeline.submit(Job(run_id, study, model, ctx, layout, timings))
+
+    def _complete_finished(self) -> int:
+        """Record every run the pipeline finished since the last call; how many."""
+        outcomes = self._pipeline.pump()
+        for outcome in outcomes:
+            job = outcome.job
+            key = (job.study.gateway_id, job.study.folder.name)
+            listing = self._in_flight.pop(key, None)
+            try:
+                self._complete(job, outcome.finished)
+            except Exception as exc:  # one study never stops the service
+                logger.exception("gateway=%s study=%s completion failed", *key)
+                self.ledger.event(key[0], job.study.study_uid, "ERROR", f"unexpected: {exc}")
+            if listing is not None:
+                self._finished[key] = listing
+        return len(outcomes)
+
+    def _complete(self, job: Job, done: Finished) -> None:
+        run_id, gid, suid = job.run_id, job.study.gateway_id, job.study.study_uid
+        timings = {**job.timings, **done.timings}
+        if "model_s" not in timings:
+            stages = ("prepare_s", "forward_s", "build_s")
+            timings["model_s"] = sum(timings.get(k, 0.0) for k in stages)
+        for out in done.written:
+            self.ledger.add_output(
+                run_id, out.path, out.sop_class_uid, out.sop_instance_uid, out.series_instance_uid
+            )
+        if done.error:
+            self.ledger.set_run_state(run_id, RunState.FAILED, done.error, timings=timings)
+            self.ledger.set_study_state(gid, suid, StudyState.FAILED, done.error)
+            self.ledger.event(gid, suid, "ERROR", f"run {run_id} failed: {done.error}")
             return
-        if not result.datasets:
+        if not done.written:
             reason = "model produced no output"
             self.ledger.set_run_state(
-                run_id, RunState.SKIPPED, reason, timings=timings, findings=result.findings
+                run_id, RunState.SKIPPED, reason, timings=timings, findings=done.findings
             )
             self.ledger.set_study_state(gid, suid, StudyState.SKIPPED, reason)
             return
-        if not self._passes_gate(run_id, study, paths, timings, result.findings):
+        if done.problems:
+            self._quarantine(run_id, job.study, done.problems, timings, done.findings)
             return
         timings["written_at"] = time.time()
-        self.ledger.set_run_state(
-            run_id, RunState.WRITTEN, timings=timings, findings=result.findings
-        )
+        self.ledger.set_run_state(run_id, RunState.WRITTEN, timings=timings, findings=done.findings)
+        paths = [out.path for out in done.written]
         self.ledger.set_study_state(
             gid, suid, StudyState.WRITTEN, f"run {run_id}: {len(paths)} object(s) written"
         )
         self.send_run(run_id, gid, suid, paths)
 
-    def _passes_gate(
+    def _quarantine(
         self,
         run_id: int,
         study: Study,
-        paths: list[Path],
+        problems: list[Finding],
         timings: dict[str, float],
         findings: dict[str, Any],
-    ) -> bool:
-        """Conformance gate before anything leaves: failing objects go to quarantine."""
-        t0 = time.perf_counter()
-        run_uids = {row["sop_instance_uid"] for row in self.ledger.outputs(run_id)}
-        problems = check_files(paths, source_sop_uids=study.sop_uids, run_sop_uids=run_uids)
-        timings["gate_s"] = time.perf_counter() - t0
-        if not problems:
-            return True
+    ) -> None:
+        """The conformance gate failed: nothing leaves, failing objects go to quarantine."""
         for finding in problems:
             if finding.path.exists():
                 moved = quarantine_file(finding.path, self.config.quarantine_dir, study.gateway_id)
@@ -433,19 +468,6 @@ class Engine:
         )
         self.ledger.set_study_state(study.gateway_id, study.study_uid, StudyState.FAILED, reason)
         self.ledger.event(study.gateway_id, study.study_uid, "ERROR", f"run {run_id}: {reason}")
-        return False
-
-    def _write_outputs(self, run_id: int, gateway_id: str, datasets: list[Dataset]) -> list[Path]:
-        layout = self.config.gateway(gateway_id).layout
-        paths = []
-        for ds in datasets:
-            target = output_path(self.config.output_dir, gateway_id, layout, ds)
-            write_dataset(ds, target)
-            self.ledger.add_output(
-                run_id, target, ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID
-            )
-            paths.append(target)
-        return paths
 
     def send_run(
         self, run_id: int, gateway_id: str, study_uid: str, paths: list[Path], manual: bool = False
@@ -510,18 +532,46 @@ class Engine:
                 found.append(gid)
         return found
 
+    @property
+    def busy(self) -> bool:
+        """Whether runs are in the pipeline."""
+        return self._pipeline.in_flight > 0
+
+    def wait(self, timeout: float, stop: threading.Event | None = None) -> None:
+        """Pause between ticks: until a run's stage completes when runs are in flight, else
+        until ``timeout`` or ``stop``."""
+        if self.busy:
+            self._pipeline.wait(timeout)
+        elif stop is not None:
+            stop.wait(timeout)
+        else:
+            time.sleep(timeout)
+
     def drain(self, timeout: float, poll: float = 0.2, stop: threading.Event | None = None) -> bool:
-        """Tick until no study is pending, ``timeout`` or ``stop``; True when drained."""
+        """Tick until no study is pending or running, ``timeout`` or ``stop``; True when
+        drained. After ``stop`` the runs already started are still finished (within
+        ``timeout``); no new one starts."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not (stop and stop.is_set()):
             ran = self.tick()
-            if self.pending_count == 0:
+            if self.pending_count == 0 and not self.busy:
                 return True
             if not ran:
-                time.sleep(poll)
-        return self.pending_count == 0
+                self.wait(min(poll, max(0.0, deadline - time.monotonic())), stop)
+        self.finish_in_flight(deadline - time.monotonic())
+        return self.pending_count == 0 and not self.busy
+
+    def finish_in_flight(self, timeout: float) -> bool:
+        """Complete the runs already in the pipeline, starting none; True when none is left.
+        A run still unfinished at ``timeout`` stays ``running`` and resumes at the next start."""
+        deadline = time.monotonic() + timeout
+        while self.busy and time.monotonic() < deadline:
+            self._pipeline.wait(max(0.0, min(0.5, deadline - time.monotonic())))
+            self._complete_finished()
+        return not self.busy
 
     def close(self) -> None:
+        self._pipeline.close()
         self.ledger.close()
 
 

@@ -17,8 +17,9 @@ from pydicom import dcmread
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_config(tmp_path: Path, extra: str = "", stable: float = 0.3) -> Path:
-    """A config routing everything to ``annotate`` with folders under ``tmp_path``."""
+def write_config(tmp_path: Path, extra: str = "", stable: float = 0.3, workers: int = 0) -> Path:
+    """A config routing everything to ``annotate`` with folders under ``tmp_path``; runs
+    go through the pipeline in the service process unless ``workers`` is set."""
     path = tmp_path / "gateway.toml"
     path.write_text(
         f"""
@@ -30,6 +31,7 @@ uid_root = "1.2.826.0.1.3680043.10.999."
 rescan_seconds = 2
 poll_seconds = 0.5
 shutdown_seconds = 20
+workers = {workers}
 [defaults]
 stable_seconds = {stable}
 max_wait_seconds = 3

@@ -15,7 +15,7 @@ from service.assembly import Study
 from service.config import CxrConfig
 from service.models.base import ModelResult, RunContext
 from service.models.cxr import CxrModel
-from service.models.cxr_outputs import FINDING_CODES, LOCAL_SCHEME, display_image
+from service.models.cxr_outputs import FINDING_CODES, LOCAL_SCHEME
 from service.uids import UidFactory
 from service.writers import write_dataset
 from tests.conftest import dciodvfy, shared_file
@@ -149,7 +149,7 @@ def test_summary_image_has_the_table_burned_in(run: Run) -> None:
     from service.models.cxr import load_radiograph
     from tests.test_cxr import instance
 
-    plain = display_image(load_radiograph(instance(shared_file(f"cxr/{SOURCES[0]}"))).image)
+    plain = load_radiograph(instance(shared_file(f"cxr/{SOURCES[0]}"))).display
     box = sc.pixel_array[:300, :400]
     assert not np.array_equal(box, plain[:300, :400])
     assert (box == 0).mean() > 0.5 and (box == 255).any()  # white text on black

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 from pydicom import Dataset
 
 from service.assembly import Study
@@ -55,6 +56,36 @@ class Model(Protocol):
 
     def run(self, study: Study, ctx: RunContext) -> ModelResult:
         """Run on the study's applicable instances; raise ModelError on failure."""
+        ...
+
+
+@dataclass
+class Prepared:
+    """A study read and preprocessed for a :class:`BatchedModel`: ``inputs`` holds one row
+    per image for the forward pass; ``state`` is what :meth:`BatchedModel.finish` needs
+    back. Both cross process boundaries, so they must pickle."""
+
+    inputs: np.ndarray
+    state: Any = None
+
+
+@runtime_checkable
+class BatchedModel(Model, Protocol):
+    """A model whose run splits into stages, so that the service can prepare and finish
+    studies in worker processes while one model instance runs the forward pass on a
+    batch gathered across studies. ``run`` is ``finish(prepare(), forward())``. A batched
+    model must pickle without its network (workers call only ``prepare``/``finish``)."""
+
+    def prepare(self, study: Study, ctx: RunContext) -> Prepared:
+        """Read and preprocess the applicable instances; raise ModelError if none is."""
+        ...
+
+    def forward(self, inputs: np.ndarray) -> np.ndarray:
+        """The network on a batch of rows from one or more :class:`Prepared` inputs."""
+        ...
+
+    def finish(self, prepared: Prepared, outputs: np.ndarray, ctx: RunContext) -> ModelResult:
+        """The result objects of one study from its rows of the forward output."""
         ...
 
 

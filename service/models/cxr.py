@@ -30,7 +30,7 @@ from scipy import sparse
 from service.assembly import Instance, Study, read_dicom
 from service.config import CxrConfig
 from service.errors import InputError, ModelError, ModelNotReady
-from service.models.base import Applicability, ModelResult, RunContext
+from service.models.base import Applicability, ModelResult, Prepared, RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -297,11 +297,12 @@ def _downsample(square: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Radiograph:
-    """One applicable instance, read and prepared."""
+    """One applicable instance, read and prepared (small enough to pass between processes:
+    the header without Pixel Data, the 8-bit display image and the model input)."""
 
     instance: Instance
-    dataset: Dataset
-    image: np.ndarray  # (H, W) in [-1024, 1024]
+    dataset: Dataset  # the header, without Pixel Data
+    display: np.ndarray  # 8-bit MONOCHROME2, DISPLAY_WIDTH wide: the summary image's base
     input: np.ndarray  # (1, 224, 224)
 
     @property
@@ -310,12 +311,15 @@ class Radiograph:
 
 
 def load_radiograph(inst: Instance) -> Radiograph:
+    from service.models.cxr_outputs import display_image
+
     ds = read_dicom(inst.path)
     reason = check_header(ds)
     if reason:
         raise InputError(reason)
     image = to_xrv_range(ds)
-    return Radiograph(inst, ds, image, model_input(image))
+    del ds.PixelData
+    return Radiograph(inst, ds, display_image(image), model_input(image))
 
 
 # -- the model -----------------------------------------------------------------------------
@@ -390,7 +394,13 @@ class CxrModel:
             + "; ".join(f"{uid}: {why}" for uid, why in sorted(reasons.items())),
         )
 
-    def predict(self, inputs: np.ndarray) -> np.ndarray:
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for worker processes without the network: they only prepare and finish."""
+        state = dict(self.__dict__)
+        state["network"] = None
+        return state
+
+    def forward(self, inputs: np.ndarray) -> np.ndarray:
         """Scores (N, 18) for a batch (N, 1, 224, 224): ``model(x)`` of torchxrayvision."""
         if self.network is None:
             raise ModelNotReady(self._not_ready)
@@ -399,15 +409,14 @@ class CxrModel:
             out: np.ndarray = self.network(batch).float().cpu().numpy()
         return out
 
+    predict = forward
+
     def scores(self, row: np.ndarray) -> dict[str, float]:
         labels = xrv.models.model_urls[WEIGHTS_NAME]["labels"]
         return {p: float(v) for p, v in zip(labels, row, strict=True) if p}
 
-    def run(self, study: Study, ctx: RunContext) -> ModelResult:
-        from service.models.cxr_outputs import build_outputs
-
-        if self.network is None:
-            raise ModelNotReady(self._not_ready)
+    def prepare(self, study: Study, ctx: RunContext) -> Prepared:
+        """Read and preprocess every applicable radiograph; the others are skipped."""
         skipped: dict[str, str] = {}
         images: list[Radiograph] = []
         for inst in study.instances:
@@ -422,8 +431,14 @@ class CxrModel:
             logger.info("cxr skips %s: %s", inst.sop_instance_uid, reason)
         if not images:
             raise ModelError("no applicable PA/AP chest radiograph in the study")
-        rows = self.predict(np.stack([r.input for r in images]))
-        results = [(r, self.scores(row)) for r, row in zip(images, rows, strict=True)]
+        return Prepared(np.stack([r.input for r in images]), (images, skipped))
+
+    def finish(self, prepared: Prepared, outputs: np.ndarray, ctx: RunContext) -> ModelResult:
+        """The SR and summary images from the forward output rows of ``prepared``."""
+        from service.models.cxr_outputs import build_outputs
+
+        images, skipped = prepared.state
+        results = [(r, self.scores(row)) for r, row in zip(images, outputs, strict=True)]
         datasets = build_outputs(self, results, ctx)
         findings: dict[str, Any] = {
             "model": self.name,
@@ -437,3 +452,9 @@ class CxrModel:
             },
         }
         return ModelResult(datasets=datasets, findings=findings, skipped_instances=skipped)
+
+    def run(self, study: Study, ctx: RunContext) -> ModelResult:
+        if self.network is None:
+            raise ModelNotReady(self._not_ready)
+        prepared = self.prepare(study, ctx)
+        return self.finish(prepared, self.forward(prepared.inputs), ctx)

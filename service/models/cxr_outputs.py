@@ -286,7 +286,7 @@ def build_summary_image(
     """A Secondary Capture of the radiograph with the findings burned in (PS3.3 A.8.1)."""
     source = radiograph.dataset
     sop_uid = str(source.SOPInstanceUID)
-    pixels = burn_in_table(display_image(radiograph.image), table_rows(model, scores))
+    pixels = burn_in_table(radiograph.display, table_rows(model, scores))
     orientation = [str(v) for v in source.get("PatientOrientation", []) or []]
     known = len(orientation) == 2 and all(orientation)
     sc = hd.sc.SCImage.from_ref_dataset(

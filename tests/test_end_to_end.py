@@ -39,6 +39,7 @@ input_dir = "{tmp_path / "INPUT"}"
 output_dir = "{tmp_path / "OUTPUT"}"
 state_dir = "{tmp_path / "STATE"}"
 uid_root = "1.2.826.0.1.3680043.10.999."
+workers = 2
 [defaults]
 stable_seconds = 0.3
 max_wait_seconds = 2

@@ -1,0 +1,370 @@
+"""The run pipeline: studies prepared and finished in worker processes, one model forward.
+
+A run goes through three stages:
+
+1. *prepare* (worker): read, decode and preprocess the study (:meth:`BatchedModel.prepare`);
+2. *forward* (service process): the one model instance runs on a batch of rows gathered
+   across studies: up to ``max_batch`` rows, waiting at most ``batch_wait_seconds`` for
+   studies still being prepared (a lone study never waits);
+3. *finish* (worker): build the result objects, write them atomically and check them with
+   the conformance gate.
+
+A model without stages (``annotate``) runs whole in one worker task. With ``workers = 0``
+every stage runs in the service process, in the same order. Worker tasks never touch the
+ledger: the engine records what they report, so exactly-once bookkeeping stays in one
+thread. Decoding and building DICOM are pure Python for the most part and hold the GIL,
+hence processes rather than threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.assembly import Study
+from service.conformance import Finding, check_files
+from service.errors import GatewayError
+from service.models.base import BatchedModel, Model, ModelResult, Prepared, RunContext
+from service.writers import output_path, write_dataset
+
+logger = logging.getLogger(__name__)
+
+#: Errors a stage reports as the run's failure reason; anything else is a bug and is
+#: reported the same way, with its traceback in the log.
+EXPECTED_ERRORS = (GatewayError, OSError, ValueError, RuntimeError)
+
+
+@dataclass(frozen=True)
+class Written:
+    """One output object as written by a worker."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+
+
+@dataclass
+class Finished:
+    """What a worker reports for a run: written outputs and the gate's findings, or why
+    the run failed. Values, not exceptions, so that they cross the process boundary."""
+
+    written: list[Written] = field(default_factory=list)
+    problems: list[Finding] = field(default_factory=list)
+    findings: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Job:
+    """One run in flight."""
+
+    run_id: int
+    study: Study
+    model: Model
+    ctx: RunContext
+    layout: str
+    timings: dict[str, float] = field(default_factory=dict)
+    prepared: Prepared | None = None
+    ready_at: float = 0.0  # monotonic time the prepared rows became ready for the forward
+    pool: int = 0  # the worker pool generation its current task went to
+    retried: bool = False  # resubmitted once after a worker process died
+
+
+@dataclass
+class Outcome:
+    job: Job
+    finished: Finished
+
+
+# -- worker tasks (module level: they are pickled by reference) -----------------------------
+
+
+def _failure(exc: BaseException) -> Finished:
+    if not isinstance(exc, EXPECTED_ERRORS):
+        logger.error("unexpected error in a run stage", exc_info=exc)
+    return Finished(error=f"{type(exc).__name__}: {exc}")
+
+
+def _write_and_gate(
+    result: ModelResult, study: Study, output_dir: Path, layout: str, timings: dict[str, float]
+) -> Finished:
+    t0 = time.perf_counter()
+    written = []
+    for ds in result.datasets:
+        target = output_path(output_dir, study.gateway_id, layout, ds)
+        write_dataset(ds, target)
+        written.append(Written(target, ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID))
+    t1 = time.perf_counter()
+    problems = check_files(
+        [w.path for w in written],
+        source_sop_uids=study.sop_uids,
+        run_sop_uids={w.sop_instance_uid for w in written},
+    )
+    timings.update(write_s=t1 - t0, gate_s=time.perf_counter() - t1)
+    return Finished(written, problems, result.findings, timings=timings)
+
+
+def run_whole(
+    model: Model, study: Study, ctx: RunContext, output_dir: Path, layout: str
+) -> Finished:
+    """A model without stages: run, write, gate."""
+    try:
+        t0 = time.perf_counter()
+        result = model.run(study, ctx)
+        timings = {"model_s": time.perf_counter() - t0}
+        return _write_and_gate(result, study, output_dir, layout, timings)
+    except Exception as exc:
+        return _failure(exc)
+
+
+def prepare(
+    model: BatchedModel, study: Study, ctx: RunContext
+) -> tuple[Prepared, float] | Finished:
+    """The prepared study and the seconds it took, or why it failed."""
+    try:
+        t0 = time.perf_counter()
+        prepared = model.prepare(study, ctx)
+        return prepared, time.perf_counter() - t0
+    except Exception as exc:
+        return _failure(exc)
+
+
+def finish(
+    model: BatchedModel,
+    study: Study,
+    prepared: Prepared,
+    outputs: np.ndarray,
+    ctx: RunContext,
+    output_dir: Path,
+    layout: str,
+) -> Finished:
+    try:
+        t0 = time.perf_counter()
+        result = model.finish(prepared, outputs, ctx)
+        timings = {"build_s": time.perf_counter() - t0}
+        return _write_and_gate(result, study, output_dir, layout, timings)
+    except Exception as exc:
+        return _failure(exc)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker of a killed service would wait for tasks forever: exit when it is gone."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _init_worker(parent: int) -> None:
+    """Workers leave signals to the service (it drains them on SIGTERM/SIGINT), end with
+    it even when it is killed, and use one torch thread: they never run the network."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    os.environ["OMP_NUM_THREADS"] = "1"  # read when torch is first imported, by a task
+
+
+def _noop() -> None:
+    return None
+
+
+class _Inline(Executor):
+    """``workers = 0``: every task runs at once in the calling thread."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+# -- the pipeline --------------------------------------------------------------------------
+
+
+class Pipeline:
+    """Runs submitted jobs through the stages; :meth:`pump` returns finished ones."""
+
+    def __init__(
+        self, workers: int, output_dir: Path, max_batch: int = 8, batch_wait: float = 0.2
+    ) -> None:
+        self.workers = workers
+        self.output_dir = output_dir
+        self.max_batch = max_batch
+        self.batch_wait = batch_wait
+        self._executor = self._new_executor()
+        self._generation = 0  # worker pools started so far, minus one
+        self._preparing: list[tuple[Job, Future[Any]]] = []
+        self._ready: list[Job] = []
+        self._finishing: list[tuple[Job, Future[Any]]] = []
+
+    def _new_executor(self) -> Executor:
+        if self.workers == 0:
+            return _Inline()
+        pool = ProcessPoolExecutor(
+            self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(os.getpid(),),
+        )
+        for _ in range(self.workers):
+            pool.submit(_noop)  # start the processes now, not with the first study
+        return pool
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._preparing) + len(self._ready) + len(self._finishing)
+
+    @property
+    def has_capacity(self) -> bool:
+        """Whether another job may start: enough to fill a batch and keep workers busy."""
+        return self.in_flight < max(self.max_batch, 2 * self.workers, 1)
+
+    def submit(self, job: Job) -> None:
+        model = job.model
+        job.pool = self._generation
+        if isinstance(model, BatchedModel):
+            future = self._executor.submit(prepare, model, job.study, job.ctx)
+            self._preparing.append((job, future))
+        else:
+            future = self._executor.submit(
+                run_whole, model, job.study, job.ctx, self.output_dir, job.layout
+            )
+            self._finishing.append((job, future))
+
+    def pump(self) -> list[Outcome]:
+        """Advance every stage without blocking (except for the forward pass itself)."""
+        outcomes: list[Outcome] = []
+        for job, result in self._collect("_preparing"):
+            if isinstance(result, tuple):
+                job.prepared, job.timings["prepare_s"] = result
+                job.ready_at = time.monotonic()
+                self._ready.append(job)
+            else:
+                outcomes.append(Outcome(job, result))
+        while self._batch_due():
+            outcomes.extend(self._forward(self._take_batch()))
+        outcomes.extend(Outcome(job, result) for job, result in self._collect("_finishing"))
+        return outcomes
+
+    def _collect(self, stage: str) -> list[tuple[Job, Any]]:
+        done: list[tuple[Job, Any]] = []
+        waiting: list[tuple[Job, Future[Any]]] = []
+        broken: list[Job] = []
+        for job, future in getattr(self, stage):
+            if not future.done():
+                waiting.append((job, future))
+            elif isinstance(future.exception(), BrokenProcessPool):
+                broken.append(job)
+            elif future.exception() is not None:
+                done.append((job, _failure(future.exception())))
+            else:
+                done.append((job, future.result()))
+        setattr(self, stage, waiting)
+        if broken:
+            done.extend(self._worker_died(broken))
+        return done
+
+    def _worker_died(self, jobs: list[Job]) -> list[tuple[Job, Finished]]:
+        """A worker process died (killed, out of memory): start a new pool and give each
+        job one more try; a job whose second try dies too fails with the reason."""
+        if any(job.pool == self._generation for job in jobs):  # else restarted already
+            logger.error("a worker process exited unexpectedly; restarting the worker pool")
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = self._new_executor()
+            self._generation += 1
+        failed = []
+        for job in jobs:
+            if job.retried:
+                failed.append((job, Finished(error="worker process exited unexpectedly twice")))
+                continue
+            job.retried = True
+            if job.prepared is not None and isinstance(job.model, BatchedModel):
+                self._ready.append(job)  # only its finish was lost: forward it again
+            else:
+                self.submit(job)
+        return failed
+
+    def _batch_due(self) -> bool:
+        if not self._ready:
+            return False
+        rows = sum(len(j.prepared.inputs) for j in self._ready if j.prepared is not None)
+        waited = time.monotonic() - min(j.ready_at for j in self._ready)
+        return rows >= self.max_batch or not self._preparing or waited >= self.batch_wait
+
+    def _take_batch(self) -> list[Job]:
+        """The oldest ready jobs of one model, up to ``max_batch`` rows (at least one job)."""
+        model = self._ready[0].model
+        batch: list[Job] = []
+        rows = 0
+        for job in list(self._ready):
+            assert job.prepared is not None
+            n = len(job.prepared.inputs)
+            if job.model is not model or (batch and rows + n > self.max_batch):
+                continue
+            batch.append(job)
+            rows += n
+            self._ready.remove(job)
+        return batch
+
+    def _forward(self, batch: list[Job]) -> list[Outcome]:
+        model = batch[0].model
+        assert isinstance(model, BatchedModel)
+        inputs = [j.prepared.inputs for j in batch if j.prepared is not None]
+        t0 = time.perf_counter()
+        try:
+            outputs = model.forward(np.concatenate(inputs))
+        except Exception as exc:
+            return [Outcome(job, _failure(exc)) for job in batch]
+        forward_s = time.perf_counter() - t0
+        start = 0
+        for job, rows in zip(batch, inputs, strict=True):
+            job.timings.update(forward_s=forward_s, batch=float(len(batch)))
+            assert job.prepared is not None
+            future = self._executor.submit(
+                finish,
+                model,
+                job.study,
+                job.prepared,
+                outputs[start : start + len(rows)],
+                job.ctx,
+                self.output_dir,
+                job.layout,
+            )
+            start += len(rows)
+            job.pool = self._generation
+            self._finishing.append((job, future))
+        return []
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until some worker task completes, a batch falls due, or ``timeout``."""
+        futures = [f for _, f in (*self._preparing, *self._finishing)]
+        if self._ready:
+            oldest = min(j.ready_at for j in self._ready)
+            timeout = max(0.0, min(timeout, oldest + self.batch_wait - time.monotonic()))
+        if futures:
+            wait(futures, timeout=timeout, return_when="FIRST_COMPLETED")
+        elif timeout > 0:
+            time.sleep(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the workers; jobs still in flight are left (their runs resume at restart)
+        and a worker still busy after ``timeout`` is terminated."""
+        processes = list((getattr(self._executor, "_processes", None) or {}).values())
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + timeout
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.terminate()
