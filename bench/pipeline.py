@@ -10,6 +10,9 @@ rows), and runs ``python main.py serve`` against dcmtk ``storescp --ignore`` on 
    throughput, and the gateway_2 study's latency (fair share across gateways);
 3. *series*: one CT/MR study of ``--series`` instances (``annotate``): instances/s.
 
+The whole workload runs once per ``--workers`` setting (``service.workers``, fresh folders
+each time); ratios are against the first setting.
+
 Latencies come from the ledger (run timings ``stable_at``/``written_at``, the send's end)
 and are measured from the end of the quiet period (drop finished + ``stable_seconds``).
 Baselines in the same run: (a) a naive watcher in the style of the creni example (a
@@ -72,14 +75,17 @@ class Measured:
     detect_s: float  # quiet period end -> engine found it stable
     written_s: float  # quiet period end -> outputs written
     sent_s: float  # quiet period end -> send finished
-    model_s: float  # model.run: read + preprocess + forward + build outputs
+    model_s: float  # read + preprocess + forward + build outputs
+    batch: float  # studies in the forward pass (CXR)
     send_s: float  # our C-STORE association
     outputs: list[Path]
     stable_at: float
     sent_at: float
 
 
-def write_config(folder: Path, port: int, weights: Path, stable: float, threads: int) -> Path:
+def write_config(
+    folder: Path, port: int, weights: Path, stable: float, threads: int, workers: int
+) -> Path:
     path = folder / "gateway.toml"
     path.write_text(
         f"""
@@ -89,6 +95,7 @@ output_dir = "{folder / "OUTPUT"}"
 state_dir = "{folder / "STATE"}"
 watch = "native"
 log_level = "INFO"
+workers = {workers}
 [defaults]
 stable_seconds = {stable}
 max_wait_seconds = 60
@@ -136,6 +143,7 @@ def measure(state_dir: Path, study: StagedStudy, stable: float) -> Measured:
         written_s=timings.get("written_at", float("nan")) - quiet_end,
         sent_s=sent_at - quiet_end,
         model_s=timings.get("model_s", float("nan")),
+        batch=timings.get("batch", float("nan")),
         send_s=(send[0]["finished"] - send[0]["started"]) if send else float("nan"),
         outputs=[Path(r["path"]) for r in outputs],
         stable_at=timings.get("stable_at", float("nan")),
@@ -233,6 +241,71 @@ def naive_baseline(
 # -- the run -------------------------------------------------------------------------------
 
 
+@dataclass
+class ServiceRun:
+    """One ``serve`` process on the whole workload with a given ``service.workers``."""
+
+    workers: int
+    seq: list[Measured]
+    flood: list[Measured]
+    lone: Measured
+    series: Measured
+    series_timings: dict[str, float]
+    flood_rate: float  # studies/s from the flood's quiet period end to the last send
+    code: int
+    log: str
+
+    @property
+    def failed(self) -> list[Measured]:
+        return [m for m in [*self.seq, *self.flood, self.lone, self.series] if m.state != "sent"]
+
+
+def run_service(
+    folder: Path, args: argparse.Namespace, weights: Path, port: int, workers: int
+) -> ServiceRun:
+    """Drop the workload into a fresh INPUT for ``serve`` with ``workers`` and measure it."""
+    cxr_sources = [SHARED / "cxr" / name for name in CXR_FILES]
+    staging = folder / "staging"
+    sequential = [
+        cxr_study("1", cxr_sources[i % len(cxr_sources)], staging) for i in range(args.cxr)
+    ]
+    flood = [cxr_study("1", cxr_sources[i % len(cxr_sources)], staging) for i in range(args.flood)]
+    lone = cxr_study("2", cxr_sources[0], staging)
+    series_sources = sorted((SHARED / SERIES_DIR).iterdir())
+    series = series_study("2", series_sources, args.series, staging)
+    config = write_config(folder, port, weights, args.stable, args.threads, workers)
+    state = folder / "STATE"
+    service = start_service(config, folder / "service.log")
+    try:
+        wait_until(lambda: (state / "heartbeat").exists(), 120, "the service to start")
+        for study in sequential:
+            study.drop(folder / "INPUT")
+            wait_until(partial(study_done, state, study), 300, f"study {study.label}")
+        flood_start = time.time()
+        for study in flood:
+            study.drop(folder / "INPUT")
+        lone.drop(folder / "INPUT")
+        wait_until(lambda: all(study_done(state, s) for s in [*flood, lone]), 900, "flood")
+        series.drop(folder / "INPUT")
+        wait_until(lambda: study_done(state, series), 600, "the series")
+    finally:
+        code = stop_process(service)
+    fl = [measure(state, s, args.stable) for s in flood]
+    lo = measure(state, lone, args.stable)
+    sql = "SELECT timings FROM runs WHERE study_uid=?"
+    return ServiceRun(
+        workers=workers,
+        seq=[measure(state, s, args.stable) for s in sequential],
+        flood=fl,
+        lone=lo,
+        series=measure(state, series, args.stable),
+        series_timings=json.loads(ledger(state, sql, (series.study_uid,))[0][0]),
+        flood_rate=(len(fl) + 1) / (max(m.sent_at for m in [*fl, lo]) - flood_start - args.stable),
+        code=code,
+        log=(folder / "service.log").read_text(errors="replace"),
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cxr", type=int, default=6, help="sequential CXR studies")
@@ -240,74 +313,38 @@ def main() -> int:
     parser.add_argument("--series", type=int, default=200, help="instances in the MR series")
     parser.add_argument("--stable", type=float, default=2.0, help="stable_seconds")
     parser.add_argument("--threads", type=int, default=2, help="models.cxr.threads")
+    parser.add_argument(
+        "--workers", default="0,1,2", help="service.workers settings to compare (first = base)"
+    )
     parser.add_argument("--no-naive", action="store_true", help="skip baseline (a)")
     args = parser.parse_args()
+    settings = [int(w) for w in args.workers.split(",")]
     for name in (*(f"cxr/{n}" for n in CXR_FILES), SERIES_DIR):
         if not (SHARED / name).exists():
             sys.exit(f"{SHARED / name} is missing: this benchmark needs ../shared/data")
-    cxr_sources = [SHARED / "cxr" / name for name in CXR_FILES]
-    series_sources = sorted((SHARED / SERIES_DIR).iterdir())
 
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         folder = Path(tmp)
-        staging = folder / "staging"
         weights = write_checkpoint(folder / "weights")
-        sequential = [
-            cxr_study("1", cxr_sources[i % len(cxr_sources)], staging) for i in range(args.cxr)
-        ]
-        flood = [
-            cxr_study("1", cxr_sources[i % len(cxr_sources)], staging) for i in range(args.flood)
-        ]
-        lone = cxr_study("2", cxr_sources[0], staging)
-        series = series_study("2", series_sources, args.series, staging)
         port = free_port()
         scp = start_storescp(port)
-        config = write_config(folder, port, weights, args.stable, args.threads)
-        state = folder / "STATE"
-        service = start_service(config, folder / "service.log")
-        try:
-            wait_until(lambda: (state / "heartbeat").exists(), 120, "the service to start")
-            for study in sequential:
-                study.drop(folder / "INPUT")
-                wait_until(partial(study_done, state, study), 300, f"study {study.label}")
-            flood_start = time.time()
-            for study in flood:
-                study.drop(folder / "INPUT")
-            lone.drop(folder / "INPUT")
-            wait_until(lambda: all(study_done(state, s) for s in [*flood, lone]), 900, "flood")
-            series.drop(folder / "INPUT")
-            wait_until(lambda: study_done(state, series), 600, "the series")
-        finally:
-            code = stop_process(service)
-        seq = [measure(state, s, args.stable) for s in sequential]
-        fl = [measure(state, s, args.stable) for s in flood]
-        lo = measure(state, lone, args.stable)
-        se = measure(state, series, args.stable)
-        t = json.loads(
-            ledger(state, "SELECT timings FROM runs WHERE study_uid=?", (series.study_uid,))[0][0]
-        )
-
+        runs = [run_service(folder / f"workers-{w}", args, weights, port, w) for w in settings]
+        base = runs[0]
         # (c) dcmtk storescu sends the same outputs, one association per study
-        dcmtk_cxr = [storescu_seconds(port, m.outputs) for m in seq]
-        dcmtk_series = storescu_seconds(port, se.outputs)
+        dcmtk_cxr = [storescu_seconds(port, m.outputs) for m in base.seq]
+        dcmtk_series = storescu_seconds(port, base.series.outputs)
         stop_process(scp)
         # (b) bare forward
         forward = bare_forward(weights, args.threads)
         # (a) naive baseline, on fresh copies of the flood workload
         naive: tuple[list[float], float, NaiveHandler] | None = None
         if not args.no_naive:
+            cxr_sources = [SHARED / "cxr" / name for name in CXR_FILES]
             naive_studies = [
                 cxr_study("1", cxr_sources[i % len(cxr_sources)], folder / "naive-staging")
                 for i in range(args.flood + 1)
             ]
             naive = naive_baseline(naive_studies, weights, folder)
-        log = (folder / "service.log").read_text(errors="replace")
-
-    failed = [m for m in [*seq, *fl, lo, se] if m.state != "sent"]
-    flood_rate = (len(fl) + 1) / (max(m.sent_at for m in [*fl, lo]) - flood_start - args.stable)
-    ours_flood = [m.sent_s + args.stable for m in [*fl, lo]]  # from drop, like the naive one
-    overhead = [m.sent_s - m.detect_s - forward for m in seq]
-    series_rate = se.n_inputs / (se.sent_s - se.detect_s)
 
     print("End-to-end gateway benchmark (python main.py serve, watch=native, dcmtk storescp)")
     print(f"machine: {torch.get_num_threads()} torch threads, CPU only; torch {torch.__version__}")
@@ -318,73 +355,86 @@ def main() -> int:
         f"{'workload':<34}{'n':>4}  {'detect p50 p95 max':>21}  {'written p50 p95 max':>21}"
         f"  {'sent p50 p95 max':>21}"
     )
-    rows = [
-        ("CXR sequential (1 image/study)", seq),
-        ("CXR flood gateway_1", fl),
-        ("CXR lone gateway_2 after flood", [lo]),
-        (f"MR series ({se.n_inputs} inst, annotate)", [se]),
-    ]
-    for label, ms in rows:
+    for run in runs:
+        print(f"service.workers = {run.workers}")
+        rows = [
+            ("CXR sequential (1 image/study)", run.seq),
+            ("CXR flood gateway_1", run.flood),
+            ("CXR lone gateway_2 after flood", [run.lone]),
+            (f"MR series ({run.series.n_inputs} inst, annotate)", [run.series]),
+        ]
+        for label, ms in rows:
+            print(
+                f"  {label:<32}{len(ms):>4}  {summary([m.detect_s for m in ms])}"
+                f"  {summary([m.written_s for m in ms])}  {summary([m.sent_s for m in ms])}"
+            )
+    print()
+    print(f"bare xrv forward, batch 1 (b): {forward:.3f} s = {1 / forward:.2f} images/s")
+    print(
+        f"{'workers':>7} {'overhead p50':>13} {'% of fwd':>9} {'flood/s':>8} {'vs base':>8}"
+        f" {'batch':>6} {'lone gw2':>9} {'MR inst/s':>10} {'vs base':>8}"
+    )
+    base_series_rate = 0.0
+    for run in runs:
+        overhead = statistics.median(m.sent_s - m.detect_s - forward for m in run.seq)
+        se = run.series
+        series_rate = se.n_inputs / (se.sent_s - se.detect_s)
+        base_series_rate = base_series_rate or series_rate
+        batch = statistics.mean(m.batch for m in run.flood)
         print(
-            f"{label:<34}{len(ms):>4}  {summary([m.detect_s for m in ms])}"
-            f"  {summary([m.written_s for m in ms])}  {summary([m.sent_s for m in ms])}"
+            f"{run.workers:>7} {overhead:>12.3f}s {overhead / forward * 100:>8.0f}%"
+            f" {run.flood_rate:>8.2f} {run.flood_rate / base.flood_rate:>8.2f}"
+            f" {batch:>6.2f} {run.lone.sent_s:>8.2f}s {series_rate:>10.1f}"
+            f" {series_rate / base_series_rate:>8.2f}"
         )
+    print("overhead = sent - detect - forward per sequential CXR study (goal <= 10 % of forward);")
+    print("flood/s from the flood's quiet period end to its last send; batch = mean studies per")
+    print("forward in the flood; lone gw2 = gateway_2's study sent, s after its quiet period")
     print()
-    print("per CXR study, sequential (medians, s):")
-    model_s = statistics.median(m.model_s for m in seq)
-    send_s = statistics.median(m.send_s for m in seq)
-    print(f"  bare xrv forward, batch 1 (b):            {forward:7.3f}")
-    print(f"  model.run (read+prep+forward+SR/SC):      {model_s:7.3f}")
-    print(f"  our send (2 objects, 1 association):      {send_s:7.3f}")
-    print(f"  storescu, same 2 objects (c):             {statistics.median(dcmtk_cxr):7.3f}")
-    print(
-        f"  overhead = sent - detect - forward:       {statistics.median(overhead):7.3f}"
-        f"  = {statistics.median(overhead) / forward * 100:.0f} % of forward (goal <= 10 %)"
-    )
-    print(
-        f"  detection after quiet period, max:        {max(m.detect_s for m in seq):7.3f}"
-        "  (goal <= 1 s)"
-    )
-    print()
-    print(f"flood: {len(fl)} studies on gateway_1, then 1 on gateway_2")
-    print(
-        f"  throughput (ours):          {flood_rate:6.2f} studies/s "
-        f"(model bound: {1 / forward:.2f}/s forward only)"
-    )
-    print(
-        f"  gateway_2 lone study sent:  {lo.sent_s:6.2f} s after its quiet period; "
-        f"median sequential study {statistics.median(m.sent_s for m in seq):.2f} s"
-    )
+    print(f"per CXR study, sequential, workers = {base.workers} (medians, s):")
+    send_s = statistics.median(m.send_s for m in base.seq)
+    model_s = statistics.median(m.model_s for m in base.seq)
+    print(f"  read+prep+forward+SR/SC:              {model_s:7.3f}")
+    print(f"  our send (2 objects, 1 association):  {send_s:7.3f}")
+    print(f"  storescu, same 2 objects (c):         {statistics.median(dcmtk_cxr):7.3f}")
+    print(f"  ratio our CXR send / storescu:        {send_s / statistics.median(dcmtk_cxr):7.2f}")
+    detect = max(m.detect_s for run in runs for m in run.seq)
+    print(f"  detection after quiet period, max:    {detect:7.3f}  (goal <= 1 s)")
     if naive is not None:
         lat, rate, handler = naive
+        ours = [m.sent_s + args.stable for m in [*base.flood, base.lone]]  # from the drop
+        print()
         print(
-            f"  naive watchdog (a):         {rate:6.2f} studies/s, {handler.calls} model calls "
-            f"for {args.flood + 1} files, {handler.failed} failed, "
+            f"naive watchdog (a), flood workload: {rate:6.2f} studies/s, {handler.calls} model "
+            f"calls for {args.flood + 1} files, {handler.failed} failed, "
             f"{len(lat)}/{args.flood + 1} studies got a result"
         )
-        print(f"  latency from drop p50/p95/max: ours {summary(ours_flood)}, naive {summary(lat)}")
-        print(
-            f"  ratio ours/naive: throughput {flood_rate / rate if rate else float('nan'):.2f}, "
-            f"p50 latency {statistics.median(ours_flood) / statistics.median(lat):.2f}"
-            if lat
-            else "  naive produced no result"
-        )
+        print(f"  latency from drop p50/p95/max: ours {summary(ours)}, naive {summary(lat)}")
+        if lat:
+            print(
+                f"  ratio ours (workers = {base.workers}) / naive: throughput "
+                f"{base.flood_rate / rate if rate else float('nan'):.2f}, "
+                f"p50 latency {statistics.median(ours) / statistics.median(lat):.2f}"
+            )
+    se, t = base.series, base.series_timings
     print()
-    print(f"series: {se.n_inputs} MR instances -> {len(se.outputs)} outputs")
     print(
-        f"  instances/s after detection: {series_rate:6.1f}; model.run {se.model_s:.2f} s, "
-        f"our send {se.send_s:.2f} s, storescu {dcmtk_series:.2f} s "
+        f"series, workers = {base.workers}: {se.n_inputs} MR instances -> {len(se.outputs)} outputs"
+    )
+    print(
+        f"  our send {se.send_s:.2f} s, storescu {dcmtk_series:.2f} s "
         f"(ratio ours/storescu {se.send_s / dcmtk_series:.2f})"
     )
     print(
-        f"  breakdown s: assemble+ledger {t['started_at'] - t['stable_at']:.2f}, model.run "
+        f"  breakdown s: assemble+ledger {t['started_at'] - t['stable_at']:.2f}, model "
         f"{t['model_s']:.2f}, write {t['write_s']:.2f}, gate {t['gate_s']:.2f}, "
         f"send {se.send_s:.2f}"
     )
-    print(f"  ratio our CXR send / storescu: {send_s / statistics.median(dcmtk_cxr):.2f}")
-    print(f"service exit code {code}; studies not sent: {len(failed)}")
-    if failed or code:
-        print(log[-3000:])
+    failed = [m for run in runs for m in run.failed]
+    codes = [run.code for run in runs]
+    print(f"service exit codes {codes}; studies not sent: {len(failed)}")
+    if failed or any(codes):
+        print(next(run.log for run in runs if run.failed or run.code)[-3000:])
         return 1
     return 0
 

@@ -5,7 +5,8 @@ Makes ``--studies`` study folders of ``--files`` tiny junk files each under INPU
 is idle), then for each watch mode runs ``python main.py serve`` and measures:
 
 * start-up: from process start until every backlog study is finished in the ledger
-  (the first pass lists, inspects and records every file once);
+  (the first pass lists, inspects and records every file once); on a restart, until the
+  service's heartbeat says its queue is empty (finished, unchanged studies are not read);
 * idle CPU of the service process over ``--idle`` seconds (utime + stime from /proc);
 * time to notice a new study: from the drop of a real DICOM file into a new study folder
   until the ledger has a row for it.
@@ -17,6 +18,7 @@ ledger; polling mode (poll_seconds=2, full pass every 30 s) then restarts on the
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -77,16 +79,36 @@ def first_pass_done(state: Path, since: float, studies: int, files: int) -> bool
     return bool(rows) and rows[0]["n"] >= studies
 
 
+def queue_empty(state: Path, since: float) -> bool:
+    """The service's heartbeat, written since ``since``, says nothing is pending or running."""
+    beat = state / "heartbeat"
+    try:
+        info = json.loads(beat.read_text()) if beat.stat().st_mtime >= since else None
+    except (OSError, ValueError):
+        return False
+    return bool(info) and info["pending"] == 0 and info["running"] == 0
+
+
 def run_mode(
     folder: Path, mode: str, poll: float, studies: int, files: int, idle: float
 ) -> dict[str, float]:
+    """One ``serve`` process: on a fresh ledger it reads the whole backlog; on a restart
+    the ledger's listings of finished studies leave it at one listing per study."""
     state = folder / "STATE"
     config = write_config(folder, mode, poll)
+    fresh = not (state / "ledger.sqlite3").exists()
     started, since = time.monotonic(), time.time()
     proc = start_service(config, folder / f"{mode}.log")
     try:
         wait_until(
-            lambda: first_pass_done(state, since, studies, files), 1800, "the backlog", step=0.5
+            lambda: (
+                first_pass_done(state, since, studies, files)
+                if fresh
+                else queue_empty(state, since)
+            ),
+            1800,
+            "the backlog",
+            step=0.2,
         )
         startup = time.monotonic() - started
         startup_cpu = cpu_seconds(proc.pid)

@@ -7,6 +7,7 @@ model applies to the input, nothing written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -307,7 +308,11 @@ def status(config: Config, *, as_json: bool, health: bool) -> int:
         beat = config.state_dir / HEARTBEAT_NAME
         age = time.time() - beat.stat().st_mtime if beat.exists() else float("inf")
         ok = age <= HEALTH_MAX_AGE_SECONDS
-        print("healthy" if ok else f"unhealthy: no heartbeat for {age:.0f} s")
+        queue = ""
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            beat_info = json.loads(beat.read_text())
+            queue = f" ({beat_info['pending']} pending, {beat_info['running']} running)"
+        print(f"healthy{queue}" if ok else f"unhealthy: no heartbeat for {age:.0f} s")
         return EXIT_OK if ok else EXIT_FAILED
     if not config.ledger_path.exists():
         print(f"no ledger at {config.ledger_path}: the service has not run yet")

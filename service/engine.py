@@ -9,6 +9,7 @@ routed model exactly once per (gateway, study, inputs digest, model version).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -26,7 +27,7 @@ from service.fsutil import atomic_write, is_within, sweep_temp_files
 from service.imagedb import ImageDb
 from service.ledger import InstanceRecord, Ledger, RunState, StudyState
 from service.models.base import Model, RunContext, select_model
-from service.pipeline import Finished, Job, Pipeline
+from service.pipeline import Job, Outcome, Pipeline
 from service.uids import UidFactory
 
 logger = logging.getLogger(__name__)
@@ -65,8 +66,10 @@ class Engine:
         self._stability = Stability()
         self._assembler = Assembler()
         self._last_heartbeat = 0.0
-        #: digest of the listing each study had when it was last finished: a touch (e.g. a
-        #: full rescan) of an unchanged finished study costs one listing, no ledger work
+        self._last_beat: dict[str, int] = {}
+        #: digest of the listing each study had when it was last finished (kept in the
+        #: ledger too): a touch (a full rescan, a restart) of an unchanged finished study
+        #: costs one listing, no reading of its files
         self._finished: dict[tuple[str, str], bytes] = {}
         self._last_gateway = ""  # the gateway whose study ran last (round-robin start)
         self._runs_started = 0
@@ -82,11 +85,13 @@ class Engine:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def recover(self) -> None:
-        """After a restart: remove temp files, mark interrupted sends; reruns happen on scan."""
+        """After a restart: remove temp files, mark interrupted sends; interrupted runs
+        resume when the scan touches their studies."""
         for root in (self.config.output_dir, self.config.state_dir):
             removed = sweep_temp_files(root)
             if removed:
                 logger.warning("removed %d temporary file(s) left under %s", removed, root)
+        self.ledger.forget_listings_of_interrupted_runs()
         for send in self.ledger.interrupted_sends():
             run = self.ledger.get_run(send["run_id"])
             self.ledger.finish_send(send["send_id"], "interrupted", "service stopped during send")
@@ -171,11 +176,16 @@ class Engine:
                 self.touch(gateway_id, study_uid, reprocess=True)
 
     def _heartbeat(self) -> None:
-        if time.monotonic() - self._last_heartbeat < 5.0:
+        """``STATE/heartbeat`` every 5 s and when the queue empties: its mtime is the
+        liveness signal (``status --health``), its content the queue (studies pending,
+        runs in the pipeline)."""
+        beat = {"pending": self.pending_count, "running": self._pipeline.in_flight}
+        emptied = not any(beat.values()) and beat != self._last_beat
+        if time.monotonic() - self._last_heartbeat < 5.0 and not emptied:
             return
-        self._last_heartbeat = time.monotonic()
-        path = self.config.state_dir / HEARTBEAT_NAME
-        path.touch()
+        self._last_heartbeat, self._last_beat = time.monotonic(), beat
+        data = json.dumps(beat).encode()
+        atomic_write(self.config.state_dir / HEARTBEAT_NAME, lambda fh: fh.write(data))
 
     # -- one study -------------------------------------------------------------------------
 
@@ -194,8 +204,8 @@ class Engine:
             return True  # folder gone or empty: nothing to do until touched again
         key = (gateway_id, study_name)
         listing = _listing_digest(snap)
-        if self._finished.get(key) == listing and not pending.force_generation:
-            return True  # unchanged since it was finished (e.g. touched by a full rescan)
+        if not pending.force_generation and self._finished_listing(key) == listing:
+            return True  # unchanged since it was finished (touched by a rescan or a restart)
         quiet = self._stability.observe((gateway_id, study_name), snap, now)
         if quiet < gw.stable_seconds:
             # 'receiving' for a new study or one seen changing; a re-touched finished study
@@ -229,7 +239,7 @@ class Engine:
             self.ledger.set_study_state(
                 gateway_id, study_uid, StudyState.SKIPPED, "no usable DICOM instance in the study"
             )
-            self._finished[key] = listing
+            self._mark_finished(key, listing)
             return True
         imagedb = ImageDb(gateway_dir / "image.db")
         expected = imagedb.expected_instances(study_uid)
@@ -259,8 +269,20 @@ class Engine:
         if key in self._in_flight:  # its run started: the listing is finished when it ends
             self._in_flight[key] = listing
         elif done:
-            self._finished[key] = listing
+            self._mark_finished(key, listing)
         return done
+
+    def _finished_listing(self, key: tuple[str, str]) -> bytes | None:
+        if key not in self._finished:
+            stored = self.ledger.finished_listing(*key)
+            if stored is None:
+                return None
+            self._finished[key] = stored
+        return self._finished[key]
+
+    def _mark_finished(self, key: tuple[str, str], listing: bytes) -> None:
+        self._finished[key] = listing
+        self.ledger.set_finished_listing(*key, listing)
 
     def _record_instances(self, study: Study, snap: assembly.Snapshot) -> None:
         def state(path: Path) -> assembly.FileState:
@@ -400,17 +422,17 @@ class Engine:
             key = (job.study.gateway_id, job.study.folder.name)
             listing = self._in_flight.pop(key, None)
             try:
-                self._complete(job, outcome.finished)
+                self._complete(outcome)
             except Exception as exc:  # one study never stops the service
                 logger.exception("gateway=%s study=%s completion failed", *key)
                 self.ledger.event(key[0], job.study.study_uid, "ERROR", f"unexpected: {exc}")
-            if listing is not None:
-                self._finished[key] = listing
+            if listing:
+                self._mark_finished(key, listing)
         return len(outcomes)
 
-    def _complete(self, job: Job, done: Finished) -> None:
+    def _complete(self, outcome: Outcome) -> None:
+        job, done, timings = outcome.job, outcome.finished, outcome.timings
         run_id, gid, suid = job.run_id, job.study.gateway_id, job.study.study_uid
-        timings = {**job.timings, **done.timings}
         if "model_s" not in timings:
             stages = ("prepare_s", "forward_s", "build_s")
             timings["model_s"] = sum(timings.get(k, 0.0) for k in stages)

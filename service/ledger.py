@@ -123,6 +123,12 @@ CREATE TABLE IF NOT EXISTS send_items (
     status_code INTEGER,
     PRIMARY KEY (send_id, sop_instance_uid)
 );
+CREATE TABLE IF NOT EXISTS finished_listings (  -- a study folder's listing when it finished
+    gateway_id TEXT NOT NULL,
+    folder TEXT NOT NULL,
+    listing BLOB NOT NULL,            -- digest of (path, size, mtime) of every file
+    PRIMARY KEY (gateway_id, folder)
+);
 CREATE TABLE IF NOT EXISTS events (
     event_id INTEGER PRIMARY KEY AUTOINCREMENT,
     ts REAL NOT NULL,
@@ -239,6 +245,33 @@ class Ledger:
             f" reason={reason}" if reason else "",
         )
         return True
+
+    def finished_listing(self, gateway_id: str, folder: str) -> bytes | None:
+        """The listing digest a study folder had when it last finished, if it did."""
+        rows = self.query(
+            "SELECT listing FROM finished_listings WHERE gateway_id=? AND folder=?",
+            (gateway_id, folder),
+        )
+        return bytes(rows[0]["listing"]) if rows else None
+
+    def set_finished_listing(self, gateway_id: str, folder: str, listing: bytes) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO finished_listings (gateway_id, folder, listing)"
+                " VALUES (?, ?, ?)",
+                (gateway_id, folder, listing),
+            )
+
+    def forget_listings_of_interrupted_runs(self) -> int:
+        """Drop the finished listing of every study with a run still ``running`` (the
+        service stopped during it), so that the next look at the study resumes the run."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "DELETE FROM finished_listings WHERE (gateway_id, folder) IN"
+                " (SELECT gateway_id, study_uid FROM runs WHERE state = ?)",
+                (RunState.RUNNING.value,),
+            )
+            return cursor.rowcount
 
     def event(self, gateway_id: str, study_uid: str, level: str, message: str) -> None:
         with self.transaction() as db:

@@ -89,6 +89,11 @@ class Outcome:
     job: Job
     finished: Finished
 
+    @property
+    def timings(self) -> dict[str, float]:
+        """The run's timings: the service's (start, forward, batch) and the workers'."""
+        return {**self.job.timings, **self.finished.timings}
+
 
 # -- worker tasks (module level: they are pickled by reference) -----------------------------
 

@@ -82,8 +82,24 @@ def test_slow_chunked_file_is_read_only_when_complete(tmp_path: Path) -> None:
     assert target.read_bytes() == data
 
 
-def test_backlog_sigkill_mid_run_then_restart_processes_each_study_once(tmp_path: Path) -> None:
-    config = write_config(tmp_path, stable=0.2)
+def children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited while listing
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_backlog_sigkill_mid_run_then_restart_processes_each_study_once(
+    tmp_path: Path, workers: int
+) -> None:
+    config = write_config(tmp_path, stable=0.2, workers=workers)
     gw = tmp_path / "INPUT/gateway_1"
     mr_uid, _ = copy_series(shared_file("series/mr-phantom-63"), gw)
     ct_uid, _ = copy_series(shared_file("series/ct-4-noise"), gw)
@@ -96,8 +112,12 @@ def test_backlog_sigkill_mid_run_then_restart_processes_each_study_once(tmp_path
             120,
             "a run in progress",
         )
+        spawned = children(proc.pid)
     finally:
         kill(proc)  # SIGKILL mid-run
+    # the worker processes (and multiprocessing's helper) end with the killed service
+    assert len(spawned) >= workers
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in spawned), 30, "orphans")
     proc = start_service(config, "--once", "--once-timeout", "180")
     code, log = wait_service(proc, timeout=240)
     assert code == 0, log
@@ -111,6 +131,26 @@ def test_backlog_sigkill_mid_run_then_restart_processes_each_study_once(tmp_path
     # a third start finds nothing to do
     code, _ = wait_service(start_service(config, "--once", "--once-timeout", "60"))
     assert code == 0 and len(run_states(tmp_path / "STATE")) == 3
+
+
+def test_sigterm_finishes_the_runs_already_in_the_workers(tmp_path: Path) -> None:
+    config = write_config(tmp_path, stable=0.2, workers=2)
+    gw = tmp_path / "INPUT/gateway_1"
+    copy_series(shared_file("series/mr-phantom-63"), gw)
+    copy_series(shared_file("series/ct-4-noise"), gw)
+    proc = start_service(config)
+    try:
+        wait_for(
+            lambda: any(r[2] == "running" for r in run_states(tmp_path / "STATE")),
+            120,
+            "a run in progress",
+        )
+    finally:
+        code, log = stop_service(proc, timeout=120)
+    assert code == 0, log
+    states = [s for _, _, s in run_states(tmp_path / "STATE")]
+    assert states and "running" not in states, states
+    assert set(states) == {"written"}
 
 
 def test_status_and_reprocess(tmp_path: Path) -> None:

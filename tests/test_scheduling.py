@@ -97,6 +97,31 @@ def test_touching_a_finished_unchanged_study_does_no_ledger_work(tmp_path: Path)
         engine.close()
 
 
+def test_a_restart_does_not_read_finished_unchanged_studies_again(tmp_path: Path) -> None:
+    engine = make_engine(tmp_path)
+    try:
+        study = drop_study(tmp_path, "1")
+        engine.touch("1", study)
+        engine.tick(now=0.0)
+        assert engine.tick(now=10.0) is True
+        updated = engine.ledger.query("SELECT path, updated FROM instances")
+    finally:
+        engine.close()
+    engine = make_engine(tmp_path)  # a restart: the startup scan touches every study
+    try:
+        engine.touch("1", study)
+        assert engine.tick(now=0.0) is False
+        assert engine.pending_count == 0  # finished at the first look, files not read
+        assert engine.ledger.query("SELECT path, updated FROM instances") == updated
+        assert len(engine.ledger.runs()) == 1
+        engine.touch("1", study, reprocess=True)  # an explicit reprocess still runs it
+        engine.tick(now=20.0)
+        engine.tick(now=30.0)
+        assert len(engine.ledger.runs()) == 2
+    finally:
+        engine.close()
+
+
 def test_run_timings_record_when_the_study_became_stable_and_was_written(
     tmp_path: Path,
 ) -> None:

@@ -1,0 +1,148 @@
+"""The run pipeline: worker processes, batching across studies, dead workers."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from service.assembly import Study
+from service.config import CxrConfig
+from service.models.annotate import AnnotateModel
+from service.models.base import Applicability, ModelResult, Prepared, RunContext
+from service.models.cxr import CxrModel
+from service.pipeline import Job, Outcome, Pipeline
+from service.uids import UidFactory
+from tests.conftest import dciodvfy, shared_file
+from tests.test_cxr import ROOT, study_of, write_checkpoint
+
+CXR = ("siim-cr-pa-jpeg.dcm", "cr-mono1-chest-nometa", "nema-rg1-pa-j2k.dcm")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> CxrModel:
+    weights = write_checkpoint(tmp_path_factory.mktemp("weights"))
+    return CxrModel(CxrConfig(weights=str(weights), device="cpu"))
+
+
+def job(run_id: int, study: Study, model: object) -> Job:
+    ctx = RunContext(UidFactory(ROOT, "test", study.study_uid), run_id)
+    return Job(run_id, study, model, ctx, "study")  # type: ignore[arg-type]
+
+
+def run_all(pipeline: Pipeline, jobs: list[Job], timeout: float = 120) -> list[Outcome]:
+    for j in jobs:
+        pipeline.submit(j)
+    outcomes: list[Outcome] = []
+    deadline = time.monotonic() + timeout
+    while pipeline.in_flight and time.monotonic() < deadline:
+        outcomes.extend(pipeline.pump())
+        pipeline.wait(0.5)
+    outcomes.extend(pipeline.pump())
+    assert not pipeline.in_flight, "pipeline did not finish in time"
+    return sorted(outcomes, key=lambda o: o.job.run_id)
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+    """Two worker processes (started once: each imports torch and highdicom)."""
+    output = tmp_path_factory.mktemp("workers") / "OUTPUT"
+    pipeline = Pipeline(2, output, max_batch=8, batch_wait=30.0)
+    yield pipeline
+    pipeline.close()
+
+
+def test_studies_prepared_together_share_one_forward_with_the_scores_of_a_lone_run(
+    model: CxrModel, workers: Pipeline
+) -> None:
+    studies = [study_of(shared_file(f"cxr/{name}")) for name in CXR]
+    outcomes = run_all(workers, [job(n, s, model) for n, s in enumerate(studies, 1)])
+    assert [o.finished.error for o in outcomes] == ["", "", ""]
+    # batch_wait is 30 s: the three studies went into one forward as soon as all were ready
+    assert [o.timings["batch"] for o in outcomes] == [3.0, 3.0, 3.0]
+    for outcome, study in zip(outcomes, studies, strict=True):
+        lone = model.run(study, outcome.job.ctx)
+        uid = study.instances[0].sop_instance_uid
+        batched = outcome.finished.findings["images"][uid]
+        assert batched == pytest.approx(lone.findings["images"][uid], abs=1e-5)
+        assert outcome.finished.problems == []
+        written = outcome.finished.written
+        assert sorted(w.sop_instance_uid for w in written) == sorted(
+            str(ds.SOPInstanceUID) for ds in lone.datasets
+        )
+        for out in written:
+            assert out.path.is_relative_to(workers.output_dir / "gateway_1" / study.study_uid)
+            assert pydicom.dcmread(out.path).SOPInstanceUID == out.sop_instance_uid
+            assert not [line for line in dciodvfy(out.path) if line.startswith("Error")]
+
+
+def test_a_lone_study_does_not_wait_for_a_batch(tmp_path: Path, model: CxrModel) -> None:
+    pipeline = Pipeline(0, tmp_path / "OUTPUT", max_batch=8, batch_wait=3600.0)
+    try:
+        pipeline.submit(job(1, study_of(shared_file(f"cxr/{CXR[0]}")), model))
+        (outcome,) = pipeline.pump()  # nothing else is being prepared: forward at once
+        assert outcome.finished.error == "" and outcome.timings["batch"] == 1.0
+        assert pipeline.in_flight == 0
+    finally:
+        pipeline.close()
+
+
+def test_batches_hold_at_most_max_batch_rows(tmp_path: Path, model: CxrModel) -> None:
+    pipeline = Pipeline(0, tmp_path / "OUTPUT", max_batch=2, batch_wait=0.0)
+    try:
+        study = study_of(shared_file(f"cxr/{CXR[0]}"))
+        jobs = [job(n, study, model) for n in range(1, 6)]
+        for j in jobs:
+            pipeline.submit(j)
+        outcomes = pipeline.pump()
+        assert sorted(o.timings["batch"] for o in outcomes) == [1.0, 2.0, 2.0, 2.0, 2.0]
+    finally:
+        pipeline.close()
+
+
+def test_unstaged_model_runs_whole_in_a_worker(workers: Pipeline) -> None:
+    study = study_of(sorted(shared_file("gateway-sample/INPUT/gateway_1").glob("*/*"))[0])
+    (outcome,) = run_all(workers, [job(1, study, AnnotateModel())])
+    assert outcome.finished.error == "" and outcome.finished.problems == []
+    assert "model_s" in outcome.timings and "batch" not in outcome.timings
+    assert [w.path.exists() for w in outcome.finished.written] == [True]
+
+
+class ExitingModel:
+    """A model whose preparation kills its worker process, as an out-of-memory kill would."""
+
+    name = "exits"
+    version = "1"
+
+    def ready(self) -> Applicability:
+        return Applicability(True)
+
+    def applies(self, study: Study) -> Applicability:
+        return Applicability(True)
+
+    def prepare(self, study: Study, ctx: RunContext) -> Prepared:
+        os._exit(9)
+
+    def forward(self, inputs: np.ndarray) -> np.ndarray:
+        return inputs
+
+    def finish(self, prepared: Prepared, outputs: np.ndarray, ctx: RunContext) -> ModelResult:
+        return ModelResult([])
+
+    def run(self, study: Study, ctx: RunContext) -> ModelResult:
+        return ModelResult([])
+
+
+def test_a_dying_worker_fails_its_run_after_one_retry_and_others_still_finish(
+    model: CxrModel, workers: Pipeline
+) -> None:
+    good = study_of(shared_file(f"cxr/{CXR[0]}"))
+    outcomes = run_all(workers, [job(1, good, ExitingModel()), job(2, good, model)])
+    assert outcomes[0].finished.error == "worker process exited unexpectedly twice"
+    assert outcomes[0].job.retried
+    assert outcomes[1].finished.error == "" and outcomes[1].finished.written
