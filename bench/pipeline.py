@@ -59,6 +59,7 @@ from bench.common import (
     summary,
     wait_until,
 )
+from tests import helpers
 from tests.test_cxr import write_checkpoint
 
 CXR_FILES = ("siim-cr-pa-jpeg.dcm", "cr-mono1-chest-nometa", "nema-rg1-pa-j2k.dcm")
@@ -86,21 +87,7 @@ class Measured:
 def write_config(
     folder: Path, port: int, weights: Path, stable: float, threads: int, workers: int
 ) -> Path:
-    path = folder / "gateway.toml"
-    path.write_text(
-        f"""
-[service]
-input_dir = "{folder / "INPUT"}"
-output_dir = "{folder / "OUTPUT"}"
-state_dir = "{folder / "STATE"}"
-watch = "native"
-log_level = "INFO"
-workers = {workers}
-[defaults]
-stable_seconds = {stable}
-max_wait_seconds = 60
-rules = [{{ model = "cxr-densenet121", modality = ["CR", "DX"] }},
-         {{ model = "annotate", modality = ["CT", "MR"] }}]
+    sections = f"""
 [pacs]
 host = "127.0.0.1"
 port = {port}
@@ -110,8 +97,18 @@ weights = "{weights}"
 device = "cpu"
 threads = {threads}
 """
+    return helpers.write_config(
+        folder,
+        sections,
+        stable,
+        workers,
+        rules='[{ model = "cxr-densenet121", modality = ["CR", "DX"] }, '
+        '{ model = "annotate", modality = ["CT", "MR"] }]',
+        max_wait=60,
+        watch="native",
+        log_level="INFO",
+        rescan_seconds=30,
     )
-    return path
 
 
 def study_done(state_dir: Path, study: StagedStudy) -> bool:

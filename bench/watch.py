@@ -38,6 +38,7 @@ from bench.common import (
     stop_process,
     wait_until,
 )
+from tests import helpers
 
 UID_PREFIX = "1.2.826.0.1.3680043.8.498.77."
 
@@ -51,23 +52,15 @@ def make_backlog(gateway: Path, studies: int, files: int) -> None:
 
 
 def write_config(folder: Path, mode: str, poll: float) -> Path:
-    path = folder / f"{mode}.toml"
-    path.write_text(
-        f"""
-[service]
-input_dir = "{folder / "INPUT"}"
-output_dir = "{folder / "OUTPUT"}"
-state_dir = "{folder / "STATE"}"
-watch = "{mode}"
-rescan_seconds = 30
-poll_seconds = {poll}
-log_level = "WARNING"
-[defaults]
-stable_seconds = 1
-rules = [{{ model = "annotate" }}]
-"""
+    path = helpers.write_config(
+        folder,
+        stable=1,
+        watch=mode,
+        rescan_seconds=30,
+        poll_seconds=poll,
+        log_level="WARNING",
     )
-    return path
+    return path.rename(folder / f"{mode}.toml")
 
 
 def first_pass_done(state: Path, since: float, studies: int, files: int) -> bool:

@@ -168,6 +168,7 @@ def serve(config: Config, *, once: bool = False, timeout: float = 3600.0) -> int
         folder.mkdir(parents=True, exist_ok=True)
     engine = Engine(config, build_models(config))
     engine.recover()
+    engine.start()
     watcher = StudyWatcher(
         config.input_dir,
         engine.touch,

@@ -80,6 +80,7 @@ class Engine:
             self.config.output_dir,
             self.config.max_batch,
             self.config.batch_wait_seconds,
+            tuple(sorted({type(model).__module__ for model in self.models.values()})),
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -101,6 +102,10 @@ class Engine:
                 self.ledger.set_study_state(
                     run.gateway_id, run.study_uid, StudyState.SEND_FAILED, reason
                 )
+
+    def start(self) -> None:
+        """Start the pipeline's worker processes (else the first run starts them)."""
+        self._pipeline.start()
 
     def touch(self, gateway_id: str, study_name: str, *, reprocess: bool = False) -> None:
         """Mark a study folder as touched (thread-safe; called by the watcher)."""

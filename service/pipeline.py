@@ -18,6 +18,7 @@ hence processes rather than threads.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import multiprocessing
 import os
@@ -173,17 +174,23 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _init_worker(parent: int) -> None:
+def _init_worker(parent: int, modules: tuple[str, ...]) -> None:
     """Workers leave signals to the service (it drains them on SIGTERM/SIGINT), end with
-    it even when it is killed, and use one torch thread: they never run the network."""
+    it even when it is killed, use one torch thread (they never run the network) and
+    import the models' modules, calling their ``warm_up()``, before the first study."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-    os.environ["OMP_NUM_THREADS"] = "1"  # read when torch is first imported, by a task
+    os.environ["OMP_NUM_THREADS"] = "1"  # read when torch is first imported
+    for name in modules:
+        warm_up = getattr(importlib.import_module(name), "warm_up", None)
+        if callable(warm_up):
+            warm_up()
 
 
-def _noop() -> None:
-    return None
+def _ready() -> int:
+    time.sleep(0.2)  # let every starting worker take one of these
+    return os.getpid()
 
 
 class _Inline(Executor):
@@ -202,29 +209,50 @@ class Pipeline:
     """Runs submitted jobs through the stages; :meth:`pump` returns finished ones."""
 
     def __init__(
-        self, workers: int, output_dir: Path, max_batch: int = 8, batch_wait: float = 0.2
+        self,
+        workers: int,
+        output_dir: Path,
+        max_batch: int = 8,
+        batch_wait: float = 0.2,
+        modules: tuple[str, ...] = (),
     ) -> None:
         self.workers = workers
         self.output_dir = output_dir
         self.max_batch = max_batch
         self.batch_wait = batch_wait
-        self._executor = self._new_executor()
+        self.modules = modules  # imported by each worker at its start
+        self._pool: Executor | None = None  # started by start() or the first submit
         self._generation = 0  # worker pools started so far, minus one
         self._preparing: list[tuple[Job, Future[Any]]] = []
         self._ready: list[Job] = []
         self._finishing: list[tuple[Job, Future[Any]]] = []
 
+    def start(self) -> None:
+        """Start the worker processes now (the service does, before its first scan)."""
+        if self._pool is None:
+            self._pool = self._new_executor()
+
+    @property
+    def _executor(self) -> Executor:
+        self.start()
+        assert self._pool is not None
+        return self._pool
+
     def _new_executor(self) -> Executor:
+        """The worker pool, started and warmed up before it is used (a worker imports
+        torch and highdicom: seconds that should not land on the first study)."""
         if self.workers == 0:
             return _Inline()
+        t0 = time.monotonic()
         pool = ProcessPoolExecutor(
             self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(os.getpid(),),
+            initargs=(os.getpid(), self.modules),
         )
-        for _ in range(self.workers):
-            pool.submit(_noop)  # start the processes now, not with the first study
+        for future in [pool.submit(_ready) for _ in range(self.workers)]:
+            future.result()
+        logger.info("%d worker process(es) ready in %.1f s", self.workers, time.monotonic() - t0)
         return pool
 
     @property
@@ -233,8 +261,12 @@ class Pipeline:
 
     @property
     def has_capacity(self) -> bool:
-        """Whether another job may start: enough to fill a batch and keep workers busy."""
-        return self.in_flight < max(self.max_batch, 2 * self.workers, 1)
+        """Whether another job may start: enough to keep every worker busy and a batch
+        forming, few enough that a study arriving on another gateway queues behind only
+        a few others (fair share is decided before the pipeline, in the engine)."""
+        if self.workers == 0:
+            return self.in_flight < self.max_batch  # all finish within the engine's tick
+        return self.in_flight <= min(self.max_batch, 2 * self.workers)
 
     def submit(self, job: Job) -> None:
         model = job.model
@@ -287,7 +319,7 @@ class Pipeline:
         if any(job.pool == self._generation for job in jobs):  # else restarted already
             logger.error("a worker process exited unexpectedly; restarting the worker pool")
             self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = self._new_executor()
+            self._pool = self._new_executor()
             self._generation += 1
         failed = []
         for job in jobs:
@@ -366,8 +398,11 @@ class Pipeline:
     def close(self, timeout: float = 5.0) -> None:
         """Stop the workers; jobs still in flight are left (their runs resume at restart)
         and a worker still busy after ``timeout`` is terminated."""
-        processes = list((getattr(self._executor, "_processes", None) or {}).values())
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._pool is None:
+            return
+        processes = list((getattr(self._pool, "_processes", None) or {}).values())
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None
         deadline = time.monotonic() + timeout
         for process in processes:
             process.join(max(0.0, deadline - time.monotonic()))

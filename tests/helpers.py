@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -17,25 +18,40 @@ from pydicom import dcmread
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_config(tmp_path: Path, extra: str = "", stable: float = 0.3, workers: int = 0) -> Path:
-    """A config routing everything to ``annotate`` with folders under ``tmp_path``; runs
-    go through the pipeline in the service process unless ``workers`` is set."""
+def write_config(
+    tmp_path: Path,
+    extra: str = "",
+    stable: float = 0.3,
+    workers: int = 0,
+    *,
+    rules: str = '[{ model = "annotate" }]',
+    max_wait: float = 3,
+    **service: object,
+) -> Path:
+    """A config with folders under ``tmp_path`` routing everything to ``annotate`` (unless
+    ``rules``), runs in the service process (unless ``workers``), quick rescans and stops;
+    ``service`` adds or overrides ``[service]`` keys, ``extra`` appends sections."""
+    settings: dict[str, object] = {
+        "input_dir": str(tmp_path / "INPUT"),
+        "output_dir": str(tmp_path / "OUTPUT"),
+        "state_dir": str(tmp_path / "STATE"),
+        "uid_root": "1.2.826.0.1.3680043.10.999.",
+        "rescan_seconds": 2,
+        "poll_seconds": 0.5,
+        "shutdown_seconds": 20,
+        "workers": workers,
+        **service,
+    }
+    lines = "\n".join(f"{key} = {json.dumps(value)}" for key, value in settings.items())
     path = tmp_path / "gateway.toml"
     path.write_text(
         f"""
 [service]
-input_dir = "{tmp_path / "INPUT"}"
-output_dir = "{tmp_path / "OUTPUT"}"
-state_dir = "{tmp_path / "STATE"}"
-uid_root = "1.2.826.0.1.3680043.10.999."
-rescan_seconds = 2
-poll_seconds = 0.5
-shutdown_seconds = 20
-workers = {workers}
+{lines}
 [defaults]
 stable_seconds = {stable}
-max_wait_seconds = 3
-rules = [{{ model = "annotate" }}]
+max_wait_seconds = {max_wait}
+rules = {rules}
 {extra}
 """
     )

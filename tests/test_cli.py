@@ -82,6 +82,10 @@ def test_slow_chunked_file_is_read_only_when_complete(tmp_path: Path) -> None:
     assert target.read_bytes() == data
 
 
+def wait_for_a_run(state_dir: Path) -> None:
+    wait_for(lambda: any(r[2] == "running" for r in run_states(state_dir)), 120, "a run")
+
+
 def children(pid: int) -> list[int]:
     """Processes whose parent is ``pid`` (from /proc)."""
     found = []
@@ -107,11 +111,7 @@ def test_backlog_sigkill_mid_run_then_restart_processes_each_study_once(
     before = tree_digest(tmp_path / "INPUT")
     proc = start_service(config)
     try:
-        wait_for(
-            lambda: any(r[2] == "running" for r in run_states(tmp_path / "STATE")),
-            120,
-            "a run in progress",
-        )
+        wait_for_a_run(tmp_path / "STATE")
         spawned = children(proc.pid)
     finally:
         kill(proc)  # SIGKILL mid-run
@@ -140,11 +140,7 @@ def test_sigterm_finishes_the_runs_already_in_the_workers(tmp_path: Path) -> Non
     copy_series(shared_file("series/ct-4-noise"), gw)
     proc = start_service(config)
     try:
-        wait_for(
-            lambda: any(r[2] == "running" for r in run_states(tmp_path / "STATE")),
-            120,
-            "a run in progress",
-        )
+        wait_for_a_run(tmp_path / "STATE")
     finally:
         code, log = stop_service(proc, timeout=120)
     assert code == 0, log

@@ -17,7 +17,14 @@ from service.ledger import StudyState
 from service.models import build_models
 from service.watcher import StudyWatcher
 from tests.conftest import dciodvfy, free_port, shared_file
-from tests.helpers import copy_series, ledger_rows, run_cli, start_service, wait_service
+from tests.helpers import (
+    copy_series,
+    ledger_rows,
+    run_cli,
+    start_service,
+    wait_service,
+    write_config,
+)
 from tests.orthanc import Orthanc
 from tests.test_cxr import write_checkpoint
 
@@ -31,19 +38,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def pipeline_config(tmp_path: Path, weights: Path, port: int, ae_title: str = "ORTHANC") -> Path:
-    path = tmp_path / "gateway.toml"
-    path.write_text(
-        f"""
-[service]
-input_dir = "{tmp_path / "INPUT"}"
-output_dir = "{tmp_path / "OUTPUT"}"
-state_dir = "{tmp_path / "STATE"}"
-uid_root = "1.2.826.0.1.3680043.10.999."
-workers = 2
-[defaults]
-stable_seconds = 0.3
-max_wait_seconds = 2
-rules = [{{ model = "cxr-densenet121", modality = ["CR", "DX"] }}, {{ model = "annotate" }}]
+    """CXR and annotate rules, two worker processes, the PACS at ``port``."""
+    pacs = f"""
 [pacs]
 host = "127.0.0.1"
 port = {port}
@@ -53,8 +49,8 @@ timeout_seconds = 5
 weights = "{weights}"
 device = "cpu"
 """
-    )
-    return path
+    rules = '[{ model = "cxr-densenet121", modality = ["CR", "DX"] }, { model = "annotate" }]'
+    return write_config(tmp_path, pacs, workers=2, rules=rules, max_wait=2)
 
 
 def drop_cxr(gateway_dir: Path, *names: str) -> str:

@@ -70,14 +70,20 @@ def test_a_flooded_gateway_does_not_starve_another(tmp_path: Path) -> None:
         engine.close()
 
 
+def run_new_study(engine: Engine, tmp_path: Path) -> str:
+    """Drop a study on gateway_1 and tick until it ran (quiet for 10 s of engine time)."""
+    study = drop_study(tmp_path, "1")
+    engine.touch("1", study)
+    engine.tick(now=0.0)
+    assert engine.tick(now=10.0) is True
+    assert engine.pending_count == 0
+    return study
+
+
 def test_touching_a_finished_unchanged_study_does_no_ledger_work(tmp_path: Path) -> None:
     engine = make_engine(tmp_path)
     try:
-        study = drop_study(tmp_path, "1")
-        engine.touch("1", study)
-        engine.tick(now=0.0)
-        assert engine.tick(now=10.0) is True
-        assert engine.pending_count == 0
+        study = run_new_study(engine, tmp_path)
         updated = engine.ledger.query("SELECT updated FROM instances")
         engine.touch("1", study)  # e.g. a periodic full rescan
         assert engine.tick(now=20.0) is False
@@ -100,10 +106,7 @@ def test_touching_a_finished_unchanged_study_does_no_ledger_work(tmp_path: Path)
 def test_a_restart_does_not_read_finished_unchanged_studies_again(tmp_path: Path) -> None:
     engine = make_engine(tmp_path)
     try:
-        study = drop_study(tmp_path, "1")
-        engine.touch("1", study)
-        engine.tick(now=0.0)
-        assert engine.tick(now=10.0) is True
+        study = run_new_study(engine, tmp_path)
         updated = engine.ledger.query("SELECT path, updated FROM instances")
     finally:
         engine.close()

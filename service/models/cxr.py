@@ -114,6 +114,13 @@ def load_densenet(path: Path) -> xrv.models.DenseNet:
     return model.eval()
 
 
+def warm_up() -> None:
+    """Load highdicom's tables of the standard once per process (see cxr_outputs)."""
+    from service.models.cxr_outputs import warm_up as load_tables
+
+    load_tables()
+
+
 def pick_device(setting: str) -> torch.device:
     """``auto`` is the first CUDA device when there is one, else the CPU."""
     if setting == "auto":
@@ -362,8 +369,6 @@ class CxrModel:
             self._not_ready = f"cannot load weights file {path}: {type(exc).__name__}: {exc}"
             logger.error("%s", self._not_ready)
             return
-        from service.models.cxr_outputs import warm_up
-
         warm_up()
 
     @property
