@@ -49,6 +49,7 @@ class _Pending:
     next_check: float = 0.0
     force_generation: bool = False  # reprocess: run again even if this digest ran
     observed: bool = False  # the engine has looked at the folder at least once
+    queued: bool = False  # stable, waiting for room in the pipeline
 
 
 @dataclass
@@ -134,21 +135,21 @@ class Engine:
         """
         now = time.monotonic() if now is None else now
         completed = self._complete_finished()
+        room = self._pipeline.has_capacity
         with self._lock:
             due = [
                 (k, p)
                 for k, p in self._pending.items()
-                if p.next_check <= now and k not in self._in_flight
+                if (p.next_check <= now or (p.queued and room)) and k not in self._in_flight
             ]
         served: set[str] = set()
         for (gateway_id, study_name), pending in fair_order(due, self._last_gateway):
-            if not self._pipeline.has_capacity:
-                break  # the rest stay due: they are looked at when a run finishes
             if gateway_id in served:
                 continue  # this gateway had its turn; its next study waits for the next tick
             runs_before = self._runs_started
             try:
-                done = self._check(gateway_id, study_name, pending, now)
+                room = self._pipeline.has_capacity
+                done = self._check(gateway_id, study_name, pending, now, room)
             except Exception as exc:  # one study never stops the service
                 logger.exception("gateway=%s study=%s check failed", gateway_id, study_name)
                 self.ledger.event(gateway_id, study_name, "ERROR", f"unexpected error: {exc}")
@@ -194,8 +195,14 @@ class Engine:
 
     # -- one study -------------------------------------------------------------------------
 
-    def _check(self, gateway_id: str, study_name: str, pending: _Pending, now: float) -> bool:
-        """Advance one study; True when it needs no more attention until touched again."""
+    def _check(
+        self, gateway_id: str, study_name: str, pending: _Pending, now: float, room: bool = True
+    ) -> bool:
+        """Advance one study; True when it needs no more attention until touched again.
+
+        Without ``room`` in the pipeline a study is still watched until it is stable (its
+        quiet period runs meanwhile), then ``queued``: it is looked at again as soon as
+        there is room, in the gateways' turn order."""
         gw = self.config.gateway(gateway_id)
         study_uid = assembly.study_uid_from_folder(study_name)
         gateway_dir = self.config.input_dir / f"{GATEWAY_PREFIX}{gateway_id}"
@@ -221,11 +228,20 @@ class Engine:
                 self.ledger.set_study_state(gateway_id, study_uid, StudyState.RECEIVING)
             pending.observed = True
             pending.stable_since = None
+            pending.queued = False
             pending.next_check = now + min(1.0, gw.stable_seconds - quiet)
             return False
         if pending.stable_since is None:
             pending.stable_since = now
             pending.stable_at = time.time()
+        if not room:
+            if not pending.queued:
+                message = "stable; queued until the pipeline has room"
+                self.ledger.set_study_state(gateway_id, study_uid, StudyState.READY, message)
+            pending.queued = True
+            pending.next_check = now + RECHECK_SECONDS
+            return False
+        pending.queued = False
         study = self._assembler.assemble(
             gateway_id,
             study_uid,

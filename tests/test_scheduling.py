@@ -11,12 +11,13 @@ from pydicom.uid import generate_uid
 
 from service.config import load_config
 from service.engine import Engine, _Pending, fair_order
+from service.ledger import StudyState
 from service.models import build_models
 from tests.helpers import write_config
 
 
-def make_engine(tmp_path: Path) -> Engine:
-    config = load_config(write_config(tmp_path), environ={})
+def make_engine(tmp_path: Path, **service: object) -> Engine:
+    config = load_config(write_config(tmp_path, **service), environ={})
     return Engine(config, build_models(config))
 
 
@@ -66,6 +67,27 @@ def test_a_flooded_gateway_does_not_starve_another(tmp_path: Path) -> None:
         assert runs[1] == ("2", lone)  # second, not fifth
         assert order[0] == [("1", flood[0]), ("2", lone)]  # one run per gateway per tick
         assert [study for _, study in runs if study != lone] == flood  # touch order kept
+    finally:
+        engine.close()
+
+
+def test_a_stable_study_without_room_is_queued_then_runs_as_soon_as_there_is(
+    tmp_path: Path,
+) -> None:
+    engine = make_engine(tmp_path, max_batch=1)  # in-process: one run at a time
+    try:
+        first, second = drop_study(tmp_path, "1"), drop_study(tmp_path, "2")
+        engine.touch("1", first)
+        engine.touch("2", second)
+        engine.tick(now=0.0)
+        engine.tick(now=10.0)
+        assert [r.study_uid for r in engine.ledger.runs()] == [first]
+        assert engine.ledger.study_state("2", second) == (
+            StudyState.READY,
+            "stable; queued until the pipeline has room",
+        )
+        engine.tick(now=10.001)  # room again: no wait for its next recheck
+        assert [r.study_uid for r in engine.ledger.runs()] == [first, second]
     finally:
         engine.close()
 
