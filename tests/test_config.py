@@ -30,6 +30,19 @@ def test_defaults_without_file_or_env() -> None:
     assert config.defaults.rules == (Rule(model="cxr-densenet121", modality=("CR", "DX")),)
 
 
+def test_workers_auto_is_one_per_core_at_most_8_and_none_on_one_core(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    counts = {1: 0, 2: 2, 6: 6, 64: 8}
+    for cores, workers in counts.items():
+        monkeypatch.setattr("os.cpu_count", lambda cores=cores: cores)
+        assert load_config(None, environ={}).workers == workers
+        assert load_config(None, environ={"GATEWAY_WORKERS": "auto"}).workers == workers
+    assert load_config(None, environ={"GATEWAY_WORKERS": "3"}).workers == 3
+    config = from_mapping({"service": {"max_batch": 32, "batch_wait_seconds": 0.5}})
+    assert (config.max_batch, config.batch_wait_seconds) == (32, 0.5)
+
+
 def test_toml_and_per_gateway_overrides(tmp_path: Path) -> None:
     path = write(
         tmp_path,
@@ -90,6 +103,8 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ({"GATEWAY_CXR_DEVICE": "tpu"}, "models.cxr.device"),
         ({"GATEWAY_CXR_SHA256": "abc"}, "models.cxr.sha256"),
         ({"GATEWAY_TYPO": "1"}, "GATEWAY_TYPO"),
+        ({"GATEWAY_WORKERS": "many"}, "service.workers"),
+        ({"GATEWAY_WORKERS": "-1"}, "service.workers"),
     ],
 )
 def test_bad_environment_value_names_the_key(env: dict[str, str], key: str) -> None:
@@ -108,6 +123,8 @@ def test_bad_environment_value_names_the_key(env: dict[str, str], key: str) -> N
         ({"defaults": {"rules": [{"modality": ["CR"]}]}}, "defaults.rules[0].model"),
         ({"defaults": {"rules": [{"model": "x", "colour": "red"}]}}, "defaults.rules[0].colour"),
         ({"extra": {}}, "extra"),
+        ({"service": {"max_batch": 0}}, "service.max_batch"),
+        ({"service": {"batch_wait_seconds": -0.1}}, "service.batch_wait_seconds"),
     ],
 )
 def test_bad_toml_names_the_key(data: dict[str, object], key: str) -> None:
