@@ -117,7 +117,7 @@ def main() -> int:
     print(f"median of {args.repeat}; times in ms per image")
     print(f"  bare xrv forward, batch 1 (cpu): {bare * 1e3:8.1f}")
     for n, t in ((1, fwd1), (8, fwd8), (32, fwd32)):
-        print(f"  service forward, batch {n:<2}:     {t * 1e3:8.1f}  = {1 / t:7.1f} images/s")
+        print(f"  service forward, batch {n:>2}:    {t * 1e3:8.1f}  = {1 / t:7.1f} images/s")
     header = (
         f"{'image':<38}{'read+prep':>10}{'SR+SC':>7}{'write':>7}{'gate':>7}"
         f"{'pipeline':>10}{'overhead':>10}"
