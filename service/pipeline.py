@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -109,10 +110,15 @@ def _write_and_gate(
     result: ModelResult, study: Study, output_dir: Path, layout: str, timings: dict[str, float]
 ) -> Finished:
     t0 = time.perf_counter()
-    written = []
+    written: list[Written] = []
     for ds in result.datasets:
-        target = output_path(output_dir, study.gateway_id, layout, ds)
-        write_dataset(ds, target)
+        try:
+            target = output_path(output_dir, study.gateway_id, layout, ds)
+            write_dataset(ds, target)
+        except Exception as exc:  # what was written so far is still reported
+            failed = _failure(exc)
+            failed.written = written
+            return failed
         written.append(Written(target, ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID))
     t1 = time.perf_counter()
     problems = check_files(
@@ -174,10 +180,13 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _init_worker(parent: int, modules: tuple[str, ...]) -> None:
-    """Workers leave signals to the service (it drains them on SIGTERM/SIGINT), end with
-    it even when it is killed, use one torch thread (they never run the network) and
-    import the models' modules, calling their ``warm_up()``, before the first study."""
+def _init_worker(parent: int, modules: tuple[str, ...], log: tuple[int, str | None]) -> None:
+    """Workers log like the service, leave signals to it (it drains them on SIGTERM and
+    SIGINT), end with it even when it is killed, use one torch thread (they never run the
+    network) and import the models' modules, calling their ``warm_up()``, before the first
+    study."""
+    level, fmt = log
+    logging.basicConfig(level=level, format=fmt or logging.BASIC_FORMAT, stream=sys.stderr)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
@@ -186,6 +195,13 @@ def _init_worker(parent: int, modules: tuple[str, ...]) -> None:
         warm_up = getattr(importlib.import_module(name), "warm_up", None)
         if callable(warm_up):
             warm_up()
+
+
+def _log_settings() -> tuple[int, str | None]:
+    """The service's root log level and format, for its workers."""
+    root = logging.getLogger()
+    formatter = root.handlers[0].formatter if root.handlers else None
+    return root.level, formatter._fmt if formatter else None
 
 
 def _ready() -> int:
@@ -248,7 +264,7 @@ class Pipeline:
             self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(os.getpid(), self.modules),
+            initargs=(os.getpid(), self.modules, _log_settings()),
         )
         for future in [pool.submit(_ready) for _ in range(self.workers)]:
             future.result()

@@ -146,3 +146,33 @@ def test_a_dying_worker_fails_its_run_after_one_retry_and_others_still_finish(
     assert outcomes[0].finished.error == "worker process exited unexpectedly twice"
     assert outcomes[0].job.retried
     assert outcomes[1].finished.error == "" and outcomes[1].finished.written
+
+
+class HalfWritableModel:
+    """A model (without stages) whose second result has an unusable SOP Instance UID."""
+
+    name = "half"
+    version = "1"
+
+    def ready(self) -> Applicability:
+        return Applicability(True)
+
+    def applies(self, study: Study) -> Applicability:
+        return Applicability(True)
+
+    def run(self, study: Study, ctx: RunContext) -> ModelResult:
+        good = pydicom.dcmread(study.instances[0].path)
+        good.SOPInstanceUID = good.file_meta.MediaStorageSOPInstanceUID = ctx.uids.uid("good")
+        bad = pydicom.dcmread(study.instances[0].path)
+        bad.SOPInstanceUID = "1.2..3"
+        return ModelResult([good, bad])
+
+
+def test_a_failed_write_still_reports_what_was_written(tmp_path: Path) -> None:
+    pipeline = Pipeline(0, tmp_path / "OUTPUT")
+    study = study_of(sorted(shared_file("gateway-sample/INPUT/gateway_1").glob("*/*"))[0])
+    (outcome,) = run_all(pipeline, [job(1, study, HalfWritableModel())])
+    assert outcome.finished.error.startswith("OutputError: SOPInstanceUID '1.2..3'")
+    (written,) = outcome.finished.written
+    assert written.path.is_file()
+    assert written.sop_instance_uid == outcome.job.ctx.uids.uid("good")
