@@ -79,7 +79,7 @@ def queue_empty(state: Path, since: float) -> bool:
         info = json.loads(beat.read_text()) if beat.stat().st_mtime >= since else None
     except (OSError, ValueError):
         return False
-    return bool(info) and info["pending"] == 0 and info["running"] == 0
+    return bool(info) and not any(info.values())
 
 
 def run_mode(

@@ -312,7 +312,8 @@ def status(config: Config, *, as_json: bool, health: bool) -> int:
         queue = ""
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             beat_info = json.loads(beat.read_text())
-            queue = f" ({beat_info['pending']} pending, {beat_info['running']} running)"
+            queue = ", ".join(f"{beat_info[k]} {k}" for k in ("pending", "running", "sending"))
+            queue = f" ({queue})"
         print(f"healthy{queue}" if ok else f"unhealthy: no heartbeat for {age:.0f} s")
         return EXIT_OK if ok else EXIT_FAILED
     if not config.ledger_path.exists():

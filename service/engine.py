@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from service.imagedb import ImageDb
 from service.ledger import InstanceRecord, Ledger, RunState, StudyState
 from service.models.base import Model, RunContext, select_model
 from service.pipeline import Job, Outcome, Pipeline
+from service.sender import SendResult, SendStatus
 from service.uids import UidFactory
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,8 @@ HEARTBEAT_NAME = "heartbeat"
 REQUESTS_DIR = "requests"
 #: Seconds between re-checks of a study waiting for a model or for image.db's instances.
 RECHECK_SECONDS = 5.0
+#: Associations that may be open at once (sends of different runs).
+SEND_THREADS = 4
 #: Rejected files logged one by one per study check; the rest are counted in one line.
 MAX_REJECT_LOG_LINES = 20
 
@@ -50,6 +54,17 @@ class _Pending:
     force_generation: bool = False  # reprocess: run again even if this digest ran
     observed: bool = False  # the engine has looked at the folder at least once
     queued: bool = False  # stable, waiting for room in the pipeline
+
+
+@dataclass
+class _Send:
+    """A send in progress on a send thread."""
+
+    run_id: int
+    gateway_id: str
+    study_uid: str
+    send_id: int
+    future: Future[SendResult] = field(init=False)
 
 
 @dataclass
@@ -76,6 +91,8 @@ class Engine:
         self._runs_started = 0
         #: studies with a run in the pipeline, with their listing digest at the start
         self._in_flight: dict[tuple[str, str], bytes] = {}
+        self._sends: list[_Send] = []
+        self._send_pool = ThreadPoolExecutor(SEND_THREADS, thread_name_prefix="send")
         self._pipeline = Pipeline(
             self.config.workers,
             self.config.output_dir,
@@ -184,8 +201,12 @@ class Engine:
     def _heartbeat(self) -> None:
         """``STATE/heartbeat`` every 5 s and when the queue empties: its mtime is the
         liveness signal (``status --health``), its content the queue (studies pending,
-        runs in the pipeline)."""
-        beat = {"pending": self.pending_count, "running": self._pipeline.in_flight}
+        runs in the pipeline, sends open)."""
+        beat = {
+            "pending": self.pending_count,
+            "running": self._pipeline.in_flight,
+            "sending": len(self._sends),
+        }
         emptied = not any(beat.values()) and beat != self._last_beat
         if time.monotonic() - self._last_heartbeat < 5.0 and not emptied:
             return
@@ -436,7 +457,8 @@ class Engine:
         self._pipeline.submit(Job(run_id, study, model, ctx, layout, timings))
 
     def _complete_finished(self) -> int:
-        """Record every run the pipeline finished since the last call; how many."""
+        """Record every run and send finished since the last call; how many."""
+        sends = self._record_finished_sends()
         outcomes = self._pipeline.pump()
         for outcome in outcomes:
             job = outcome.job
@@ -449,7 +471,7 @@ class Engine:
                 self.ledger.event(key[0], job.study.study_uid, "ERROR", f"unexpected: {exc}")
             if listing:
                 self._mark_finished(key, listing)
-        return len(outcomes)
+        return len(outcomes) + sends
 
     def _complete(self, outcome: Outcome) -> None:
         job, done, timings = outcome.job, outcome.finished, outcome.timings
@@ -513,10 +535,21 @@ class Engine:
         self.ledger.event(study.gateway_id, study.study_uid, "ERROR", f"run {run_id}: {reason}")
 
     def send_run(
-        self, run_id: int, gateway_id: str, study_uid: str, paths: list[Path], manual: bool = False
+        self,
+        run_id: int,
+        gateway_id: str,
+        study_uid: str,
+        paths: list[Path],
+        manual: bool = False,
+        wait: bool = False,
     ) -> None:
-        """One C-STORE association for the run's outputs; the outcome is recorded, never retried."""
-        from service.sender import SendStatus, send_files
+        """One C-STORE association for the run's outputs, never retried.
+
+        The association runs on a send thread, so a slow or silent PACS (up to its
+        ``timeout_seconds``) holds up neither other runs nor other gateways; the outcome is
+        recorded by the engine thread when it ends (``wait``: before returning).
+        """
+        from service.sender import send_files
 
         destination = self.config.destination(gateway_id)
         if not destination.enabled:
@@ -526,9 +559,23 @@ class Engine:
         send_id = self.ledger.start_send(run_id, where, manual)
         self.ledger.set_run_state(run_id, RunState.SENDING)
         self.ledger.set_study_state(gateway_id, study_uid, StudyState.SENDING, where)
-        result = send_files(destination, paths)
+        sending = _Send(run_id, gateway_id, study_uid, send_id)
+        sending.future = self._send_pool.submit(send_files, destination, paths)
+        if wait:
+            self._record_send(sending, sending.future.result())
+        else:
+            self._sends.append(sending)
+
+    def _record_finished_sends(self) -> int:
+        done = [s for s in self._sends if s.future.done()]
+        self._sends = [s for s in self._sends if not s.future.done()]
+        for sending in done:
+            self._record_send(sending, sending.future.result())
+        return len(done)
+
+    def _record_send(self, sending: _Send, result: SendResult) -> None:
         self.ledger.finish_send(
-            send_id,
+            sending.send_id,
             str(result.status),
             result.reason,
             [(i.sop_instance_uid, str(i.status), i.status_code) for i in result.items],
@@ -539,10 +586,9 @@ class Engine:
         codes = sorted({i.status_code for i in result.items if i.status_code})
         if codes:
             reason += " (status " + ", ".join(f"0x{c:04X}" for c in codes) + ")"
-        self.ledger.set_run_state(run_id, run_state, "" if ok else reason)
-        self.ledger.set_study_state(
-            gateway_id, study_uid, StudyState.SENT if ok else StudyState.SEND_FAILED, reason
-        )
+        self.ledger.set_run_state(sending.run_id, run_state, "" if ok else reason)
+        state = StudyState.SENT if ok else StudyState.SEND_FAILED
+        self.ledger.set_study_state(sending.gateway_id, sending.study_uid, state, reason)
 
     def resend(self, gateway_id: str, study_uid: str) -> bool:
         """Operator-triggered new send attempt of the study's latest written run."""
@@ -551,7 +597,7 @@ class Engine:
             return False
         run = runs[-1]
         paths = [Path(row["path"]) for row in self.ledger.outputs(run.run_id)]
-        self.send_run(run.run_id, gateway_id, study_uid, paths, manual=True)
+        self.send_run(run.run_id, gateway_id, study_uid, paths, manual=True, wait=True)
         return True
 
     # -- whole folders ---------------------------------------------------------------------
@@ -577,14 +623,14 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        """Whether runs are in the pipeline."""
-        return self._pipeline.in_flight > 0
+        """Whether runs are in the pipeline or sends in progress."""
+        return self._pipeline.in_flight > 0 or bool(self._sends)
 
     def wait(self, timeout: float, stop: threading.Event | None = None) -> None:
-        """Pause between ticks: until a run's stage completes when runs are in flight, else
-        until ``timeout`` or ``stop``."""
+        """Pause between ticks: until a run's stage or a send completes when some are in
+        flight, else until ``timeout`` or ``stop``."""
         if self.busy:
-            self._pipeline.wait(timeout)
+            self._pipeline.wait(timeout, [s.future for s in self._sends])
         elif stop is not None:
             stop.wait(timeout)
         else:
@@ -609,12 +655,15 @@ class Engine:
         A run still unfinished at ``timeout`` stays ``running`` and resumes at the next start."""
         deadline = time.monotonic() + timeout
         while self.busy and time.monotonic() < deadline:
-            self._pipeline.wait(max(0.0, min(0.5, deadline - time.monotonic())))
+            self.wait(max(0.0, min(0.5, deadline - time.monotonic())))
             self._complete_finished()
         return not self.busy
 
     def close(self) -> None:
+        """Stop workers and send threads; a send still open is recorded as interrupted at
+        the next start."""
         self._pipeline.close()
+        self._send_pool.shutdown(wait=False, cancel_futures=True)
         self.ledger.close()
 
 

@@ -26,7 +26,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -400,9 +400,10 @@ class Pipeline:
             self._finishing.append((job, future))
         return []
 
-    def wait(self, timeout: float) -> None:
-        """Sleep until some worker task completes, a batch falls due, or ``timeout``."""
-        futures = [f for _, f in (*self._preparing, *self._finishing)]
+    def wait(self, timeout: float, others: Sequence[Future[Any]] = ()) -> None:
+        """Sleep until some worker task (or one of ``others``) completes, a batch falls
+        due, or ``timeout``."""
+        futures = [f for _, f in (*self._preparing, *self._finishing)] + list(others)
         if self._ready:
             oldest = min(j.ready_at for j in self._ready)
             timeout = max(0.0, min(timeout, oldest + self.batch_wait - time.monotonic()))

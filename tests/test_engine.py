@@ -5,19 +5,21 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from service.config import load_config
 from service.engine import Engine, request_reprocess
 from service.ledger import RunState, StudyState
 from service.models import build_models
 from service.watcher import StudyWatcher
-from tests.conftest import shared_file
+from tests.conftest import free_port, shared_file
 from tests.helpers import copy_series, temp_files, tree_digest, write_config
 
 
@@ -231,3 +233,63 @@ def test_hostile_names_and_symlinks_never_leave_the_folders(engine: Engine, tmp_
         any(p.is_relative_to(a) for a in allowed) or p.name == "gateway.toml" for p in written
     )
     assert not (tmp_path / "OUTPUT" / "gateway_1" / secret_uid).exists()
+
+
+@pytest.fixture
+def pacs_pair() -> Iterator[tuple[int, int, threading.Event]]:
+    """Two real pynetdicom SCPs: one holds every C-STORE until released, one stores at once."""
+    release = threading.Event()
+
+    def hold(_event: evt.Event) -> int:
+        release.wait(30)
+        return 0x0000
+
+    servers = []
+    ports = []
+    for title, handler in (("SLOWPACS", hold), ("FASTPACS", lambda _event: 0x0000)):
+        ae = AE(ae_title=title)
+        ae.supported_contexts = AllStoragePresentationContexts
+        ports.append(free_port())
+        servers.append(
+            ae.start_server(
+                ("127.0.0.1", ports[-1]), block=False, evt_handlers=[(evt.EVT_C_STORE, handler)]
+            )
+        )
+    yield ports[0], ports[1], release
+    release.set()
+    for server in servers:
+        server.shutdown()
+
+
+def test_a_pacs_that_holds_a_send_holds_up_no_other_gateway(
+    tmp_path: Path, pacs_pair: tuple[int, int, threading.Event]
+) -> None:
+    slow, fast, release = pacs_pair
+    held, _ = copy_series(shared_file("series/ct-4-noise"), tmp_path / "INPUT/gateway_1", 1)
+    other, _ = copy_series(shared_file("series/mr-phantom-63"), tmp_path / "INPUT/gateway_2", 1)
+    engine = make_engine(
+        tmp_path,
+        f"""
+[gateways.1]
+pacs = {{ host = "127.0.0.1", port = {slow}, ae_title = "SLOWPACS", timeout_seconds = 20 }}
+[gateways.2]
+pacs = {{ host = "127.0.0.1", port = {fast}, ae_title = "FASTPACS" }}
+""",
+    )
+    try:
+        scan(engine)
+        deadline = time.monotonic() + 60
+        while (engine.ledger.study_state("2", other) or ("",))[0] != StudyState.SENT:
+            assert time.monotonic() < deadline, engine.ledger.study_state("2", other)
+            engine.tick()
+            engine.wait(0.1)
+        # gateway_1's run went first (round-robin order) and its PACS still holds the send
+        assert engine.ledger.study_state("1", held) == (
+            StudyState.SENDING,
+            f"SLOWPACS@127.0.0.1:{slow}",
+        )
+        release.set()
+        assert engine.drain(30)
+        assert engine.ledger.study_state("1", held)[0] == StudyState.SENT  # type: ignore[index]
+    finally:
+        engine.close()
