@@ -159,7 +159,7 @@ def serve(config: Config, *, once: bool = False, timeout: float = 3600.0) -> int
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        logger.info("signal %d: taking no new studies, finishing the current one", signum)
+        logger.info("signal %d: taking no new studies, finishing the runs already started", signum)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
