@@ -113,10 +113,10 @@ def test_unstaged_model_runs_whole_in_a_worker(workers: Pipeline) -> None:
     assert [w.path.exists() for w in outcome.finished.written] == [True]
 
 
-class ExitingModel:
-    """A model whose preparation kills its worker process, as an out-of-memory kill would."""
+class FaultModel:
+    """What a model declares, for the fault-injecting models below: always applies."""
 
-    name = "exits"
+    name = "test"
     version = "1"
 
     def ready(self) -> Applicability:
@@ -124,6 +124,10 @@ class ExitingModel:
 
     def applies(self, study: Study) -> Applicability:
         return Applicability(True)
+
+
+class ExitingModel(FaultModel):
+    """A model whose preparation kills its worker process, as an out-of-memory kill would."""
 
     def prepare(self, study: Study, ctx: RunContext) -> Prepared:
         os._exit(9)
@@ -148,17 +152,8 @@ def test_a_dying_worker_fails_its_run_after_one_retry_and_others_still_finish(
     assert outcomes[1].finished.error == "" and outcomes[1].finished.written
 
 
-class HalfWritableModel:
+class HalfWritableModel(FaultModel):
     """A model (without stages) whose second result has an unusable SOP Instance UID."""
-
-    name = "half"
-    version = "1"
-
-    def ready(self) -> Applicability:
-        return Applicability(True)
-
-    def applies(self, study: Study) -> Applicability:
-        return Applicability(True)
 
     def run(self, study: Study, ctx: RunContext) -> ModelResult:
         good = pydicom.dcmread(study.instances[0].path)
