@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -452,7 +453,7 @@ class Engine:
         if stable_at:
             timings["stable_at"] = stable_at
         layout = self.config.gateway(gid).layout
-        ctx = RunContext(uids=uids, run_id=run_id)
+        ctx = RunContext(uids=uids, run_id=run_id, started=datetime.now())
         self._in_flight[(gid, study.folder.name)] = b""
         self._pipeline.submit(Job(run_id, study, model, ctx, layout, timings))
 

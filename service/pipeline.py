@@ -9,7 +9,9 @@ A run goes through three stages:
 3. *finish* (worker): build the result objects, write them atomically and check them with
    the conformance gate.
 
-A model without stages (``annotate``) runs whole in one worker task. With ``workers = 0``
+A model without stages runs whole in one worker task; a :class:`SplitModel` (``annotate``)
+runs as one task per worker, each on a part of the study's instances, merged into one
+result. With ``workers = 0``
 every stage runs in the service process, in the same order. Worker tasks never touch the
 ledger: the engine records what they report, so exactly-once bookkeeping stays in one
 thread. Decoding and building DICOM are pure Python for the most part and hold the GIL,
@@ -38,7 +40,15 @@ import numpy as np
 from service.assembly import Study
 from service.conformance import Finding, check_files
 from service.errors import GatewayError
-from service.models.base import BatchedModel, Model, ModelResult, Prepared, RunContext
+from service.models.base import (
+    BatchedModel,
+    Model,
+    ModelResult,
+    Prepared,
+    RunContext,
+    SplitModel,
+    nothing_produced,
+)
 from service.writers import output_path, write_dataset
 
 logger = logging.getLogger(__name__)
@@ -68,6 +78,7 @@ class Finished:
     findings: dict[str, Any] = field(default_factory=dict)
     error: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # SOP Instance UID -> reason
 
 
 @dataclass
@@ -100,6 +111,12 @@ class Outcome:
 # -- worker tasks (module level: they are pickled by reference) -----------------------------
 
 
+def _value(future: Future[Any]) -> Any:
+    """A done task's result, or its exception as a failure."""
+    exc = future.exception()
+    return future.result() if exc is None else _failure(exc)
+
+
 def _failure(exc: BaseException) -> Finished:
     if not isinstance(exc, EXPECTED_ERRORS):
         logger.error("unexpected error in a run stage", exc_info=exc)
@@ -127,7 +144,7 @@ def _write_and_gate(
         run_sop_uids={w.sop_instance_uid for w in written},
     )
     timings.update(write_s=t1 - t0, gate_s=time.perf_counter() - t1)
-    return Finished(written, problems, result.findings, timings=timings)
+    return Finished(written, problems, result.findings, "", timings, result.skipped_instances)
 
 
 def run_whole(
@@ -141,6 +158,48 @@ def run_whole(
         return _write_and_gate(result, study, output_dir, layout, timings)
     except Exception as exc:
         return _failure(exc)
+
+
+def run_part(
+    model: SplitModel, study: Study, ctx: RunContext, output_dir: Path, layout: str
+) -> Finished:
+    """One part of a split model's run: run, write, gate."""
+    try:
+        t0 = time.perf_counter()
+        result = model.run_part(study, ctx)
+        timings = {"model_s": time.perf_counter() - t0}
+        return _write_and_gate(result, study, output_dir, layout, timings)
+    except Exception as exc:
+        return _failure(exc)
+
+
+def split_study(study: Study, parts: int) -> list[Study]:
+    """``study``'s instances in at most ``parts`` contiguous runs of (series, SOP) order."""
+    ordered = sorted(study.instances, key=lambda i: (i.series_instance_uid, i.sop_instance_uid))
+    size = -(-len(ordered) // max(1, parts))
+    return [
+        Study(study.gateway_id, study.study_uid, study.folder, ordered[i : i + size])
+        for i in range(0, len(ordered), size)
+    ]
+
+
+def merge_parts(model: SplitModel, parts: list[Finished]) -> Finished:
+    """The run's result from its parts' (in part order): it fails with the first part
+    that failed, or when no part produced anything."""
+    merged = Finished(
+        written=[w for part in parts for w in part.written],
+        problems=[f for part in parts for f in part.problems],
+        findings=model.merge_findings([part.findings for part in parts if not part.error]),
+        error=next((part.error for part in parts if part.error), ""),
+        skipped={k: v for part in parts for k, v in part.skipped.items()},
+    )
+    for part in parts:
+        for key, seconds in part.timings.items():
+            merged.timings[key] = merged.timings.get(key, 0.0) + seconds
+    merged.timings["parts"] = float(len(parts))
+    if not merged.error and not merged.written:
+        merged.error = nothing_produced(model.name, merged.skipped)
+    return merged
 
 
 def prepare(
@@ -242,6 +301,7 @@ class Pipeline:
         self._preparing: list[tuple[Job, Future[Any]]] = []
         self._ready: list[Job] = []
         self._finishing: list[tuple[Job, Future[Any]]] = []
+        self._parts: list[tuple[Job, list[Future[Any]]]] = []  # split runs, one task a part
 
     def start(self) -> None:
         """Start the worker processes now (the service does, before its first scan)."""
@@ -273,7 +333,7 @@ class Pipeline:
 
     @property
     def in_flight(self) -> int:
-        return len(self._preparing) + len(self._ready) + len(self._finishing)
+        return len(self._preparing) + len(self._ready) + len(self._finishing) + len(self._parts)
 
     @property
     def has_capacity(self) -> bool:
@@ -290,6 +350,12 @@ class Pipeline:
         if isinstance(model, BatchedModel):
             future = self._executor.submit(prepare, model, job.study, job.ctx)
             self._preparing.append((job, future))
+        elif isinstance(model, SplitModel) and self.workers > 1 and len(job.study.instances) > 1:
+            parts = [
+                self._executor.submit(run_part, model, part, job.ctx, self.output_dir, job.layout)
+                for part in split_study(job.study, self.workers)
+            ]
+            self._parts.append((job, parts))
         else:
             future = self._executor.submit(
                 run_whole, model, job.study, job.ctx, self.output_dir, job.layout
@@ -309,6 +375,26 @@ class Pipeline:
         while self._batch_due():
             outcomes.extend(self._forward(self._take_batch()))
         outcomes.extend(Outcome(job, result) for job, result in self._collect("_finishing"))
+        outcomes.extend(self._collect_parts())
+        return outcomes
+
+    def _collect_parts(self) -> list[Outcome]:
+        """Split runs whose every part is done, merged; a run that lost a part to a dead
+        worker goes through :meth:`_worker_died` whole."""
+        outcomes: list[Outcome] = []
+        waiting: list[tuple[Job, list[Future[Any]]]] = []
+        broken: list[Job] = []
+        for job, parts in self._parts:
+            if not all(f.done() for f in parts):
+                waiting.append((job, parts))
+            elif any(isinstance(f.exception(), BrokenProcessPool) for f in parts):
+                broken.append(job)
+            else:
+                assert isinstance(job.model, SplitModel)
+                outcomes.append(Outcome(job, merge_parts(job.model, [_value(f) for f in parts])))
+        self._parts = waiting
+        if broken:
+            outcomes.extend(Outcome(job, done) for job, done in self._worker_died(broken))
         return outcomes
 
     def _collect(self, stage: str) -> list[tuple[Job, Any]]:
@@ -320,10 +406,8 @@ class Pipeline:
                 waiting.append((job, future))
             elif isinstance(future.exception(), BrokenProcessPool):
                 broken.append(job)
-            elif future.exception() is not None:
-                done.append((job, _failure(future.exception())))
             else:
-                done.append((job, future.result()))
+                done.append((job, _value(future)))
         setattr(self, stage, waiting)
         if broken:
             done.extend(self._worker_died(broken))
@@ -404,6 +488,7 @@ class Pipeline:
         """Sleep until some worker task (or one of ``others``) completes, a batch falls
         due, or ``timeout``."""
         futures = [f for _, f in (*self._preparing, *self._finishing)] + list(others)
+        futures += [f for _, parts in self._parts for f in parts if not f.done()]
         if self._ready:
             oldest = min(j.ready_at for j in self._ready)
             timeout = max(0.0, min(timeout, oldest + self.batch_wait - time.monotonic()))

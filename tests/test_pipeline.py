@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +17,13 @@ from service.config import CxrConfig
 from service.models.annotate import AnnotateModel
 from service.models.base import Applicability, ModelResult, Prepared, RunContext
 from service.models.cxr import CxrModel
-from service.pipeline import Job, Outcome, Pipeline
+from service.pipeline import Finished, Job, Outcome, Pipeline, merge_parts
 from service.uids import UidFactory
 from tests.conftest import dciodvfy, shared_file
 from tests.test_cxr import ROOT, study_of, write_checkpoint
 
 CXR = ("siim-cr-pa-jpeg.dcm", "cr-mono1-chest-nometa", "nema-rg1-pa-j2k.dcm")
+STARTED = datetime(2026, 11, 22, 7, 30, 5)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> CxrModel:
 
 
 def job(run_id: int, study: Study, model: object) -> Job:
-    ctx = RunContext(UidFactory(ROOT, "test", study.study_uid), run_id)
+    ctx = RunContext(UidFactory(ROOT, "test", study.study_uid), run_id, started=STARTED)
     return Job(run_id, study, model, ctx, "study")  # type: ignore[arg-type]
 
 
@@ -111,6 +113,37 @@ def test_unstaged_model_runs_whole_in_a_worker(workers: Pipeline) -> None:
     assert outcome.finished.error == "" and outcome.finished.problems == []
     assert "model_s" in outcome.timings and "batch" not in outcome.timings
     assert [w.path.exists() for w in outcome.finished.written] == [True]
+
+
+def test_a_series_is_split_across_workers_into_the_objects_of_one_run(
+    workers: Pipeline,
+) -> None:
+    files = sorted(shared_file("series/mr-phantom-63").iterdir())[:9]
+    study = study_of(*files)
+    (outcome,) = run_all(workers, [job(1, study, AnnotateModel())])
+    done = outcome.finished
+    assert done.error == "" and done.problems == [] and outcome.timings["parts"] == 2.0
+    whole = AnnotateModel().run(study, outcome.job.ctx)  # the same run in one piece
+    assert sorted(w.sop_instance_uid for w in done.written) == sorted(
+        str(ds.SOPInstanceUID) for ds in whole.datasets
+    )
+    assert done.findings == whole.findings
+    written = [pydicom.dcmread(w.path, stop_before_pixels=True) for w in done.written]
+    assert {(ds.SeriesInstanceUID, ds.SeriesDate, ds.SeriesTime) for ds in written} == {
+        (whole.datasets[0].SeriesInstanceUID, "20261122", "073005")
+    }
+
+
+def test_merged_parts_fail_with_the_first_error_or_when_nothing_was_produced() -> None:
+    model = AnnotateModel()
+    empty = [
+        Finished(skipped={"1.2.1": "no pixel data"}),
+        Finished(skipped={"1.2.2": "no pixel data"}),
+    ]
+    assert merge_parts(model, empty).error == "annotate produced nothing: no pixel data"
+    failed = [Finished(error="OSError: disk full"), Finished(findings={"instances": 1})]
+    merged = merge_parts(model, failed)
+    assert merged.error == "OSError: disk full" and merged.findings["instances"] == 1
 
 
 class FaultModel:

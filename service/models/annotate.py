@@ -10,7 +10,7 @@ Patient, study and frame-of-reference attributes are kept, so the result joins t
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from pydicom.uid import (
 from service.assembly import Instance, Study, read_dicom
 from service.conformance import repair_copied_attributes
 from service.errors import InputError, ModelError
-from service.models.base import Applicability, ModelResult, RunContext
+from service.models.base import Applicability, ModelResult, RunContext, nothing_produced
 
 logger = logging.getLogger(__name__)
 
@@ -251,8 +251,14 @@ class AnnotateModel:
         return Applicability(False, "no image with supported pixel data: " + "; ".join(reasons))
 
     def run(self, study: Study, ctx: RunContext) -> ModelResult:
+        result = self.run_part(study, ctx)
+        if not result.datasets:
+            raise ModelError(nothing_produced(self.name, result.skipped_instances))
+        return result
+
+    def run_part(self, study: Study, ctx: RunContext) -> ModelResult:
         usable, skipped = self._check(study.instances)
-        now = datetime.now()
+        now = ctx.started or datetime.now()
         datasets: list[Dataset] = []
         series: list[str] = []
         for inst in sorted(usable, key=lambda i: (i.series_instance_uid, i.sop_instance_uid)):
@@ -267,8 +273,6 @@ class AnnotateModel:
             datasets.append(ds)
             if ds.SeriesInstanceUID not in series:
                 series.append(str(ds.SeriesInstanceUID))
-        if not datasets:
-            raise ModelError("annotate produced nothing: " + "; ".join(sorted(skipped.values())))
         logger.info(
             "annotate: study %s, %d instance(s) in %d new series, %d skipped",
             study.study_uid,
@@ -281,3 +285,10 @@ class AnnotateModel:
             findings={"instances": len(datasets), "series": series},
             skipped_instances=skipped,
         )
+
+    def merge_findings(self, parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        series = [uid for part in parts for uid in part.get("series", [])]
+        return {
+            "instances": sum(int(part.get("instances", 0)) for part in parts),
+            "series": list(dict.fromkeys(series)),
+        }

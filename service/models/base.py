@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -29,6 +30,9 @@ class RunContext:
     uids: UidFactory
     run_id: int
     trigger_series_uid: str | None = None
+    #: when the run started: objects of one run share it (series and content dates), also
+    #: when its parts run in different processes
+    started: datetime | None = None
 
 
 @dataclass
@@ -87,6 +91,27 @@ class BatchedModel(Model, Protocol):
     def finish(self, prepared: Prepared, outputs: np.ndarray, ctx: RunContext) -> ModelResult:
         """The result objects of one study from its rows of the forward output."""
         ...
+
+
+@runtime_checkable
+class SplitModel(Model, Protocol):
+    """A model whose result for a study is the union of its results for parts of the
+    study (each instance's outputs depend on that instance alone), so that the service can
+    run the parts in separate workers. ``run`` is ``run_part`` on the whole study, failing
+    when it produced nothing."""
+
+    def run_part(self, study: Study, ctx: RunContext) -> ModelResult:
+        """``run`` on the instances of ``study`` (a part); may produce nothing."""
+        ...
+
+    def merge_findings(self, parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """The findings of the whole run from those of its parts, in instance order."""
+        ...
+
+
+def nothing_produced(name: str, skipped: Mapping[str, str]) -> str:
+    """Why a model's run produced no object: the distinct reasons its instances were skipped."""
+    return f"{name} produced nothing: " + "; ".join(sorted(set(skipped.values())))
 
 
 def rule_matches(rule: Rule, study: Study) -> bool:
