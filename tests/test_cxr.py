@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -242,3 +244,38 @@ def test_unusable_preferred_decoder_falls_back(monkeypatch: pytest.MonkeyPatch) 
     syntax = str(read_dicom(path).file_meta.TransferSyntaxUID)
     monkeypatch.setitem(PREFERRED_DECODERS, syntax, "no-such-plugin")
     np.testing.assert_array_equal(decode(read_dicom(path)), read_dicom(path).pixel_array)
+
+
+OPENMP_PROBE = """
+import os, sys
+import numpy as np
+from service.config import CxrConfig
+from service.models.cxr import CxrModel
+
+def tasks() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+before = tasks()
+model = CxrModel(CxrConfig(weights=sys.argv[1], device="cpu", threads=2))
+loaded = tasks()
+model.forward(np.zeros((1, 1, 224, 224), np.float32))
+print(loaded - before, tasks() - loaded)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_loading_leaves_the_openmp_team_to_the_forward_thread(checkpoint: Path) -> None:
+    """The forward's first call starts the process's OpenMP team (threads - 1 workers):
+    a team started while loading, in another thread than the engine's forward, made
+    libgomp stop spin-waiting and the service's forward 2.4x slower on 2 cores."""
+    root = Path(__file__).resolve().parent.parent
+    probe = subprocess.run(
+        [sys.executable, "-c", OPENMP_PROBE, str(checkpoint)],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        check=True,
+        timeout=300,
+    )
+    _, started_by_forward = map(int, probe.stdout.splitlines()[-1].split())
+    assert started_by_forward == 1  # threads=2: the calling thread and one worker

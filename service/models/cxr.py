@@ -348,6 +348,11 @@ class CxrModel:
         self.version = f"xrv{xrv.__version__}-{self.sha256[:12] or 'noweights'}"
 
     def _load(self) -> None:
+        """Load the network on one torch thread, so that the thread that runs the forward
+        (the service's engine thread) owns the process's only OpenMP thread team: with a
+        second team (the loading thread's) libgomp counts more threads than cores and stops
+        spin-waiting between the forward's parallel regions, which made the forward 2.4x
+        slower on 2 cores (``bench/pipeline.py``, forward_s in the run timings)."""
         path = self.weights_path
         if not path.is_file():
             self._not_ready = f"weights file {path} is missing; fetch it with `{FETCH_HINT}`"
@@ -361,14 +366,16 @@ class CxrModel:
             return
         if not self.config.sha256:
             logger.warning("models.cxr.sha256 is not set: weights %s are not pinned", path)
-        if self.config.threads > 0:
-            torch.set_num_threads(self.config.threads)
+        threads = self.config.threads or torch.get_num_threads()
+        torch.set_num_threads(1)  # see the docstring
         try:
             self.network = load_densenet(path).to(self.device)
         except Exception as exc:
             self._not_ready = f"cannot load weights file {path}: {type(exc).__name__}: {exc}"
             logger.error("%s", self._not_ready)
             return
+        finally:
+            torch.set_num_threads(threads)
         warm_up()
 
     @property
