@@ -41,7 +41,7 @@ test: venv test-deps lint
 lint: venv
 	$(BIN)/ruff check service tests bench main.py
 	$(BIN)/ruff format --check service tests bench main.py
-	$(BIN)/mypy service main.py
+	$(BIN)/mypy
 
 clean:
 	rm -rf STATE OUTPUT/gateway_* INPUT/gateway_*

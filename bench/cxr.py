@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -97,13 +98,11 @@ def main() -> int:
             scores = model.scores(model.predict(radiograph.input[None])[0])
             datasets = build_outputs(model, [(radiograph, scores)], ctx)
             paths = write(datasets)
-            prep = best(lambda inst=inst: load_radiograph(inst), args.repeat)
-            build = best(
-                lambda r=radiograph, s=scores: build_outputs(model, [(r, s)], ctx), args.repeat
-            )
-            wrote = best(lambda d=datasets: write(d), args.repeat)
-            gated = best(lambda p=paths, d=datasets, u=study.sop_uids: gate(p, d, u), args.repeat)
-            pipeline = best(lambda study=study: whole(study), args.repeat)
+            prep = best(partial(load_radiograph, inst), args.repeat)
+            build = best(partial(build_outputs, model, [(radiograph, scores)], ctx), args.repeat)
+            wrote = best(partial(write, datasets), args.repeat)
+            gated = best(partial(gate, paths, datasets, study.sop_uids), args.repeat)
+            pipeline = best(partial(whole, study), args.repeat)
             label = f"{name} ({inst.rows}x{inst.columns})"
             rows.append((label, prep, build, wrote, gated, pipeline))
 

@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pydicom import dcmread  # noqa: E402
-from pydicom.data import get_testdata_file  # noqa: E402
 
 from bench.common import free_port, wait_listening  # noqa: E402
 from service.config import DEFAULT_UID_ROOT, PacsConfig  # noqa: E402
+from service.sample import pydicom_file  # noqa: E402
 from service.sender import SendStatus, send_files  # noqa: E402
 from service.uids import UidFactory  # noqa: E402
 
@@ -78,7 +78,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--source", type=Path, default=Path(get_testdata_file("CT_small.dcm")))
+    parser.add_argument("--source", type=Path, default=pydicom_file("CT_small.dcm"))
     parser.add_argument(
         "--store", action="store_true", help="storescp writes files (default: --ignore)"
     )

@@ -24,8 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
+
+from service.sample import pydicom_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -79,7 +80,7 @@ def queue_empty(state: Path, since: float) -> bool:
         info = json.loads(beat.read_text()) if beat.stat().st_mtime >= since else None
     except (OSError, ValueError):
         return False
-    return bool(info) and not any(info.values())
+    return isinstance(info, dict) and bool(info) and not any(info.values())
 
 
 def run_mode(
@@ -109,7 +110,7 @@ def run_mode(
         cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
         time.sleep(idle)
         cpu1, t1 = cpu_seconds(proc.pid), time.monotonic()
-        source = Path(str(get_testdata_file("CT_small.dcm")))
+        source = pydicom_file("CT_small.dcm")
         ds = reidentify(source, generate_uid(), generate_uid())
         study = StagedStudy("1", "new", [ds], folder / f"staging-{mode}")
         study.drop(folder / "INPUT")

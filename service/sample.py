@@ -83,12 +83,17 @@ def _uid(*purpose: str) -> str:
     return str(generate_uid(entropy_srcs=[SEED, *purpose]))
 
 
+def pydicom_file(name: str) -> Path:
+    """The path of ``name`` in the test files that pydicom ships."""
+    path = get_testdata_file(name)
+    if not isinstance(path, str):
+        raise FileNotFoundError(f"pydicom test file {name} is missing")
+    return Path(path)
+
+
 def _instance(gateway_id: str, index: int, series: SampleSeries, number: int) -> Dataset:
     """A re-identified copy of ``series.source`` as instance ``number`` of the series."""
-    path = get_testdata_file(series.source)
-    if path is None:
-        raise FileNotFoundError(f"pydicom test file {series.source} is missing")
-    ds = dcmread(path)
+    ds = dcmread(pydicom_file(series.source))
     key = (gateway_id, str(index))
     ds.PatientName = PATIENT_NAME
     ds.PatientID = f"SAMPLE-{gateway_id}"

@@ -14,8 +14,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pydicom import dcmread
+from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def stored_uid(event: evt.Event) -> str:
+    """The SOP Instance UID of a C-STORE request, in an ``EVT_C_STORE`` handler."""
+    request = event.request
+    assert isinstance(request, C_STORE)
+    return str(request.AffectedSOPInstanceUID)
 
 
 def write_config(

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian
 
 from service.assembly import Instance, Study, read_dicom
 from service.models.annotate import AnnotateModel
 from service.models.base import RunContext
+from service.sample import pydicom_file
 from service.uids import UidFactory
 from service.writers import output_path, write_dataset
 from tests.conftest import dciodvfy, shared_file
@@ -21,14 +21,8 @@ from tests.conftest import dciodvfy, shared_file
 ROOT = "1.2.826.0.1.3680043.10.999."
 
 
-def _testdata(name: str) -> Path:
-    path = get_testdata_file(name)
-    assert path is not None, f"pydicom test file {name} missing"
-    return Path(path)
-
-
 def _source(name: str) -> Path:
-    return shared_file(name[len("shared:") :]) if name.startswith("shared:") else _testdata(name)
+    return shared_file(name[len("shared:") :]) if name.startswith("shared:") else pydicom_file(name)
 
 
 def _instance(path: Path) -> Instance:
@@ -132,7 +126,7 @@ def test_text_is_drawn_in_the_displayed_bright_value(name: str) -> None:
 
 
 def test_uids_are_deterministic_per_run() -> None:
-    study = _study(_testdata("CT_small.dcm"))
+    study = _study(pydicom_file("CT_small.dcm"))
     model = AnnotateModel()
 
     def uids(run_id: int) -> tuple[str, str]:
@@ -144,7 +138,7 @@ def test_uids_are_deterministic_per_run() -> None:
 
 
 def test_one_new_series_per_source_series() -> None:
-    study = _study(_testdata("CT_small.dcm"), _testdata("MR_small.dcm"))
+    study = _study(pydicom_file("CT_small.dcm"), pydicom_file("MR_small.dcm"))
     result = AnnotateModel().run(study, _ctx(study))
     new_series = {str(ds.SeriesInstanceUID) for ds in result.datasets}
     assert len(new_series) == 2
@@ -153,8 +147,8 @@ def test_one_new_series_per_source_series() -> None:
 
 
 def test_non_image_instances_are_skipped_with_a_reason() -> None:
-    sr = _testdata("test-SR.dcm")
-    study = _study(_testdata("MR_small.dcm"), sr)
+    sr = pydicom_file("test-SR.dcm")
+    study = _study(pydicom_file("MR_small.dcm"), sr)
     model = AnnotateModel()
     assert model.applies(study).ok
     result = model.run(study, _ctx(study))
@@ -164,6 +158,6 @@ def test_non_image_instances_are_skipped_with_a_reason() -> None:
 
 
 def test_study_without_images_does_not_apply() -> None:
-    verdict = AnnotateModel().applies(_study(_testdata("test-SR.dcm")))
+    verdict = AnnotateModel().applies(_study(pydicom_file("test-SR.dcm")))
     assert not verdict.ok
     assert "not an image" in verdict.reason

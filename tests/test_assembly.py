@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
 
 from service.assembly import (
     INCOMPLETE_REASON,
@@ -27,6 +26,7 @@ from service.assembly import (
     snapshot,
     study_uid_from_folder,
 )
+from service.sample import pydicom_file
 from tests.conftest import shared_file
 
 BIG = 2**40
@@ -59,12 +59,6 @@ def _audit(event: str, args: tuple[object, ...]) -> None:
 
 CT_NOISE = "series/ct-4-noise"
 MR_PHANTOM = "series/mr-phantom-63"
-
-
-def _testdata(name: str) -> Path:
-    path = get_testdata_file(name)
-    assert path is not None, f"pydicom test file {name} missing"
-    return Path(path)
 
 
 def inspect(path: Path, max_file_bytes: int = BIG, max_pixels: int = BIG) -> object:
@@ -106,7 +100,7 @@ def test_real_files_are_instances(relative: str) -> None:
 
 @pytest.mark.parametrize("name", ["image_dfl.dcm", "MR_small_bigendian.dcm", "rtplan.dcm"])
 def test_other_encodings_are_instances(name: str) -> None:
-    assert isinstance(inspect(_testdata(name)), Instance)
+    assert isinstance(inspect(pydicom_file(name)), Instance)
 
 
 def test_file_written_in_chunks_is_incomplete_until_whole(tmp_path: Path) -> None:
@@ -206,13 +200,13 @@ def test_missing_or_invalid_uids_rejected(
     tmp_path: Path, changes: dict[str, str], expected: str
 ) -> None:
     target = tmp_path / "bad.dcm"
-    _rewrite(_testdata("CT_small.dcm"), target, **changes)
+    _rewrite(pydicom_file("CT_small.dcm"), target, **changes)
     result = inspect(target)
     assert isinstance(result, Rejected) and expected in result.reason
 
 
 def test_short_native_pixel_data_rejected(tmp_path: Path) -> None:
-    ds = dcmread(_testdata("CT_small.dcm"))
+    ds = dcmread(pydicom_file("CT_small.dcm"))
     ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
     ds.save_as(tmp_path / "short.dcm")
     result = inspect(tmp_path / "short.dcm")
@@ -317,7 +311,7 @@ def test_assemble_rejects_foreign_study_and_handles_duplicates(tmp_path: Path) -
     ds = dcmread(ct[1])
     ds.SeriesDescription = "edited"
     ds.save_as(folder / "ct1-edited")
-    shutil.copyfile(_testdata("CT_small.dcm"), folder / "foreign")
+    shutil.copyfile(pydicom_file("CT_small.dcm"), folder / "foreign")
     hashes = {p.name: sha(p) for p in folder.iterdir()}
 
     study = Assembler().assemble("1", study_uid, folder, snapshot(folder, root), **_BUDGET)

@@ -13,13 +13,13 @@ import highdicom as hd
 import numpy as np
 import pytest
 from pydicom import Dataset, config, dcmread, dcmwrite
-from pydicom.data import get_testdata_file
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.sr.codedict import codes
 
 from service.conformance import check_file, check_files, quarantine_file
 from service.errors import OutputError
+from service.sample import pydicom_file
 from service.uids import UidFactory
 from tests.conftest import dciodvfy
 
@@ -27,7 +27,7 @@ UIDS = UidFactory("1.2.826.0.1.3680043.10.999.", "gateway-1", "test-conformance"
 
 
 def source_ct() -> Dataset:
-    return dcmread(str(get_testdata_file("CT_small.dcm")))
+    return dcmread(pydicom_file("CT_small.dcm"))
 
 
 SOURCE_UIDS = {str(source_ct().SOPInstanceUID)}
@@ -338,7 +338,7 @@ def test_same_invalid_value_is_reported_in_every_item(tmp_path: Path) -> None:
 def test_file_encoded_differently_is_compared_element_by_element(tmp_path: Path) -> None:
     """pydicom's rtdose.dcm does not re-encode to the same bytes; its round trip is then
     compared element by element and passes (only its values are reported)."""
-    source = Path(get_testdata_file("rtdose.dcm"))
+    source = pydicom_file("rtdose.dcm")
     ds = dcmread(source)
     again = io.BytesIO()
     dcmwrite(again, ds, enforce_file_format=True)

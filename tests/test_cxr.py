@@ -43,7 +43,7 @@ ROOT = "1.2.826.0.1.3680043.8.498."
 CXR = ("siim-cr-pa-jpeg.dcm", "siim-cr-pa-monochrome1.dcm", "nema-rg1-pa-j2k.dcm")
 NOMETA = "cr-mono1-chest-nometa"
 NEGATIVES = ("dx-thorax-lateral-small.dcm", "cr-leg-j2k-lossless.dcm")
-PUBLISHED_NAME = os.path.basename(xrv.models.model_urls[WEIGHTS_NAME]["weights_url"])
+PUBLISHED_NAME: str = os.path.basename(xrv.models.model_urls[WEIGHTS_NAME]["weights_url"])
 
 
 def write_checkpoint(folder: Path) -> Path:
@@ -56,6 +56,7 @@ def write_checkpoint(folder: Path) -> Path:
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
+                assert module.running_mean is not None and module.running_var is not None
                 module.running_mean.uniform_(-0.1, 0.1)
                 module.running_var.uniform_(0.5, 2.0)
         model.classifier.weight.mul_(0.01)

@@ -39,7 +39,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     """Two real radiographs made one study (copies), run once, results written to disk."""
     folder = tmp_path_factory.mktemp("study")
     study_uid = UidFactory(ROOT, "test").uid("study")
-    sources = []
+    sources: list[Dataset] = []
     for name in SOURCES:
         ds = pydicom.dcmread(shared_file(f"cxr/{name}"))
         ds.StudyInstanceUID = study_uid
@@ -51,9 +51,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     result = model.run(study, ctx)
     out = tmp_path_factory.mktemp("out")
     files = []
-    for ds in result.datasets:
-        write_dataset(ds, out / f"{ds.SOPInstanceUID}.dcm")
-        files.append(out / f"{ds.SOPInstanceUID}.dcm")
+    for output in result.datasets:
+        files.append(out / f"{output.SOPInstanceUID}.dcm")
+        write_dataset(output, files[-1])
     return Run(model, sources, result, files, study, ctx)
 
 

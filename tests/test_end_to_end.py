@@ -135,6 +135,7 @@ def failing_peer() -> Iterator[tuple[int, list[int]]]:
         block=False,
         evt_handlers=[(evt.EVT_C_STORE, lambda _e: 0xA700), (evt.EVT_CONN_OPEN, on_open)],
     )
+    assert server is not None
     yield port, associations
     server.shutdown()
 

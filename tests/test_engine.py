@@ -250,11 +250,11 @@ def pacs_pair() -> Iterator[tuple[int, int, threading.Event]]:
         ae = AE(ae_title=title)
         ae.supported_contexts = AllStoragePresentationContexts
         ports.append(free_port())
-        servers.append(
-            ae.start_server(
-                ("127.0.0.1", ports[-1]), block=False, evt_handlers=[(evt.EVT_C_STORE, handler)]
-            )
+        server = ae.start_server(
+            ("127.0.0.1", ports[-1]), block=False, evt_handlers=[(evt.EVT_C_STORE, handler)]
         )
+        assert server is not None
+        servers.append(server)
     yield ports[0], ports[1], release
     release.set()
     for server in servers:

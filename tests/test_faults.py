@@ -29,7 +29,7 @@ from service.assembly import Assembler, Instance, Rejected, inspect_file, snapsh
 from service.engine import Engine
 from service.ledger import StudyState
 from tests.conftest import free_port, shared_file
-from tests.helpers import copy_series, temp_files, tree_digest, write_config
+from tests.helpers import copy_series, stored_uid, temp_files, tree_digest, write_config
 from tests.test_engine import make_engine, scan
 
 REPORT_ENV = "FAULTS_REPORT"
@@ -126,9 +126,11 @@ class CountingScp:
         self._lock = threading.Lock()
         ae = AE(ae_title=ae_title)
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        handlers = [(evt.EVT_ACCEPTED, self._accepted), (evt.EVT_C_STORE, self._store)]
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
+            ae.add_supported_context(str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+        handlers: list[Any] = [(evt.EVT_ACCEPTED, self._accepted), (evt.EVT_C_STORE, self._store)]
+        server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
+        assert server is not None
+        self.server = server
 
     def _accepted(self, _event: evt.Event) -> None:
         with self._lock:
@@ -138,7 +140,7 @@ class CountingScp:
         if self.delay:
             time.sleep(self.delay)
         with self._lock:
-            self.stored.append(str(event.request.AffectedSOPInstanceUID))
+            self.stored.append(stored_uid(event))
         return 0x0000
 
     def pacs_toml(self) -> str:

@@ -262,7 +262,7 @@ def test_skewed_mtimes_still_follow_the_quiet_period(tmp_path: Path) -> None:
     gw.mkdir(parents=True)
     state = tmp_path / "STATE"
     skews = {"future": 3600.0, "past": -3600.0}
-    targets = {}
+    targets: dict[str, tuple[bytes, Path, float]] = {}
     for (name, skew), path in zip(skews.items(), src[:2], strict=True):
         ds = dcmread(path)
         ds.StudyInstanceUID = f"1.2.826.0.1.3680043.10.999.77.{len(targets) + 1}"

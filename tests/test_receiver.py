@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
 
 from service.config import DEFAULT_UID_ROOT, PacsConfig
 from service.fsutil import TMP_PREFIX
 from service.receiver import start_receiver
+from service.sample import pydicom_file
 from service.sender import SendStatus, send_files
 from service.uids import UidFactory
 from tests.conftest import free_port
@@ -32,7 +32,7 @@ def receiver(tmp_path: Path) -> Iterator[tuple[PacsConfig, Path]]:
 
 def new_instance(source: str, folder: Path, sop_uid: str | None = None) -> Path:
     uids = UidFactory(DEFAULT_UID_ROOT, "test-receiver", uuid.uuid4().hex)
-    ds = dcmread(get_testdata_file(source))
+    ds = dcmread(pydicom_file(source))
     ds.StudyInstanceUID = uids.uid("study")
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uids.uid("sop")
     if sop_uid is not None:  # the dataset's own value, as a hostile sender could set it

@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
 
 from service.config import load_config
-from service.sample import PATIENT_NAME, build_sample
+from service.sample import PATIENT_NAME, build_sample, pydicom_file
 from service.uids import is_valid_uid
 from tests.conftest import ROOT, dciodvfy, shared_file
 
@@ -68,7 +67,7 @@ def test_sample_files_match_image_db(tmp_path: Path) -> None:
     names = {p.name for p in paths}
     assert len(names) == len(paths)
     originals = {
-        str(dcmread(get_testdata_file(n), stop_before_pixels=True)[k].value)
+        str(dcmread(pydicom_file(n), stop_before_pixels=True)[k].value)
         for n in ("CT_small.dcm", "MR_small.dcm")
         for k in ("SOPInstanceUID", "StudyInstanceUID")
     }

@@ -4,26 +4,27 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from service.config import load_config
 from service.engine import Engine, _Pending, fair_order
 from service.ledger import StudyState
 from service.models import build_models
+from service.sample import pydicom_file
 from tests.helpers import write_config
 
 
-def make_engine(tmp_path: Path, **service: object) -> Engine:
+def make_engine(tmp_path: Path, **service: Any) -> Engine:
     config = load_config(write_config(tmp_path, **service), environ={})
     return Engine(config, build_models(config))
 
 
 def drop_study(tmp_path: Path, gateway_id: str) -> str:
     """One real CT instance re-identified into a new study under ``gateway_<id>``."""
-    ds = dcmread(str(get_testdata_file("CT_small.dcm")))
+    ds = dcmread(pydicom_file("CT_small.dcm"))
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()

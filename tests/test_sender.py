@@ -14,7 +14,6 @@ import highdicom as hd
 import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
 from pydicom.uid import CTImageStorage, ImplicitVRLittleEndian, MRImageStorage
 from pydicom.uid import SecondaryCaptureImageStorage as SC
 from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
@@ -25,15 +24,17 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.transport import ThreadedAssociationServer
 
 from service.config import DEFAULT_UID_ROOT, PacsConfig
+from service.sample import pydicom_file
 from service.sender import ItemResult, SendStatus, _store_command, classify, send_files
 from service.uids import UidFactory
 from tests.conftest import free_port
+from tests.helpers import stored_uid
 from tests.orthanc import Orthanc
 
 
 def copy_with_new_uids(source: str, folder: Path, uids: UidFactory, name: str) -> Path:
     """``source`` (a pydicom test file) as a new instance in a new study."""
-    ds = dcmread(get_testdata_file(source))
+    ds = dcmread(pydicom_file(source))
     ds.StudyInstanceUID = uids.uid(name, "study")
     ds.SeriesInstanceUID = uids.uid(name, "series")
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uids.uid(name, "sop")
@@ -317,7 +318,7 @@ def test_partly_supported_study_sends_what_it_can(
     stored: list[str] = []
 
     def store(event: evt.Event) -> int:
-        stored.append(str(event.request.AffectedSOPInstanceUID))
+        stored.append(stored_uid(event))
         return 0x0000
 
     peer = start_peer(on_store=store, sop_classes=(MRImageStorage,))
@@ -389,7 +390,7 @@ def test_store_command_is_what_pynetdicom_encodes(instance: str, msg_id: int) ->
 
 def large_ct(folder: Path, uids: UidFactory, name: str, rows: int = 512) -> Path:
     """CT_small with a ``rows`` x ``rows`` 16-bit image (about 512 KB at 512)."""
-    ds = dcmread(cast(str, get_testdata_file("CT_small.dcm")))
+    ds = dcmread(pydicom_file("CT_small.dcm"))
     ds.Rows = ds.Columns = rows
     pixels = np.random.default_rng(7).integers(0, 4000, (rows, rows), dtype=np.int16)
     ds.PixelData = pixels.tobytes()

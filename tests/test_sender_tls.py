@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from service.config import PacsConfig
+from service.sample import pydicom_file
 from service.sender import SendStatus, send_files
 from tests.conftest import free_port
+from tests.helpers import stored_uid
 
 
 def openssl(*args: str, cwd: Path) -> None:
@@ -51,7 +52,7 @@ def tls_peer(tmp_path: Path) -> Iterator[tuple[int, dict[str, Path], list[str]]]
     stored: list[str] = []
 
     def on_store(event: evt.Event) -> int:
-        stored.append(str(event.request.AffectedSOPInstanceUID))
+        stored.append(stored_uid(event))
         return 0x0000
 
     ae = AE(ae_title="TLSPACS")
@@ -69,7 +70,7 @@ def tls_peer(tmp_path: Path) -> Iterator[tuple[int, dict[str, Path], list[str]]]
 
 
 def ct_file() -> Path:
-    return Path(str(get_testdata_file("CT_small.dcm")))
+    return pydicom_file("CT_small.dcm")
 
 
 def test_tls_send_with_client_certificate(

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 from pydicom import Dataset, config, dcmread
-from pydicom.data import get_testdata_file
 from pydicom.dataelem import DataElement
 
 from service.errors import OutputError
 from service.fsutil import TMP_PREFIX
+from service.sample import pydicom_file
 from service.writers import output_path, write_dataset
 from tests.conftest import dciodvfy
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 
 
 def _ct() -> Dataset:
-    return dcmread(get_testdata_file("CT_small.dcm"))
+    return dcmread(pydicom_file("CT_small.dcm"))
 
 
 def _temp_files(root: Path) -> list[Path]:
