@@ -26,8 +26,6 @@ from pathlib import Path
 
 from pydicom.uid import generate_uid
 
-from service.sample import pydicom_file
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
@@ -39,6 +37,7 @@ from bench.common import (
     stop_process,
     wait_until,
 )
+from service.sample import pydicom_file
 from tests import helpers
 
 UID_PREFIX = "1.2.826.0.1.3680043.8.498.77."
