@@ -129,8 +129,9 @@ class Config:
 def auto_workers() -> int:
     """``workers = "auto"``: one worker process per core, at most 8; none on one core.
 
-    On the 2-core bench machine 2 workers beat 1 (``bench/pipeline.py``: flood throughput
-    1.53x against 1.22x over in-process runs); on one core workers only add copying."""
+    On the 2-core bench machine (``bench/pipeline.py``, README Performance) 2 workers
+    doubled the ``annotate`` series rate (1.93x in-process) and kept the CXR flood rate
+    (1.03x; 1 worker 0.92x); on one core workers only add copying."""
     cores = os.cpu_count() or 1
     return 0 if cores == 1 else min(8, cores)
 
