@@ -24,13 +24,13 @@ import torchxrayvision as xrv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.assembly import Study
 from service.config import CxrConfig
 from service.conformance import check_files
 from service.models.base import RunContext
 from service.models.cxr import CxrModel, load_radiograph
 from service.models.cxr_outputs import build_outputs
 from service.uids import UidFactory
+from service.values import Study
 from service.writers import write_dataset
 from tests.test_cxr import study_of, write_checkpoint
 

@@ -15,78 +15,22 @@ import stat
 import struct
 import zlib
 from collections.abc import Hashable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pydicom import Dataset, FileMetaDataset, dcmread
+from pydicom import Dataset, dcmread
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
 )
 
-from service.errors import InputError
+from service.errors import TransientError
 from service.fsutil import is_within, safe_name
 from service.uids import is_valid_uid
+from service.values import FileState, Instance, Rejected, Snapshot, Study
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FileState:
-    """What a listing tells about a file: enough to notice any change."""
-
-    size: int
-    mtime_ns: int
-
-
-#: relative path (posix, from the study folder) -> state
-Snapshot = dict[str, FileState]
-
-
-@dataclass(frozen=True)
-class Instance:
-    """One parsed, complete DICOM instance. Holds no patient identifiers."""
-
-    path: Path
-    size: int
-    sha256: str
-    sop_instance_uid: str
-    sop_class_uid: str
-    series_instance_uid: str
-    study_instance_uid: str
-    modality: str = ""
-    body_part: str = ""
-    rows: int = 0
-    columns: int = 0
-    frames: int = 1
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """A file that is not used, with the reason recorded in the ledger."""
-
-    path: Path
-    reason: str
-    quarantine: bool = True  # False: ignored silently-but-recorded (e.g. temp names)
-
-
-@dataclass
-class Study:
-    """The instances of one study folder of one gateway, as last assembled."""
-
-    gateway_id: str
-    study_uid: str
-    folder: Path
-    instances: list[Instance] = field(default_factory=list)
-    rejected: list[Rejected] = field(default_factory=list)
-    incomplete: list[Path] = field(default_factory=list)  # still being written: wait
-
-    @property
-    def sop_uids(self) -> set[str]:
-        return {i.sop_instance_uid for i in self.instances}
 
 
 # -- listing and stability -----------------------------------------------------------------
@@ -97,7 +41,8 @@ def snapshot(folder: Path, input_root: Path, max_depth: int = 8) -> Snapshot:
 
     Names starting with ``.`` (temp files of a copy in progress) are left out, symlinked
     folders are not followed, and a symlinked file counts only when it resolves inside
-    ``input_root``. A file that vanishes while listing is simply absent. A folder deeper
+    ``input_root``. A file that vanishes while listing is simply absent; any other error
+    raises :class:`TransientError` (a partial listing must not pass for a study). A folder deeper
     than ``max_depth`` is listed as an entry of its own (not entered), so that
     :func:`inspect_file` rejects it with the reason instead of its files going unrecorded.
     """
@@ -107,9 +52,10 @@ def snapshot(folder: Path, input_root: Path, max_depth: int = 8) -> Snapshot:
         directory, prefix, depth = pending.pop()
         try:
             entries = list(os.scandir(directory))
-        except OSError as exc:
-            logger.debug("cannot list %s: %s", directory, exc.strerror)
-            continue
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # moved away or removed: what is left is the listing
+        except OSError as exc:  # I/O error, mount away: a partial listing would lie
+            raise TransientError(f"cannot list {prefix or 'the study folder'}: {exc}") from exc
         for entry in entries:
             if entry.name.startswith("."):
                 continue
@@ -126,8 +72,10 @@ def snapshot(folder: Path, input_root: Path, max_depth: int = 8) -> Snapshot:
                     # listed itself, so that it is recorded as rejected with the reason
                     logger.warning("%s is deeper than %d folders: ignored", rel, max_depth)
                 st = entry.stat()
-            except OSError:
-                continue  # vanished or unreadable between listing and stat
+            except FileNotFoundError:
+                continue  # vanished between listing and stat
+            except OSError as exc:
+                raise TransientError(f"cannot stat {rel}: {exc}") from exc
             if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
                 snap[rel] = FileState(st.st_size, st.st_mtime_ns)
     return snap
@@ -323,7 +271,7 @@ def _inspect(path: Path, max_file_bytes: int, max_pixels: int) -> Instance | Rej
     """Like :func:`inspect_file`, but an incomplete file raises :class:`_Incomplete`."""
     try:
         st = os.stat(path)
-    except OSError as exc:
+    except FileNotFoundError as exc:
         raise _Incomplete(f"cannot stat file: {exc.strerror}") from None
     if stat.S_ISDIR(st.st_mode):
         return Rejected(path, "folder nested deeper than the maximum depth: its files are not read")
@@ -341,6 +289,8 @@ def _inspect(path: Path, max_file_bytes: int, max_pixels: int) -> Instance | Rej
         fh.seek(0)
         try:
             ds: Dataset | None = dcmread(fh, stop_before_pixels=True, force=True)
+        except OSError:
+            raise  # an I/O error is not a verdict on the content
         except Exception as exc:  # pydicom raises many types on broken input
             parse_error = type(exc).__name__
             ds = None
@@ -441,9 +391,11 @@ def inspect_file(path: Path, *, max_file_bytes: int, max_pixels: int) -> Instanc
         return _inspect(path, max_file_bytes, max_pixels)
     except _Incomplete:
         return None
-    except OSError as exc:
+    except FileNotFoundError:
+        return None  # vanished while being read: the listing changes, the study waits
+    except OSError as exc:  # I/O error, mount away, no permission: may pass
         logger.debug("cannot read %s: %s", path, exc.strerror)
-        return None
+        return Rejected(path, f"file cannot be read: {exc.strerror or exc}", transient=True)
 
 
 def incomplete_reason(path: Path) -> str:
@@ -519,6 +471,9 @@ class Assembler:
             new[rel] = (state, result)
             if result is None:
                 study.incomplete.append(folder / rel)
+            elif isinstance(result, Rejected) and result.transient:
+                study.unreadable.append(result)
+                continue  # not cached: read again at the next look
             elif isinstance(result, Rejected):
                 study.rejected.append(result)
             elif result.study_instance_uid != study_uid:
@@ -557,26 +512,3 @@ class Assembler:
                 for _rel, inst in copies[1:]
             )
         return study
-
-
-def read_dicom(
-    path: Path, stop_before_pixels: bool = False, defer_size: int | None = None
-) -> Dataset:
-    """Read ``path``, also a stream without preamble or File Meta (PS3.10 §7.1).
-
-    Without a Transfer Syntax UID the one the stream was parsed with is recorded
-    (implicit VR little endian, PS3.5 §10.1, for old ACR-NEMA style streams).
-    """
-    try:
-        ds = dcmread(path, force=True, stop_before_pixels=stop_before_pixels, defer_size=defer_size)
-    except Exception as exc:
-        raise InputError(f"not readable as DICOM: {type(exc).__name__}: {exc}") from exc
-    if "TransferSyntaxUID" not in ds.file_meta:
-        implicit, little = ds.original_encoding
-        ds.file_meta = ds.file_meta or FileMetaDataset()
-        if implicit is False:
-            syntax = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
-        else:
-            syntax = ImplicitVRLittleEndian
-        ds.file_meta.TransferSyntaxUID = syntax
-    return ds

@@ -26,8 +26,6 @@ from service.errors import ConfigError, GatewayError
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
-#: ``status --health`` fails when the service loop has not beaten for this long.
-HEALTH_MAX_AGE_SECONDS = 60.0
 #: Seconds the service loop sleeps between engine ticks when nothing ran.
 TICK_SECONDS = 0.2
 
@@ -151,72 +149,123 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def serve(config: Config, *, once: bool = False, timeout: float = 3600.0) -> int:
-    """Run the service until SIGTERM/SIGINT (or, with ``once``, until the backlog is done)."""
+    """Run the service until SIGTERM/SIGINT (or, with ``once``, until the backlog is done).
+
+    Exit 0 after a requested stop (or a drained backlog); 1 when the service could not go on
+    (ledger unwritable, STATE full, another service on the same STATE), with the reason.
+    """
     from service.engine import Engine
     from service.models import build_models
+    from service.supervision import Heartbeat, InstanceLock
     from service.watcher import StudyWatcher
 
     stop = threading.Event()
+    fatal: list[BaseException] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        logger.info("signal %d: taking no new studies, finishing the runs already started", signum)
+        logger.info(
+            "signal %d: taking no new studies; runs already started finish within %.0f s, "
+            "open sends are aborted",
+            signum,
+            config.shutdown_seconds,
+        )
         stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    def on_fatal(exc: BaseException) -> None:
+        if not fatal:
+            fatal.append(exc)
+        stop.set()
+
     for folder in (config.input_dir, config.output_dir, config.state_dir):
         folder.mkdir(parents=True, exist_ok=True)
+    lock = InstanceLock(config.state_dir)
+    lock.acquire()  # AlreadyServing (a GatewayError): exit 1 with the reason
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     engine = Engine(config, build_models(config))
-    engine.recover()
-    engine.start()
-    watcher = StudyWatcher(
-        config.input_dir,
-        engine.touch,
-        mode=config.watch,
-        rescan_seconds=config.rescan_seconds,
-        poll_seconds=config.poll_seconds,
-    )
-    engine.discover()
-    watcher.scan()
-    logger.info(
-        "serving input=%s output=%s watch=%s gateways=%s",
-        config.input_dir,
-        config.output_dir,
-        config.watch,
-        ",".join(engine.discover()) or "none yet",
-    )
-    if once:
-        drained = engine.drain(timeout, stop=stop)
-        engine.close()
-        return EXIT_OK if drained else EXIT_FAILED
+    heartbeat = Heartbeat(config.state_dir, engine.queue, on_fatal)
+    try:
+        engine.recover()
+        engine.start()
+        watcher = StudyWatcher(
+            config.input_dir,
+            engine.touch,
+            mode=config.watch,
+            rescan_seconds=config.rescan_seconds,
+            poll_seconds=config.poll_seconds,
+        )
+        engine.discover()
+        watcher.scan()
+        logger.info(
+            "serving input=%s output=%s watch=%s gateways=%s",
+            config.input_dir,
+            config.output_dir,
+            config.watch,
+            ",".join(engine.discover()) or "none yet",
+        )
+        heartbeat.start()
+        if once:
+            drained = engine.drain(timeout, stop=stop)
+            heartbeat.stop()
+            engine.close()
+            return EXIT_OK if drained else EXIT_FAILED
 
-    def loop() -> None:
-        last_discover = time.monotonic()
-        while not stop.is_set():
-            ran = engine.tick()
-            if time.monotonic() - last_discover >= config.rescan_seconds:
-                engine.discover()
+        def loop() -> None:
+            try:
                 last_discover = time.monotonic()
-            if not ran:  # after a run, tick again at once: other studies may be due
-                engine.wait(TICK_SECONDS, stop)
-        engine.finish_in_flight(config.shutdown_seconds)
+                while not stop.is_set():
+                    ran = engine.tick()
+                    heartbeat.turned()
+                    if time.monotonic() - last_discover >= config.rescan_seconds:
+                        engine.discover()
+                        last_discover = time.monotonic()
+                    if not ran:  # after a run, tick again at once: other studies may be due
+                        engine.wait(TICK_SECONDS, stop)
+                engine.finish_in_flight(max(1.0, config.shutdown_seconds - 2.0))
+            except BaseException as exc:  # the loop cannot go on: the service stops
+                on_fatal(exc)
 
-    watcher.start()
-    worker = threading.Thread(target=loop, name="engine", daemon=True)
-    worker.start()
-    while worker.is_alive() and not stop.is_set():
-        stop.wait(1.0)
-    watcher.stop()
-    worker.join(config.shutdown_seconds)
-    if worker.is_alive():
+        watcher.start()
+        worker = threading.Thread(target=loop, name="engine", daemon=True)
+        worker.start()
+        while worker.is_alive() and not stop.is_set():
+            stop.wait(1.0)
+        watcher.stop()
+        worker.join(config.shutdown_seconds)
+    except BaseException as exc:
+        on_fatal(exc)
+        worker = None
+    if fatal:
+        reason = _fatal_message(fatal[0])
+        logger.critical("the service cannot go on: %s", reason, exc_info=fatal[0])
+        heartbeat.stop(fatal=reason)
+        with contextlib.suppress(Exception):
+            engine.close()
+        print(f"error: the service stopped: {reason}", file=sys.stderr)
+        return EXIT_FAILED
+    heartbeat.stop()
+    if worker is not None and worker.is_alive():
         logger.warning(
-            "current study did not finish within %.0f s; it resumes at the next start",
+            "runs did not finish within %.0f s; they resume at the next start",
             config.shutdown_seconds,
         )
         return EXIT_OK
     engine.close()
+    lock.release()
     logger.info("stopped")
     return EXIT_OK
+
+
+def _fatal_message(exc: BaseException) -> str:
+    if isinstance(exc, GatewayError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return (
+            f"{exc.strerror or exc}{where}: check that STATE and OUTPUT have space and are "
+            "writable by the service, then restart it"
+        )
+    return f"unexpected {type(exc).__name__}: {exc}"
 
 
 # -- run (container contract) --------------------------------------------------------------
@@ -230,10 +279,11 @@ def run_once(
     model_name: str | None,
 ) -> int:
     """Read DICOM under ``dicom_in``, run the routed model on its study, write ``dicom_out``."""
-    from service.assembly import Instance, Rejected, Study, inputs_digest, inspect_file, snapshot
+    from service.assembly import inputs_digest, inspect_file, snapshot
     from service.models import build_models
     from service.models.base import RunContext, select_model
     from service.uids import UidFactory
+    from service.values import Instance, Rejected, Study
     from service.writers import write_dataset
 
     if not dicom_in.is_dir():
@@ -303,19 +353,12 @@ def run_once(
 
 def status(config: Config, *, as_json: bool, health: bool) -> int:
     """Per gateway: studies by state, oldest waiting study, last errors, latest findings."""
-    from service.engine import HEARTBEAT_NAME
-
     if health:
-        beat = config.state_dir / HEARTBEAT_NAME
-        age = time.time() - beat.stat().st_mtime if beat.exists() else float("inf")
-        ok = age <= HEALTH_MAX_AGE_SECONDS
-        queue = ""
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            beat_info = json.loads(beat.read_text())
-            queue = ", ".join(f"{beat_info[k]} {k}" for k in ("pending", "running", "sending"))
-            queue = f" ({queue})"
-        print(f"healthy{queue}" if ok else f"unhealthy: no heartbeat for {age:.0f} s")
-        return EXIT_OK if ok else EXIT_FAILED
+        from service.supervision import health as check_health
+
+        verdict = check_health(config.state_dir)
+        print(verdict.message)
+        return EXIT_OK if verdict.ok else EXIT_FAILED
     if not config.ledger_path.exists():
         print(f"no ledger at {config.ledger_path}: the service has not run yet")
         return EXIT_OK

@@ -1,49 +1,71 @@
-"""The gateway engine: from touched study folders to runs, outputs and sends.
+"""The gateway engine: schedules touched study folders through the stages.
 
-Watcher events only mark a study as *touched*; on each tick the engine decides with the
-completeness rule (quiet period on a monotonic clock, every file complete DICOM, image.db's
-instances present or ``max_wait_seconds`` elapsed) whether a study is ready, then runs the
-routed model exactly once per (gateway, study, inputs digest, model version).
+Watcher events only mark a study as *touched*; on each tick the engine asks readiness
+(quiet period on a monotonic clock, every file complete DICOM, image.db's instances present
+or ``max_wait_seconds`` elapsed) whether a study is ready, routes it, starts its run in the
+pipeline, records each stage's outcome as one ledger transition and hands written results
+to the outbox, which makes the one send attempt. Conditions that may pass (I/O errors, a
+mount that is away, a locked image.db, a full disk) make the study wait and be tried
+again with a bounded backoff; only content problems end it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from service import assembly
-from service.assembly import Assembler, Rejected, Stability, Study
-from service.config import GATEWAY_ID_RE, Config
-from service.conformance import Finding, quarantine_file
-from service.errors import ConfigError
+from service.assembly import Assembler, Stability
+from service.config import GATEWAY_ID_RE, Config, PacsConfig
+from service.conformance import quarantine_file
+from service.errors import ConfigError, TransientError
 from service.fsutil import atomic_write, is_within, sweep_temp_files
 from service.imagedb import ImageDb
-from service.ledger import InstanceRecord, Ledger, RunState, StudyState
+from service.ledger import (
+    InstanceRecord,
+    Ledger,
+    LedgerUnavailable,
+    NewRun,
+    OutputRecord,
+    QueuedSend,
+    SendChange,
+    Transition,
+    printable,
+)
 from service.models.base import Model, RunContext, select_model
-from service.pipeline import Job, Outcome, Pipeline
-from service.sender import SendResult, SendStatus
+from service.outbox import Outbox, describe
+from service.pipeline import Job as PipelineJob
+from service.pipeline import Outcome, Pipeline
+from service.sender import SendResult, send_files
 from service.uids import UidFactory
+from service.values import FileState, Rejected, RunState, SendState, Snapshot, Study, StudyState
 
 logger = logging.getLogger(__name__)
 
 GATEWAY_PREFIX = "gateway_"
-HEARTBEAT_NAME = "heartbeat"
 REQUESTS_DIR = "requests"
 #: Seconds between re-checks of a study waiting for a model or for image.db's instances.
 RECHECK_SECONDS = 5.0
-#: Associations that may be open at once (sends of different runs).
-SEND_THREADS = 4
+#: First and longest wait before a study that hit a transient error is tried again.
+RETRY_FIRST_SECONDS = 5.0
+RETRY_MAX_SECONDS = 300.0
 #: Rejected files logged one by one per study check; the rest are counted in one line.
 MAX_REJECT_LOG_LINES = 20
+
+
+def retry_delay(attempt: int) -> float:
+    """Bounded exponential backoff: 5, 10, 20 … seconds, at most 300 (attempt ≥ 1)."""
+    return float(min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** max(0, attempt - 1)))
+
+
+def _send(destination: PacsConfig, paths: list[Path], cancel: threading.Event) -> SendResult:
+    return send_files(destination, paths)
 
 
 @dataclass
@@ -55,22 +77,12 @@ class _Pending:
     force_generation: bool = False  # reprocess: run again even if this digest ran
     observed: bool = False  # the engine has looked at the folder at least once
     queued: bool = False  # stable, waiting for room in the pipeline
-
-
-@dataclass
-class _Send:
-    """A send in progress on a send thread."""
-
-    run_id: int
-    gateway_id: str
-    study_uid: str
-    send_id: int
-    future: Future[SendResult] = field(init=False)
+    transient: bool = False  # waiting for a transient condition to pass
 
 
 @dataclass
 class Engine:
-    """Owns the ledger, the models and the queue of touched studies."""
+    """Owns the queue of touched studies; the ledger records, the stages do the work."""
 
     config: Config
     models: Mapping[str, Model]
@@ -82,18 +94,17 @@ class Engine:
         self._lock = threading.Lock()
         self._stability = Stability()
         self._assembler = Assembler()
-        self._last_heartbeat = 0.0
-        self._last_beat: dict[str, int] = {}
         #: digest of the listing each study had when it was last finished (kept in the
         #: ledger too): a touch (a full rescan, a restart) of an unchanged finished study
         #: costs one listing, no reading of its files
         self._finished: dict[tuple[str, str], bytes] = {}
+        #: transient failures in a row per study (reset when it gets further)
+        self._attempts: dict[tuple[str, str], int] = {}
         self._last_gateway = ""  # the gateway whose study ran last (round-robin start)
         self._runs_started = 0
         #: studies with a run in the pipeline, with their listing digest at the start
         self._in_flight: dict[tuple[str, str], bytes] = {}
-        self._sends: list[_Send] = []
-        self._send_pool = ThreadPoolExecutor(SEND_THREADS, thread_name_prefix="send")
+        self.outbox = Outbox(self.config, self.ledger, _send)
         self._pipeline = Pipeline(
             self.config.workers,
             self.config.output_dir,
@@ -105,22 +116,16 @@ class Engine:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def recover(self) -> None:
-        """After a restart: remove temp files, mark interrupted sends; interrupted runs
-        resume when the scan touches their studies."""
+        """After a restart: remove temp files; sends left open become ``interrupted``,
+        sends still queued are queued again, and runs left ``running`` resume when the
+        scan touches their studies (all decided by the ledger's states alone)."""
         for root in (self.config.output_dir, self.config.state_dir):
             removed = sweep_temp_files(root)
             if removed:
                 logger.warning("removed %d temporary file(s) left under %s", removed, root)
-        self.ledger.forget_listings_of_interrupted_runs()
-        for send in self.ledger.interrupted_sends():
-            run = self.ledger.get_run(send["run_id"])
-            self.ledger.finish_send(send["send_id"], "interrupted", "service stopped during send")
-            if run is not None:
-                reason = "send interrupted by a stop; use `resend` to try again"
-                self.ledger.set_run_state(run.run_id, RunState.SEND_FAILED, reason)
-                self.ledger.set_study_state(
-                    run.gateway_id, run.study_uid, StudyState.SEND_FAILED, reason
-                )
+        recovery = self.ledger.recover()
+        for send in recovery.queued:
+            self.outbox.add(send)
 
     def start(self) -> None:
         """Start the pipeline's worker processes (else the first run starts them)."""
@@ -136,7 +141,7 @@ class Engine:
                     first_seen=now, force_generation=reprocess
                 )
             else:
-                pending.next_check = 0.0
+                pending.next_check = min(pending.next_check, now) if reprocess else 0.0
                 pending.force_generation |= reprocess
 
     @property
@@ -144,21 +149,33 @@ class Engine:
         with self._lock:
             return len(self._pending)
 
+    def queue(self) -> dict[str, int]:
+        """What the heartbeat publishes: studies pending, runs in the pipeline, sends."""
+        return {
+            "pending": self.pending_count,
+            "running": self._pipeline.in_flight,
+            "sending": self.outbox.open_count + self.outbox.queued_count,
+        }
+
     def tick(self, now: float | None = None) -> bool:
         """Look at every due touched study once; run at most one study per gateway.
 
         Gateways take turns (round-robin, starting after the gateway that ran last), so a
         flood of studies on one gateway cannot starve another. Returns True when a study
-        ran: the caller should tick again at once rather than sleep.
+        ran: the caller should tick again at once rather than sleep. Raises
+        :class:`LedgerUnavailable` when the service cannot go on.
         """
         now = time.monotonic() if now is None else now
         completed = self._complete_finished()
         room = self._pipeline.has_capacity
+        busy = self.outbox.busy_studies()
         with self._lock:
             due = [
                 (k, p)
                 for k, p in self._pending.items()
-                if (p.next_check <= now or (p.queued and room)) and k not in self._in_flight
+                if (p.next_check <= now or (p.queued and room))
+                and k not in self._in_flight
+                and (k[0], k[1]) not in busy
             ]
         served: set[str] = set()
         for (gateway_id, study_name), pending in fair_order(due, self._last_gateway):
@@ -168,10 +185,10 @@ class Engine:
             try:
                 room = self._pipeline.has_capacity
                 done = self._check(gateway_id, study_name, pending, now, room)
+            except LedgerUnavailable:
+                raise
             except Exception as exc:  # one study never stops the service
-                logger.exception("gateway=%s study=%s check failed", gateway_id, study_name)
-                self.ledger.event(gateway_id, study_name, "ERROR", f"unexpected error: {exc}")
-                done = True
+                done = self._contain(gateway_id, study_name, exc)
             if self._runs_started != runs_before:
                 served.add(gateway_id)
                 self._last_gateway = gateway_id
@@ -182,8 +199,18 @@ class Engine:
                 self._stability.forget((gateway_id, study_name))
         completed += self._complete_finished()
         self._take_requests()
-        self._heartbeat()
         return bool(served or completed)
+
+    def _contain(self, gateway_id: str, study_name: str, exc: Exception) -> bool:
+        """An unexpected error in one study's stage: logged with its traceback and recorded
+        on the study (a bug, not a verdict on the study: it is looked at again when
+        touched)."""
+        name = printable(study_name)
+        logger.exception("gateway=%s study=%s check failed", gateway_id, name)
+        self.ledger.apply(
+            Transition(gateway_id, study_name, events=[("ERROR", f"unexpected error: {exc!r}")])
+        )
+        return True
 
     def _take_requests(self) -> None:
         """Pick up ``reprocess`` requests written by the CLI into ``STATE/requests``."""
@@ -199,23 +226,27 @@ class Engine:
                 logger.info("gateway=%s study=%s reprocess requested", gateway_id, study_uid)
                 self.touch(gateway_id, study_uid, reprocess=True)
 
-    def _heartbeat(self) -> None:
-        """``STATE/heartbeat`` every 5 s and when the queue empties: its mtime is the
-        liveness signal (``status --health``), its content the queue (studies pending,
-        runs in the pipeline, sends open)."""
-        beat = {
-            "pending": self.pending_count,
-            "running": self._pipeline.in_flight,
-            "sending": len(self._sends),
-        }
-        emptied = not any(beat.values()) and beat != self._last_beat
-        if time.monotonic() - self._last_heartbeat < 5.0 and not emptied:
-            return
-        self._last_heartbeat, self._last_beat = time.monotonic(), beat
-        data = json.dumps(beat).encode()
-        atomic_write(self.config.state_dir / HEARTBEAT_NAME, lambda fh: fh.write(data))
-
     # -- one study -------------------------------------------------------------------------
+
+    def _set(self, gateway_id: str, study_uid: str, state: StudyState, reason: str = "") -> None:
+        self.ledger.apply(Transition(gateway_id, study_uid, state, reason))
+
+    def _wait_transient(
+        self, key: tuple[str, str], study_uid: str, pending: _Pending, now: float, why: str
+    ) -> bool:
+        """A condition that may pass: the study waits, shows why, and is tried again."""
+        attempt = self._attempts.get(key, 0) + 1
+        self._attempts[key] = attempt
+        delay = retry_delay(attempt)
+        reason = f"{why}; retry {attempt} in {delay:g} s"
+        self.ledger.apply(
+            Transition(key[0], study_uid, StudyState.WAITING, reason, events=[("WARNING", reason)])
+        )
+        pending.stable_since = None
+        pending.queued = False
+        pending.transient = True
+        pending.next_check = now + delay
+        return False
 
     def _check(
         self, gateway_id: str, study_name: str, pending: _Pending, now: float, room: bool = True
@@ -225,29 +256,37 @@ class Engine:
         Without ``room`` in the pipeline a study is still watched until it is stable (its
         quiet period runs meanwhile), then ``queued``: it is looked at again as soon as
         there is room, in the gateways' turn order."""
+        pending.transient = False
         gw = self.config.gateway(gateway_id)
         study_uid = assembly.study_uid_from_folder(study_name)
         gateway_dir = self.config.input_dir / f"{GATEWAY_PREFIX}{gateway_id}"
         folder = gateway_dir / study_name
+        key = (gateway_id, study_name)
         if study_uid is None or folder.is_symlink() or not is_within(folder, gateway_dir):
             logger.warning("gateway=%s ignoring unsafe study folder name", gateway_id)
-            self.ledger.event(gateway_id, "", "WARNING", "unsafe study folder name ignored")
+            message = f"unsafe study folder name ignored: {printable(study_name)!r}"
+            self.ledger.apply(Transition(gateway_id, "", events=[("WARNING", message)]))
             return True
-        snap = assembly.snapshot(folder, self.config.input_dir)
+        try:
+            snap = assembly.snapshot(folder, self.config.input_dir)
+        except TransientError as exc:
+            return self._wait_transient(key, study_uid, pending, now, str(exc))
         if not snap:
+            if not gateway_dir.is_dir():  # the gateway's folder (the mount) is away
+                why = f"input folder {gateway_dir.name} is not reachable"
+                return self._wait_transient(key, study_uid, pending, now, why)
             return True  # folder gone or empty: nothing to do until touched again
-        key = (gateway_id, study_name)
         listing = _listing_digest(snap)
         if not pending.force_generation and self._finished_listing(key) == listing:
             return True  # unchanged since it was finished (touched by a rescan or a restart)
-        quiet = self._stability.observe((gateway_id, study_name), snap, now)
+        quiet = self._stability.observe(key, snap, now)
         if quiet < gw.stable_seconds:
             # 'receiving' for a new study or one seen changing; a re-touched finished study
             # keeps its state unless its files really change.
             if (pending.observed and quiet == 0.0) or self.ledger.study_state(
                 gateway_id, study_uid
             ) is None:
-                self.ledger.set_study_state(gateway_id, study_uid, StudyState.RECEIVING)
+                self._set(gateway_id, study_uid, StudyState.RECEIVING)
             pending.observed = True
             pending.stable_since = None
             pending.queued = False
@@ -259,7 +298,7 @@ class Engine:
         if not room:
             if not pending.queued:
                 message = "stable; queued until the pipeline has room"
-                self.ledger.set_study_state(gateway_id, study_uid, StudyState.READY, message)
+                self._set(gateway_id, study_uid, StudyState.READY, message)
             pending.queued = True
             pending.next_check = now + RECHECK_SECONDS
             return False
@@ -272,28 +311,51 @@ class Engine:
             max_file_bytes=self.config.max_file_bytes,
             max_pixels=self.config.max_pixels,
         )
-        if study.incomplete and assembly.snapshot(folder, self.config.input_dir) != snap:
+        if study.unreadable:
+            first = study.unreadable[0]
+            why = (
+                f"{len(study.unreadable)} file(s) cannot be read now "
+                f"({printable(first.path.name)}: {first.reason})"
+            )
+            return self._wait_transient(key, study_uid, pending, now, why)
+        try:
+            changed = study.incomplete and assembly.snapshot(folder, self.config.input_dir) != snap
+        except TransientError as exc:
+            return self._wait_transient(key, study_uid, pending, now, str(exc))
+        if changed:
             # a file vanished or changed while being read: wait for a quiet listing again
             pending.stable_since = None
             pending.next_check = now + min(1.0, gw.stable_seconds)
             return False
-        self._record_instances(study, snap)
+        records = self._instance_records(study, snap)
         if not study.instances:
-            self.ledger.set_study_state(
-                gateway_id, study_uid, StudyState.SKIPPED, "no usable DICOM instance in the study"
+            self.ledger.apply(
+                Transition(
+                    gateway_id,
+                    study_uid,
+                    StudyState.SKIPPED,
+                    "no usable DICOM instance in the study",
+                    instances=records,
+                    listing=listing,
+                )
             )
-            self._mark_finished(key, listing)
+            self._finished[key] = listing
             return True
+        self.ledger.apply(Transition(gateway_id, study_uid, instances=records))
         imagedb = ImageDb(gateway_dir / "image.db")
         expected = imagedb.expected_instances(study_uid)
-        if expected is None and imagedb.path.exists():  # locked or corrupt: say so
-            message = f"{imagedb.last_error}; using the files' own tags"
-            self.ledger.event(gateway_id, study_uid, "WARNING", message)
+        waited = now - pending.stable_since
+        if expected is None and imagedb.transient and waited < gw.max_wait_seconds:
+            self._set(gateway_id, study_uid, StudyState.WAITING, imagedb.last_error)
+            pending.next_check = now + min(RECHECK_SECONDS, gw.max_wait_seconds - waited)
+            return False
+        events: list[tuple[str, str]] = []
+        if expected is None and imagedb.path.exists():  # locked too long or corrupt: say so
+            events.append(("WARNING", f"{imagedb.last_error}; using the files' own tags"))
         missing = (expected or set()) - study.sop_uids
         if missing:
-            waited = now - pending.stable_since
             if waited < gw.max_wait_seconds:
-                self.ledger.set_study_state(
+                self._set(
                     gateway_id,
                     study_uid,
                     StudyState.WAITING,
@@ -301,18 +363,18 @@ class Engine:
                 )
                 pending.next_check = now + min(RECHECK_SECONDS, gw.max_wait_seconds - waited)
                 return False
-            self.ledger.event(
-                gateway_id,
-                study_uid,
-                "WARNING",
-                f"ran with {len(study.instances)} instance(s); image.db lists {len(missing)} "
-                f"more that never arrived within {gw.max_wait_seconds:g} s",
+            events.append(
+                (
+                    "WARNING",
+                    f"ran with {len(study.instances)} instance(s); image.db lists "
+                    f"{len(missing)} more that never arrived within {gw.max_wait_seconds:g} s",
+                )
             )
-        done = self._route_and_run(study, pending, now)
+        if events:
+            self.ledger.apply(Transition(gateway_id, study_uid, events=events))
+        done = self._route_and_run(study, pending, now, listing)
         if key in self._in_flight:  # its run started: the listing is finished when it ends
             self._in_flight[key] = listing
-        elif done:
-            self._mark_finished(key, listing)
         return done
 
     def _finished_listing(self, key: tuple[str, str]) -> bytes | None:
@@ -323,14 +385,10 @@ class Engine:
             self._finished[key] = stored
         return self._finished[key]
 
-    def _mark_finished(self, key: tuple[str, str], listing: bytes) -> None:
-        self._finished[key] = listing
-        self.ledger.set_finished_listing(*key, listing)
-
-    def _record_instances(self, study: Study, snap: assembly.Snapshot) -> None:
-        def state(path: Path) -> assembly.FileState:
+    def _instance_records(self, study: Study, snap: Snapshot) -> list[InstanceRecord]:
+        def state(path: Path) -> FileState:
             rel = path.relative_to(study.folder).as_posix()
-            return snap.get(rel) or assembly.FileState(0, 0)
+            return snap.get(rel) or FileState(0, 0)
 
         records = [
             InstanceRecord(
@@ -356,7 +414,7 @@ class Engine:
                     "gateway=%s study=%s file %s rejected: %s",
                     study.gateway_id,
                     study.study_uid,
-                    rej.path.relative_to(study.folder).as_posix(),
+                    printable(rej.path.relative_to(study.folder).as_posix()),
                     rej.reason,
                 )
         if logged > MAX_REJECT_LOG_LINES:
@@ -366,61 +424,76 @@ class Engine:
                 study.study_uid,
                 logged - MAX_REJECT_LOG_LINES,
             )
-        self.ledger.record_instances(study.gateway_id, study.study_uid, records)
+        return records
 
-    def _route_and_run(self, study: Study, pending: _Pending, now: float) -> bool:
-        gw = self.config.gateway(study.gateway_id)
+    def _route_and_run(self, study: Study, pending: _Pending, now: float, listing: bytes) -> bool:
+        gid, suid = study.gateway_id, study.study_uid
+        gw = self.config.gateway(gid)
         digest = assembly.inputs_digest(study.instances)
         model, why_not = select_model(gw.rules, self.models, study)
         if model is None:
-            existing = self.ledger.find_run(study.gateway_id, study.study_uid, digest, "none", "-")
+            existing = self.ledger.find_run(gid, suid, digest, "none", "-")
+            new_run = None
             if existing is None:
-                run_id = self.ledger.start_run(
-                    study.gateway_id, study.study_uid, "none", "-", digest, len(study.instances)
+                new_run = NewRun("none", "-", digest, len(study.instances), node=self._node)
+            self.ledger.apply(
+                Transition(
+                    gid,
+                    suid,
+                    StudyState.SKIPPED,
+                    why_not,
+                    new_run=new_run,
+                    run=RunState.SKIPPED if new_run else None,
+                    listing=listing,
                 )
-                self.ledger.set_run_state(run_id, RunState.SKIPPED, why_not)
-            self.ledger.set_study_state(
-                study.gateway_id, study.study_uid, StudyState.SKIPPED, why_not
             )
+            self._finished[(gid, study.folder.name)] = listing
             return True
         readiness = model.ready()
         if not readiness.ok:
-            self.ledger.set_study_state(
-                study.gateway_id, study.study_uid, StudyState.WAITING_MODEL, readiness.reason
-            )
+            self._set(gid, suid, StudyState.WAITING_MODEL, readiness.reason)
             pending.next_check = now + RECHECK_SECONDS
             return False
-        existing = self.ledger.find_run(
-            study.gateway_id, study.study_uid, digest, model.name, model.version
-        )
+        existing = self.ledger.find_run(gid, suid, digest, model.name, model.version)
         if existing is not None and not pending.force_generation:
             if existing.state != RunState.RUNNING:
-                return True  # these inputs already ran with this model version
+                # these inputs already ran with this model version: finished as they were
+                self.ledger.apply(Transition(gid, suid, listing=listing))
+                self._finished[(gid, study.folder.name)] = listing
+                return True
             run_id, generation = existing.run_id, existing.generation  # interrupted: finish it
-            logger.info(
-                "gateway=%s study=%s resuming interrupted run %d",
-                study.gateway_id,
-                study.study_uid,
-                run_id,
-            )
+            logger.info("gateway=%s study=%s resuming run %d", gid, suid, run_id)
+            self._set(gid, suid, StudyState.RUNNING, f"run {run_id} ({model.name}), resumed")
         else:
             generation = (
-                self.ledger.next_generation(study.gateway_id, study.study_uid, digest)
-                if existing is not None
-                else 0
+                self.ledger.next_generation(gid, suid, digest) if existing is not None else 0
             )
-            run_id = self.ledger.start_run(
-                study.gateway_id,
-                study.study_uid,
-                model.name,
-                model.version,
-                digest,
-                len(study.instances),
-                generation,
+            applied = self.ledger.apply(
+                Transition(
+                    gid,
+                    suid,
+                    StudyState.RUNNING,
+                    f"{model.name} {model.version}",
+                    new_run=NewRun(
+                        model.name,
+                        model.version,
+                        digest,
+                        len(study.instances),
+                        generation,
+                        self._node,
+                    ),
+                    run_reason="",
+                )
             )
+            assert applied.run_id is not None
+            run_id = applied.run_id
         pending.force_generation = False
         self.execute_run(run_id, study, model, digest, generation, stable_at=pending.stable_at)
         return True
+
+    @property
+    def _node(self) -> str:
+        return str(getattr(self.config, "node_name", ""))
 
     # -- running, writing, sending -----------------------------------------------------------
 
@@ -434,8 +507,7 @@ class Engine:
         *,
         stable_at: float = 0.0,
     ) -> None:
-        """Start ``model`` on ``study`` in the pipeline; :meth:`_complete` records the outcome
-        and makes the one send attempt.
+        """Start ``model`` on ``study`` in the pipeline; :meth:`_complete` records the outcome.
 
         The run's timings record durations (``prepare_s``, ``forward_s``, ``build_s`` or
         ``model_s``, ``write_s``, ``gate_s``, the forward's ``batch`` size) and wall clock
@@ -445,7 +517,6 @@ class Engine:
         """
         gid, suid = study.gateway_id, study.study_uid
         self._runs_started += 1
-        self.ledger.set_study_state(gid, suid, StudyState.RUNNING, f"run {run_id} ({model.name})")
         uids = UidFactory(
             self.config.uid_root, gid, suid, digest, model.name, model.version, str(generation)
         )
@@ -455,151 +526,157 @@ class Engine:
         layout = self.config.gateway(gid).layout
         ctx = RunContext(uids=uids, run_id=run_id, started=datetime.now())
         self._in_flight[(gid, study.folder.name)] = b""
-        self._pipeline.submit(Job(run_id, study, model, ctx, layout, timings))
+        self._pipeline.submit(PipelineJob(run_id, study, model, ctx, layout, timings))
 
     def _complete_finished(self) -> int:
         """Record every run and send finished since the last call; how many."""
-        sends = self._record_finished_sends()
+        sends = self.outbox.pump()
         outcomes = self._pipeline.pump()
         for outcome in outcomes:
             job = outcome.job
             key = (job.study.gateway_id, job.study.folder.name)
-            listing = self._in_flight.pop(key, None)
+            listing = self._in_flight.pop(key, b"")
             try:
-                self._complete(outcome)
+                self._complete(outcome, key, listing)
+            except LedgerUnavailable:
+                raise
             except Exception as exc:  # one study never stops the service
-                logger.exception("gateway=%s study=%s completion failed", *key)
-                self.ledger.event(key[0], job.study.study_uid, "ERROR", f"unexpected: {exc}")
-            if listing:
-                self._mark_finished(key, listing)
+                self._contain(key[0], job.study.study_uid, exc)
         return len(outcomes) + sends
 
-    def _complete(self, outcome: Outcome) -> None:
+    def _complete(self, outcome: Outcome, key: tuple[str, str], listing: bytes) -> None:
         job, done, timings = outcome.job, outcome.finished, outcome.timings
         run_id, gid, suid = job.run_id, job.study.gateway_id, job.study.study_uid
         if "model_s" not in timings:
             stages = ("prepare_s", "forward_s", "build_s")
             timings["model_s"] = sum(timings.get(k, 0.0) for k in stages)
-        for out in done.written:
-            self.ledger.add_output(
-                run_id, out.path, out.sop_class_uid, out.sop_instance_uid, out.series_instance_uid
-            )
+        outputs = [
+            OutputRecord(o.path, o.sop_class_uid, o.sop_instance_uid, o.series_instance_uid)
+            for o in done.written
+        ]
+        finished = listing or None
+        if done.error and done.transient:
+            # the run stays 'running' and resumes with the same output UIDs
+            pending = _Pending(first_seen=time.monotonic())
+            why = f"run {run_id}: {done.error}"
+            self._wait_transient(key, suid, pending, time.monotonic(), why)
+            with self._lock:
+                self._pending.setdefault(key, pending)
+            return
+        self._attempts.pop(key, None)
+        if finished is not None:
+            self._finished[key] = finished
         if done.error:
-            self.ledger.set_run_state(run_id, RunState.FAILED, done.error, timings=timings)
-            self.ledger.set_study_state(gid, suid, StudyState.FAILED, done.error)
-            self.ledger.event(gid, suid, "ERROR", f"run {run_id} failed: {done.error}")
+            self.ledger.apply(
+                Transition(
+                    gid,
+                    suid,
+                    StudyState.FAILED,
+                    done.error,
+                    run_id=run_id,
+                    run=RunState.FAILED,
+                    timings=timings,
+                    outputs=outputs,
+                    events=[("ERROR", f"run {run_id} failed: {done.error}")],
+                    listing=finished,
+                )
+            )
             return
         if not done.written:
-            reason = "model produced no output"
-            self.ledger.set_run_state(
-                run_id, RunState.SKIPPED, reason, timings=timings, findings=done.findings
+            self.ledger.apply(
+                Transition(
+                    gid,
+                    suid,
+                    StudyState.SKIPPED,
+                    "model produced no output",
+                    run_id=run_id,
+                    run=RunState.SKIPPED,
+                    timings=timings,
+                    findings=done.findings,
+                    listing=finished,
+                )
             )
-            self.ledger.set_study_state(gid, suid, StudyState.SKIPPED, reason)
             return
         if done.problems:
-            self._quarantine(run_id, job.study, done.problems, timings, done.findings)
+            for finding in done.problems:
+                if finding.path.exists():
+                    moved = quarantine_file(finding.path, self.config.quarantine_dir, gid)
+                    logger.error(
+                        "gateway=%s study=%s output %s quarantined to %s: %s",
+                        gid,
+                        suid,
+                        finding.path.name,
+                        moved,
+                        finding.message,
+                    )
+            first = done.problems[0]
+            reason = (
+                f"conformance gate: {len(done.problems)} problem(s); "
+                f"{first.path.name}: {first.message}"
+            )
+            self.ledger.apply(
+                Transition(
+                    gid,
+                    suid,
+                    StudyState.FAILED,
+                    reason,
+                    run_id=run_id,
+                    run=RunState.FAILED,
+                    timings=timings,
+                    findings=done.findings,
+                    outputs=outputs,
+                    events=[("ERROR", f"run {run_id}: {reason}")],
+                    listing=finished,
+                )
+            )
             return
         timings["written_at"] = time.time()
-        self.ledger.set_run_state(run_id, RunState.WRITTEN, timings=timings, findings=done.findings)
-        paths = [out.path for out in done.written]
-        self.ledger.set_study_state(
-            gid, suid, StudyState.WRITTEN, f"run {run_id}: {len(paths)} object(s) written"
-        )
-        self.send_run(run_id, gid, suid, paths)
-
-    def _quarantine(
-        self,
-        run_id: int,
-        study: Study,
-        problems: list[Finding],
-        timings: dict[str, float],
-        findings: dict[str, Any],
-    ) -> None:
-        """The conformance gate failed: nothing leaves, failing objects go to quarantine."""
-        for finding in problems:
-            if finding.path.exists():
-                moved = quarantine_file(finding.path, self.config.quarantine_dir, study.gateway_id)
-                logger.error(
-                    "gateway=%s study=%s output %s quarantined to %s: %s",
-                    study.gateway_id,
-                    study.study_uid,
-                    finding.path.name,
-                    moved,
-                    finding.message,
-                )
-        first = problems[0]
-        reason = f"conformance gate: {len(problems)} problem(s); {first.path.name}: {first.message}"
-        self.ledger.set_run_state(
-            run_id, RunState.FAILED, reason, timings=timings, findings=findings
-        )
-        self.ledger.set_study_state(study.gateway_id, study.study_uid, StudyState.FAILED, reason)
-        self.ledger.event(study.gateway_id, study.study_uid, "ERROR", f"run {run_id}: {reason}")
-
-    def send_run(
-        self,
-        run_id: int,
-        gateway_id: str,
-        study_uid: str,
-        paths: list[Path],
-        manual: bool = False,
-        wait: bool = False,
-    ) -> None:
-        """One C-STORE association for the run's outputs, never retried.
-
-        The association runs on a send thread, so a slow or silent PACS (up to its
-        ``timeout_seconds``) holds up neither other runs nor other gateways; the outcome is
-        recorded by the engine thread when it ends (``wait``: before returning).
-        """
-        from service.sender import send_files
-
-        destination = self.config.destination(gateway_id)
-        if not destination.enabled:
-            logger.info("gateway=%s study=%s no destination configured", gateway_id, study_uid)
-            return
-        where = f"{destination.ae_title}@{destination.host}:{destination.port}"
-        send_id = self.ledger.start_send(run_id, where, manual)
-        self.ledger.set_run_state(run_id, RunState.SENDING)
-        self.ledger.set_study_state(gateway_id, study_uid, StudyState.SENDING, where)
-        sending = _Send(run_id, gateway_id, study_uid, send_id)
-        sending.future = self._send_pool.submit(send_files, destination, paths)
-        if wait:
-            self._record_send(sending, sending.future.result())
+        destination = self.config.destination(gid)
+        send = None
+        if destination.enabled:
+            send = SendChange(SendState.QUEUED, destination=describe(destination))
         else:
-            self._sends.append(sending)
-
-    def _record_finished_sends(self) -> int:
-        done = [s for s in self._sends if s.future.done()]
-        self._sends = [s for s in self._sends if not s.future.done()]
-        for sending in done:
-            self._record_send(sending, sending.future.result())
-        return len(done)
-
-    def _record_send(self, sending: _Send, result: SendResult) -> None:
-        self.ledger.finish_send(
-            sending.send_id,
-            str(result.status),
-            result.reason,
-            [(i.sop_instance_uid, str(i.status), i.status_code) for i in result.items],
+            logger.info("gateway=%s study=%s no destination configured", gid, suid)
+        applied = self.ledger.apply(
+            Transition(
+                gid,
+                suid,
+                StudyState.WRITTEN,
+                f"run {run_id}: {len(outputs)} object(s) written"
+                + ("" if send else "; no destination configured"),
+                run_id=run_id,
+                run=RunState.WRITTEN,
+                run_reason="",
+                timings=timings,
+                findings=done.findings,
+                outputs=outputs,
+                send=send,
+                listing=finished,
+            )
         )
-        ok = result.status in (SendStatus.SUCCESS, SendStatus.WARNING)
-        run_state = RunState.SENT if ok else RunState.SEND_FAILED
-        reason = f"{result.status}: {result.reason}" if result.reason else str(result.status)
-        codes = sorted({i.status_code for i in result.items if i.status_code})
-        if codes:
-            reason += " (status " + ", ".join(f"0x{c:04X}" for c in codes) + ")"
-        self.ledger.set_run_state(sending.run_id, run_state, "" if ok else reason)
-        state = StudyState.SENT if ok else StudyState.SEND_FAILED
-        self.ledger.set_study_state(sending.gateway_id, sending.study_uid, state, reason)
+        if applied.send_id is not None:
+            self.outbox.add(QueuedSend(applied.send_id, run_id, gid, suid))
 
-    def resend(self, gateway_id: str, study_uid: str) -> bool:
-        """Operator-triggered new send attempt of the study's latest written run."""
+    def resend(self, gateway_id: str, study_uid: str) -> int | None:
+        """Queue one new send attempt of the study's latest run with outputs; its send id,
+        or None when there is nothing to send or no destination."""
         runs = [r for r in self.ledger.runs(gateway_id, study_uid) if self.ledger.outputs(r.run_id)]
-        if not runs:
-            return False
+        destination = self.config.destination(gateway_id)
+        if not runs or not destination.enabled:
+            return None
         run = runs[-1]
-        paths = [Path(row["path"]) for row in self.ledger.outputs(run.run_id)]
-        self.send_run(run.run_id, gateway_id, study_uid, paths, manual=True, wait=True)
-        return True
+        applied = self.ledger.apply(
+            Transition(
+                gateway_id,
+                study_uid,
+                run_id=run.run_id,
+                send=SendChange(SendState.QUEUED, destination=describe(destination), manual=True),
+                events=[("INFO", f"resend of run {run.run_id} requested")],
+            )
+        )
+        assert applied.send_id is not None
+        self.outbox.add(QueuedSend(applied.send_id, run.run_id, gateway_id, study_uid, True))
+        return applied.send_id
 
     # -- whole folders ---------------------------------------------------------------------
 
@@ -607,9 +684,12 @@ class Engine:
         """Gateway ids present under INPUT now (recorded in the ledger)."""
         found: list[str] = []
         root = self.config.input_dir
-        if not root.is_dir():
+        try:
+            children = sorted(root.iterdir()) if root.is_dir() else []
+        except OSError as exc:
+            logger.warning("cannot list %s: %s", root, exc.strerror)
             return found
-        for child in sorted(root.iterdir()):
+        for child in children:
             gid = child.name[len(GATEWAY_PREFIX) :]
             if (
                 child.name.startswith(GATEWAY_PREFIX)
@@ -624,14 +704,18 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        """Whether runs are in the pipeline or sends in progress."""
-        return self._pipeline.in_flight > 0 or bool(self._sends)
+        """Whether runs are in the pipeline or sends queued or in progress."""
+        return (
+            self._pipeline.in_flight > 0
+            or self.outbox.open_count > 0
+            or self.outbox.queued_count > 0
+        )
 
     def wait(self, timeout: float, stop: threading.Event | None = None) -> None:
         """Pause between ticks: until a run's stage or a send completes when some are in
         flight, else until ``timeout`` or ``stop``."""
-        if self.busy:
-            self._pipeline.wait(timeout, [s.future for s in self._sends])
+        if self._pipeline.in_flight or self.outbox.open_count:
+            self._pipeline.wait(timeout, self.outbox.futures())
         elif stop is not None:
             stop.wait(timeout)
         else:
@@ -646,25 +730,36 @@ class Engine:
             ran = self.tick()
             if self.pending_count == 0 and not self.busy:
                 return True
+            if not self.busy and self._only_transient():
+                logger.warning("the studies left wait for a transient condition to pass")
+                break
             if not ran:
                 self.wait(min(poll, max(0.0, deadline - time.monotonic())), stop)
         self.finish_in_flight(deadline - time.monotonic())
         return self.pending_count == 0 and not self.busy
 
+    def _only_transient(self) -> bool:
+        with self._lock:
+            return bool(self._pending) and all(p.transient for p in self._pending.values())
+
     def finish_in_flight(self, timeout: float) -> bool:
         """Complete the runs already in the pipeline, starting none; True when none is left.
-        A run still unfinished at ``timeout`` stays ``running`` and resumes at the next start."""
+        A run still unfinished at ``timeout`` stays ``running`` and resumes at the next start.
+        Sends still open are aborted and recorded ``interrupted``; queued ones stay queued."""
         deadline = time.monotonic() + timeout
-        while self.busy and time.monotonic() < deadline:
-            self.wait(max(0.0, min(0.5, deadline - time.monotonic())))
-            self._complete_finished()
-        return not self.busy
+        while self._pipeline.in_flight and time.monotonic() < deadline:
+            self._pipeline.wait(max(0.0, min(0.5, deadline - time.monotonic())))
+            for outcome in self._pipeline.pump():
+                key = (outcome.job.study.gateway_id, outcome.job.study.folder.name)
+                self._complete(outcome, key, self._in_flight.pop(key, b""))
+        self.outbox.cancel_all(max(1.0, deadline - time.monotonic()))
+        return not self._pipeline.in_flight
 
     def close(self) -> None:
         """Stop workers and send threads; a send still open is recorded as interrupted at
         the next start."""
         self._pipeline.close()
-        self._send_pool.shutdown(wait=False, cancel_futures=True)
+        self.outbox.close()
         self.ledger.close()
 
 
@@ -688,7 +783,7 @@ def fair_order(
     return ordered
 
 
-def _listing_digest(snap: assembly.Snapshot) -> bytes:
+def _listing_digest(snap: Snapshot) -> bytes:
     """A digest of a folder listing (paths, sizes, mtimes) to compare listings cheaply."""
     h = hashlib.blake2b(digest_size=16)
     for rel in sorted(snap):

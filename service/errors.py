@@ -20,6 +20,11 @@ class InputError(GatewayError):
     """An input file or folder cannot be used; the message is the recorded reason."""
 
 
+class TransientError(GatewayError):
+    """A condition that may pass by itself (an I/O error, a mount that is away, a locked
+    file, a full disk): the study waits and is tried again, it never fails for it."""
+
+
 class ModelError(GatewayError):
     """A model failed to load or to run on a study."""
 

@@ -3,7 +3,9 @@
 The gateway desktop app writes ``INPUT/gateway_<id>/image.db`` (SQLite; tables patient, study,
 series, image linked by ``referenceId`` -> parent ``id``). We only ever open it read-only, with
 a fresh connection per call because the app rewrites the file, and we never fail because of it:
-a missing, locked or corrupt database just means "no expectation" (``None``).
+a missing, locked or corrupt database gives ``None``. A locked or unreachable one is
+*transient* (:attr:`ImageDb.transient`): the engine waits for it, up to the gateway's
+``max_wait_seconds``, rather than reading it as "no expectation".
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class ImageDb:
         self.busy_timeout_ms = busy_timeout_ms
         #: Why the last query returned None; "" after a successful query.
         self.last_error = ""
+        #: Whether that reason may pass by itself (locked, I/O error, mount away): the
+        #: study then waits for image.db instead of running without it.
+        self.transient = False
 
     def expected_instances(self, study_uid: str) -> set[str] | None:
         """The SOP Instance UIDs listed for ``study_uid``, or None when unreadable.
@@ -44,14 +49,14 @@ class ImageDb:
         try:
             result = self._query(study_uid)
         except _Unusable as exc:
-            self._failed(str(exc))
+            self._failed(str(exc), transient=False)
             return None
         except sqlite3.Error as exc:
-            self._failed(_describe(exc))
+            self._failed(_describe(exc), transient=_is_transient(exc))
             return None
         if self.last_error:
             logger.info("image.db %s is readable again", self.path)
-        self.last_error = ""
+        self.last_error, self.transient = "", False
         return result
 
     def _query(self, study_uid: str) -> set[str]:
@@ -73,10 +78,11 @@ class ImageDb:
         finally:
             conn.close()
 
-    def _failed(self, reason: str) -> None:
+    def _failed(self, reason: str, transient: bool) -> None:
         if reason != self.last_error:  # log each new reason once, not on every call
-            logger.warning("image.db %s unusable, ignoring it: %s", self.path, reason)
-        self.last_error = reason
+            what = "waiting for it" if transient else "ignoring it"
+            logger.warning("image.db %s unusable, %s: %s", self.path, what, reason)
+        self.last_error, self.transient = reason, transient
 
 
 class _Unusable(Exception):
@@ -90,3 +96,9 @@ def _describe(exc: sqlite3.Error) -> str:
     if "not a database" in text or "malformed" in text:
         return f"image.db is corrupt ({text})"
     return f"image.db cannot be read ({type(exc).__name__}: {text})"
+
+
+def _is_transient(exc: sqlite3.Error) -> bool:
+    """Locked, busy, an I/O error or a file that cannot be opened now: may pass."""
+    text = str(exc)
+    return any(word in text for word in ("locked", "busy", "disk I/O error", "unable to open"))

@@ -1,14 +1,19 @@
-"""The ledger: an embedded SQLite database in ``STATE/`` recording everything the service did.
+"""The ledger: the one owner of the service's state, an SQLite database in ``STATE/``.
 
-Tables: gateways, studies, instances, runs, outputs, sends, send_items, events. Study and run
-states are explicit (:class:`StudyState`, :class:`RunState`); every row is keyed by gateway.
+Tables: gateways, studies, instances, runs, outputs, sends, send_items, events,
+finished_listings. Every change is one :class:`Transition` applied by :meth:`Ledger.apply`:
+the study, its run, its send, their outputs and events change together in one transaction,
+and a change not in the tables of :mod:`service.values` is refused
+(:class:`IllegalTransition`). Nothing else writes the database.
+
 A run is unique per (gateway, study, inputs digest, model name, model version, generation):
 repeated events or restarts never run the same inputs twice; ``reprocess`` bumps generation.
+When the database cannot be written (disk full, read-only, I/O error) the ledger raises
+:class:`LedgerUnavailable`: the service cannot go on and exits non-zero.
 """
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
 import sqlite3
@@ -16,38 +21,40 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service.errors import GatewayError
+from service.values import (
+    FINAL_RUN_STATES,
+    RUN_TRANSITIONS,
+    SEND_TRANSITIONS,
+    STUDY_TRANSITIONS,
+    RunState,
+    SendState,
+    StudyState,
+)
+
 logger = logging.getLogger(__name__)
 
-
-class StudyState(enum.StrEnum):
-    RECEIVING = "receiving"  # files seen, not yet stable/complete
-    WAITING = "waiting"  # stable, but image.db lists instances not on disk yet
-    WAITING_MODEL = "waiting_model"  # routed to a model that is not ready (weights missing)
-    READY = "ready"
-    RUNNING = "running"
-    WRITTEN = "written"  # outputs written, no destination or send not yet done
-    SENDING = "sending"
-    SENT = "sent"
-    SEND_FAILED = "send_failed"
-    FAILED = "failed"
-    SKIPPED = "skipped"
-
-
-class RunState(enum.StrEnum):
-    RUNNING = "running"
-    WRITTEN = "written"
-    SENDING = "sending"
-    SENT = "sent"
-    SEND_FAILED = "send_failed"
-    FAILED = "failed"
-    SKIPPED = "skipped"
-
-
-FINAL_RUN_STATES = {RunState.SENT, RunState.SEND_FAILED, RunState.FAILED, RunState.SKIPPED}
+__all__ = [
+    "FINAL_RUN_STATES",
+    "Applied",
+    "IllegalTransition",
+    "InstanceRecord",
+    "Ledger",
+    "LedgerUnavailable",
+    "NewRun",
+    "OutputRecord",
+    "RunRow",
+    "RunState",
+    "SendChange",
+    "SendState",
+    "StudyState",
+    "Transition",
+    "printable",
+]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS gateways (
@@ -96,6 +103,7 @@ CREATE TABLE IF NOT EXISTS runs (
     finished REAL,
     timings TEXT NOT NULL DEFAULT '{}',
     findings TEXT NOT NULL DEFAULT '{}',
+    node TEXT NOT NULL DEFAULT '',
     UNIQUE (gateway_id, study_uid, inputs_digest, model_name, model_version, generation)
 );
 CREATE TABLE IF NOT EXISTS outputs (
@@ -110,11 +118,12 @@ CREATE TABLE IF NOT EXISTS sends (
     send_id INTEGER PRIMARY KEY AUTOINCREMENT,
     run_id INTEGER NOT NULL REFERENCES runs(run_id),
     destination TEXT NOT NULL,
-    state TEXT NOT NULL,             -- sending | a SendStatus value | interrupted
+    state TEXT NOT NULL,             -- a SendState value
     reason TEXT NOT NULL DEFAULT '',
     started REAL NOT NULL,
     finished REAL,
-    manual INTEGER NOT NULL DEFAULT 0
+    manual INTEGER NOT NULL DEFAULT 0,
+    opened REAL                      -- when the association was about to open
 );
 CREATE TABLE IF NOT EXISTS send_items (
     send_id INTEGER NOT NULL REFERENCES sends(send_id),
@@ -140,6 +149,20 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
+class LedgerUnavailable(GatewayError):
+    """The ledger cannot be read or written: the service cannot go on."""
+
+
+class IllegalTransition(GatewayError):
+    """A state change that is not in the tables of :mod:`service.values` (a bug)."""
+
+
+def printable(text: str) -> str:
+    """``text`` with what UTF-8 cannot hold (undecodable file names) escaped, for the
+    ledger and the log."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @dataclass(frozen=True)
 class InstanceRecord:
     """One file of a study as recorded: a used instance, or rejected with the reason."""
@@ -155,6 +178,77 @@ class InstanceRecord:
 
 
 @dataclass(frozen=True)
+class OutputRecord:
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_uid: str
+
+
+@dataclass(frozen=True)
+class NewRun:
+    """A run to create (state ``running``, or ``skipped`` when no model applies)."""
+
+    model_name: str
+    model_version: str
+    inputs_digest: str
+    n_inputs: int
+    generation: int = 0
+    node: str = ""
+
+
+@dataclass(frozen=True)
+class SendChange:
+    """A new send (``send_id`` None: created ``queued`` for ``destination``) or a change of
+    an existing one, with its per-instance (SOP UID, status, status code) results."""
+
+    state: SendState
+    send_id: int | None = None
+    destination: str = ""
+    manual: bool = False
+    reason: str = ""
+    items: Sequence[tuple[str, str, int | None]] = ()
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One change of a study: its state, its run's, its send's, plus what they produced.
+
+    ``study``/``run``/``send`` None leave that part as it is. ``run_id`` names the run
+    changed (or the run a new send belongs to); ``new_run`` creates one instead. Runs of
+    the study left ``running`` by an earlier stop are closed as superseded when a new run
+    starts. ``listing`` stores the study folder's listing digest (it is finished with this
+    listing); ``forget_listing`` drops it (the study must be looked at again).
+    """
+
+    gateway_id: str
+    study_uid: str
+    study: StudyState | None = None
+    reason: str = ""
+    run_id: int | None = None
+    new_run: NewRun | None = None
+    run: RunState | None = None
+    run_reason: str | None = None  # None: the study's reason
+    timings: dict[str, float] | None = None
+    findings: dict[str, Any] | None = None
+    outputs: Sequence[OutputRecord] = ()
+    send: SendChange | None = None
+    instances: Sequence[InstanceRecord] = ()
+    events: Sequence[tuple[str, str]] = ()  # (level, message)
+    listing: bytes | None = None
+    forget_listing: bool = False
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What :meth:`Ledger.apply` created."""
+
+    run_id: int | None = None
+    send_id: int | None = None
+    study_changed: bool = False
+
+
+@dataclass(frozen=True)
 class RunRow:
     run_id: int
     gateway_id: str
@@ -166,154 +260,359 @@ class RunRow:
     state: RunState
     reason: str
     findings: dict[str, Any]
+    node: str = ""
+
+
+#: Columns added after the first release: (table, column, definition).
+_MIGRATIONS = (
+    ("runs", "node", "TEXT NOT NULL DEFAULT ''"),
+    ("sends", "opened", "REAL"),
+)
 
 
 class Ledger:
     """Thread-safe access to the ledger database (one connection, serialised)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(SCHEMA)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            self._db.executescript(SCHEMA)
+            for table, column, definition in _MIGRATIONS:
+                names = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}
+                if column not in names:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+        except (sqlite3.Error, OSError) as exc:
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: BaseException) -> LedgerUnavailable:
+        return LedgerUnavailable(
+            f"the ledger {self.path} cannot be written ({exc}); check that its disk has space "
+            "and that the folder is writable by the service, then restart it"
+        )
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise self._unavailable(exc) from exc
             try:
                 yield self._db
             except BaseException:
-                self._db.execute("ROLLBACK")
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    logger.exception("ledger rollback failed")
                 raise
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise self._unavailable(exc) from exc
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
-            return list(self._db.execute(sql, params))
+            try:
+                return list(self._db.execute(sql, params))
+            except sqlite3.OperationalError as exc:
+                raise self._unavailable(exc) from exc
 
-    # -- gateways, studies, events -------------------------------------------------------
+    # -- the one way to change state ------------------------------------------------------
+
+    def apply(self, t: Transition) -> Applied:
+        """Apply ``t`` in one transaction, or refuse it whole (:class:`IllegalTransition`)."""
+        now = time.time()
+        gid, suid = printable(t.gateway_id), printable(t.study_uid)
+        reason = printable(t.reason)
+        try:
+            with self._transaction() as db:
+                run_id, changed = t.run_id, False
+                if t.study is not None:
+                    changed = self._set_study(db, gid, suid, t.study, reason, now)
+                if t.new_run is not None:
+                    run_id = self._new_run(db, gid, suid, t, now)
+                elif t.run is not None:
+                    self._set_run(db, t, now)
+                send_id = self._send(db, t, run_id, now) if t.send is not None else None
+                db.executemany(
+                    "INSERT OR REPLACE INTO outputs VALUES (?,?,?,?,?)",
+                    [
+                        (run_id, str(o.path), o.sop_class_uid, o.sop_instance_uid, o.series_uid)
+                        for o in t.outputs
+                    ],
+                )
+                self._record_instances(db, gid, suid, t.instances, now)
+                db.executemany(
+                    "INSERT INTO events (ts, gateway_id, study_uid, level, message)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    [(now, gid, suid, level, printable(msg)) for level, msg in t.events],
+                )
+                if t.listing is not None:
+                    db.execute(
+                        "INSERT OR REPLACE INTO finished_listings (gateway_id, folder, listing)"
+                        " VALUES (?, ?, ?)",
+                        (gid, suid, t.listing),
+                    )
+                elif t.forget_listing:
+                    db.execute(
+                        "DELETE FROM finished_listings WHERE gateway_id=? AND folder=?", (gid, suid)
+                    )
+        except sqlite3.Error as exc:
+            raise self._unavailable(exc) from exc
+        if changed:
+            logger.info(
+                "gateway=%s study=%s state=%s%s",
+                gid,
+                suid,
+                t.study,
+                f" reason={reason}" if reason else "",
+            )
+        return Applied(run_id, send_id, changed)
+
+    def _set_study(
+        self,
+        db: sqlite3.Connection,
+        gid: str,
+        suid: str,
+        state: StudyState,
+        reason: str,
+        now: float,
+    ) -> bool:
+        row = db.execute(
+            "SELECT state, reason FROM studies WHERE gateway_id=? AND study_uid=?", (gid, suid)
+        ).fetchone()
+        old = StudyState(row["state"]) if row is not None else None
+        if old == state and row["reason"] == reason:
+            return False
+        if old != state and state not in STUDY_TRANSITIONS[old]:
+            raise IllegalTransition(f"study {suid}: {old} -> {state} is not a legal change")
+        db.execute(
+            "INSERT INTO studies VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT"
+            " (gateway_id, study_uid) DO UPDATE SET state=excluded.state,"
+            " reason=excluded.reason, updated=excluded.updated",
+            (gid, suid, str(state), reason, now, now),
+        )
+        return True
+
+    def _new_run(
+        self, db: sqlite3.Connection, gid: str, suid: str, t: Transition, now: float
+    ) -> int:
+        new = t.new_run
+        assert new is not None
+        state = t.run or RunState.RUNNING
+        if state not in RUN_TRANSITIONS[None]:
+            raise IllegalTransition(f"a new run cannot start {state}")
+        prev = db.execute(
+            "SELECT MAX(run_id) FROM runs WHERE gateway_id=? AND study_uid=?", (gid, suid)
+        ).fetchone()[0]
+        cur = db.execute(
+            "INSERT INTO runs (gateway_id, study_uid, model_name, model_version,"
+            " inputs_digest, generation, previous_run_id, state, reason, n_inputs, started,"
+            " finished, node) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                gid,
+                suid,
+                new.model_name,
+                new.model_version,
+                new.inputs_digest,
+                new.generation,
+                prev,
+                str(state),
+                printable(t.reason if t.run_reason is None else t.run_reason),
+                new.n_inputs,
+                now,
+                now if state in FINAL_RUN_STATES else None,
+                new.node,
+            ),
+        )
+        assert cur.lastrowid is not None
+        # a run left running by a stop, on inputs that have changed since, is over
+        db.execute(
+            "UPDATE runs SET state=?, reason=?, finished=? WHERE gateway_id=? AND study_uid=?"
+            " AND state=? AND run_id<>?",
+            (
+                str(RunState.FAILED),
+                f"superseded by run {cur.lastrowid}",
+                now,
+                gid,
+                suid,
+                str(RunState.RUNNING),
+                cur.lastrowid,
+            ),
+        )
+        return cur.lastrowid
+
+    def _set_run(self, db: sqlite3.Connection, t: Transition, now: float) -> None:
+        row = db.execute("SELECT state FROM runs WHERE run_id=?", (t.run_id,)).fetchone()
+        if row is None:
+            raise IllegalTransition(f"run {t.run_id} does not exist")
+        old, state = RunState(row["state"]), t.run
+        assert state is not None
+        if old != state and state not in RUN_TRANSITIONS[old]:
+            raise IllegalTransition(f"run {t.run_id}: {old} -> {state} is not a legal change")
+        sets = ["state=?", "reason=?"]
+        reason = t.reason if t.run_reason is None else t.run_reason
+        params: list[Any] = [str(state), printable(reason)]
+        if state in FINAL_RUN_STATES or state == RunState.WRITTEN:
+            sets.append("finished=?")
+            params.append(now)
+        if t.timings is not None:
+            sets.append("timings=?")
+            params.append(json.dumps(t.timings, sort_keys=True))
+        if t.findings is not None:
+            sets.append("findings=?")
+            params.append(json.dumps(t.findings, sort_keys=True))
+        db.execute(f"UPDATE runs SET {', '.join(sets)} WHERE run_id=?", [*params, t.run_id])
+
+    def _send(self, db: sqlite3.Connection, t: Transition, run_id: int | None, now: float) -> int:
+        change = t.send
+        assert change is not None
+        if change.send_id is None:
+            if change.state not in SEND_TRANSITIONS[None] or run_id is None:
+                raise IllegalTransition(f"a new send cannot start {change.state}")
+            cur = db.execute(
+                "INSERT INTO sends (run_id, destination, state, reason, started, manual)"
+                " VALUES (?,?,?,?,?,?)",
+                (run_id, change.destination, str(change.state), "", now, int(change.manual)),
+            )
+            assert cur.lastrowid is not None
+            return cur.lastrowid
+        row = db.execute("SELECT state FROM sends WHERE send_id=?", (change.send_id,)).fetchone()
+        old = SendState(row["state"]) if row is not None else None
+        if old is None or change.state not in SEND_TRANSITIONS[old]:
+            raise IllegalTransition(f"send {change.send_id}: {old} -> {change.state}")
+        column = "opened" if change.state == SendState.SENDING else "finished"
+        db.execute(
+            f"UPDATE sends SET state=?, reason=?, {column}=? WHERE send_id=?",
+            (str(change.state), printable(change.reason), now, change.send_id),
+        )
+        db.executemany(
+            "INSERT OR REPLACE INTO send_items VALUES (?,?,?,?)",
+            [(change.send_id, uid, status, code) for uid, status, code in change.items],
+        )
+        return change.send_id
+
+    @staticmethod
+    def _record_instances(
+        db: sqlite3.Connection,
+        gid: str,
+        suid: str,
+        records: Sequence[InstanceRecord],
+        now: float,
+    ) -> None:
+        db.executemany(
+            "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT"
+            " (gateway_id, path) DO UPDATE SET study_uid=excluded.study_uid,"
+            " size=excluded.size, mtime_ns=excluded.mtime_ns, sha256=excluded.sha256,"
+            " sop_instance_uid=excluded.sop_instance_uid, series_uid=excluded.series_uid,"
+            " sop_class_uid=excluded.sop_class_uid, state=excluded.state,"
+            " reason=excluded.reason, updated=excluded.updated",
+            [
+                (
+                    gid,
+                    suid,
+                    printable(r.path),
+                    r.size,
+                    r.mtime_ns,
+                    r.sha256,
+                    r.sop_instance_uid,
+                    r.series_uid,
+                    r.sop_class_uid,
+                    "rejected" if r.rejected_reason else "ok",
+                    printable(r.rejected_reason),
+                    now,
+                )
+                for r in records
+            ],
+        )
 
     def add_gateway(self, gateway_id: str, path: Path) -> bool:
         """Record a gateway; True when it was new."""
-        with self.transaction() as db:
+        with self._transaction() as db:
             cur = db.execute(
                 "INSERT OR IGNORE INTO gateways VALUES (?, ?, ?)",
-                (gateway_id, str(path), time.time()),
+                (gateway_id, printable(str(path)), time.time()),
             )
             return cur.rowcount > 0
+
+    def recover(self) -> Recovery:
+        """After a restart, in one transaction: every send left open is ``interrupted``
+        (its run and study ``send_failed``: never repeated without being asked), and the
+        studies with a run left ``running`` lose their finished listing so that the next
+        look resumes the run. Returns the sends still queued (never opened: they go now)."""
+        now = time.time()
+        reason = "send interrupted by a stop; use `resend` to try again"
+        with self._transaction() as db:
+            open_sends = list(
+                db.execute(
+                    "SELECT s.send_id, s.run_id, r.gateway_id, r.study_uid FROM sends s"
+                    " JOIN runs r USING (run_id) WHERE s.state=?",
+                    (str(SendState.SENDING),),
+                )
+            )
+            for row in open_sends:
+                db.execute(
+                    "UPDATE sends SET state=?, reason=?, finished=? WHERE send_id=?",
+                    (str(SendState.INTERRUPTED), "service stopped during send", now, row[0]),
+                )
+                db.execute(
+                    "UPDATE runs SET state=?, reason=?, finished=? WHERE run_id=? AND state=?",
+                    (str(RunState.SEND_FAILED), reason, now, row[1], str(RunState.SENDING)),
+                )
+                db.execute(
+                    "UPDATE studies SET state=?, reason=?, updated=? WHERE gateway_id=?"
+                    " AND study_uid=? AND state=?",
+                    (str(StudyState.SEND_FAILED), reason, now, row[2], row[3], "sending"),
+                )
+            db.execute(
+                "DELETE FROM finished_listings WHERE (gateway_id, folder) IN"
+                " (SELECT gateway_id, study_uid FROM runs WHERE state = ?)",
+                (str(RunState.RUNNING),),
+            )
+            queued = [
+                QueuedSend(r[0], r[1], r[2], r[3], bool(r[4]))
+                for r in db.execute(
+                    "SELECT s.send_id, s.run_id, r.gateway_id, r.study_uid, s.manual FROM sends s"
+                    " JOIN runs r USING (run_id) WHERE s.state=? ORDER BY s.send_id",
+                    (str(SendState.QUEUED),),
+                )
+            ]
+        for row in open_sends:
+            logger.warning(
+                "gateway=%s study=%s send %d interrupted by a stop; not repeated by itself",
+                row[2],
+                row[3],
+                row[0],
+            )
+        return Recovery(interrupted=len(open_sends), queued=queued)
+
+    # -- reads ------------------------------------------------------------------------------
 
     def study_state(self, gateway_id: str, study_uid: str) -> tuple[StudyState, str] | None:
         rows = self.query(
             "SELECT state, reason FROM studies WHERE gateway_id=? AND study_uid=?",
-            (gateway_id, study_uid),
+            (printable(gateway_id), printable(study_uid)),
         )
         return (StudyState(rows[0]["state"]), rows[0]["reason"]) if rows else None
-
-    def set_study_state(
-        self, gateway_id: str, study_uid: str, state: StudyState, reason: str = ""
-    ) -> bool:
-        """Set a study's state; logs and returns True only when it changed."""
-        now = time.time()
-        with self.transaction() as db:
-            row = db.execute(
-                "SELECT state, reason FROM studies WHERE gateway_id=? AND study_uid=?",
-                (gateway_id, study_uid),
-            ).fetchone()
-            if row is not None and row["state"] == state and row["reason"] == reason:
-                return False
-            db.execute(
-                "INSERT INTO studies VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT"
-                " (gateway_id, study_uid) DO UPDATE SET state=excluded.state,"
-                " reason=excluded.reason, updated=excluded.updated",
-                (gateway_id, study_uid, str(state), reason, now, now),
-            )
-        logger.info(
-            "gateway=%s study=%s state=%s%s",
-            gateway_id,
-            study_uid,
-            state,
-            f" reason={reason}" if reason else "",
-        )
-        return True
 
     def finished_listing(self, gateway_id: str, folder: str) -> bytes | None:
         """The listing digest a study folder had when it last finished, if it did."""
         rows = self.query(
             "SELECT listing FROM finished_listings WHERE gateway_id=? AND folder=?",
-            (gateway_id, folder),
+            (printable(gateway_id), printable(folder)),
         )
         return bytes(rows[0]["listing"]) if rows else None
-
-    def set_finished_listing(self, gateway_id: str, folder: str, listing: bytes) -> None:
-        with self.transaction() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO finished_listings (gateway_id, folder, listing)"
-                " VALUES (?, ?, ?)",
-                (gateway_id, folder, listing),
-            )
-
-    def forget_listings_of_interrupted_runs(self) -> int:
-        """Drop the finished listing of every study with a run still ``running`` (the
-        service stopped during it), so that the next look at the study resumes the run."""
-        with self.transaction() as db:
-            cursor = db.execute(
-                "DELETE FROM finished_listings WHERE (gateway_id, folder) IN"
-                " (SELECT gateway_id, study_uid FROM runs WHERE state = ?)",
-                (RunState.RUNNING.value,),
-            )
-            return cursor.rowcount
-
-    def event(self, gateway_id: str, study_uid: str, level: str, message: str) -> None:
-        with self.transaction() as db:
-            db.execute(
-                "INSERT INTO events (ts, gateway_id, study_uid, level, message)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (time.time(), gateway_id, study_uid, level, message),
-            )
-
-    # -- instances -------------------------------------------------------------------------
-
-    def record_instances(
-        self, gateway_id: str, study_uid: str, records: Sequence[InstanceRecord]
-    ) -> None:
-        """Record a study's files (used or rejected with the reason) in one transaction."""
-        now = time.time()
-        with self.transaction() as db:
-            db.executemany(
-                "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT"
-                " (gateway_id, path) DO UPDATE SET study_uid=excluded.study_uid,"
-                " size=excluded.size, mtime_ns=excluded.mtime_ns, sha256=excluded.sha256,"
-                " sop_instance_uid=excluded.sop_instance_uid, series_uid=excluded.series_uid,"
-                " sop_class_uid=excluded.sop_class_uid, state=excluded.state,"
-                " reason=excluded.reason, updated=excluded.updated",
-                [
-                    (
-                        gateway_id,
-                        study_uid,
-                        r.path,
-                        r.size,
-                        r.mtime_ns,
-                        r.sha256,
-                        r.sop_instance_uid,
-                        r.series_uid,
-                        r.sop_class_uid,
-                        "rejected" if r.rejected_reason else "ok",
-                        r.rejected_reason,
-                        now,
-                    )
-                    for r in records
-                ],
-            )
 
     def known_instances(self, gateway_id: str, study_uid: str) -> dict[str, sqlite3.Row]:
         """Recorded instances of a study keyed by path (for skipping re-hashing)."""
@@ -321,8 +620,6 @@ class Ledger:
             "SELECT * FROM instances WHERE gateway_id=? AND study_uid=?", (gateway_id, study_uid)
         )
         return {r["path"]: r for r in rows}
-
-    # -- runs ------------------------------------------------------------------------------
 
     def find_run(
         self,
@@ -340,42 +637,6 @@ class Ledger:
         )
         return _run_row(rows[0]) if rows else None
 
-    def start_run(
-        self,
-        gateway_id: str,
-        study_uid: str,
-        model_name: str,
-        model_version: str,
-        inputs_digest: str,
-        n_inputs: int,
-        generation: int = 0,
-    ) -> int:
-        """Create a run in state ``running`` and return its id."""
-        with self.transaction() as db:
-            prev = db.execute(
-                "SELECT MAX(run_id) FROM runs WHERE gateway_id=? AND study_uid=?",
-                (gateway_id, study_uid),
-            ).fetchone()[0]
-            cur = db.execute(
-                "INSERT INTO runs (gateway_id, study_uid, model_name, model_version,"
-                " inputs_digest, generation, previous_run_id, state, n_inputs, started)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (
-                    gateway_id,
-                    study_uid,
-                    model_name,
-                    model_version,
-                    inputs_digest,
-                    generation,
-                    prev,
-                    str(RunState.RUNNING),
-                    n_inputs,
-                    time.time(),
-                ),
-            )
-            assert cur.lastrowid is not None
-            return cur.lastrowid
-
     def next_generation(self, gateway_id: str, study_uid: str, inputs_digest: str) -> int:
         rows = self.query(
             "SELECT COALESCE(MAX(generation), -1) + 1 AS g FROM runs"
@@ -383,29 +644,6 @@ class Ledger:
             (gateway_id, study_uid, inputs_digest),
         )
         return int(rows[0]["g"])
-
-    def set_run_state(
-        self,
-        run_id: int,
-        state: RunState,
-        reason: str = "",
-        *,
-        timings: dict[str, float] | None = None,
-        findings: dict[str, Any] | None = None,
-    ) -> None:
-        sets = ["state=?", "reason=?"]
-        params: list[Any] = [str(state), reason]
-        if state in FINAL_RUN_STATES or state == RunState.WRITTEN:
-            sets.append("finished=?")
-            params.append(time.time())
-        if timings is not None:
-            sets.append("timings=?")
-            params.append(json.dumps(timings, sort_keys=True))
-        if findings is not None:
-            sets.append("findings=?")
-            params.append(json.dumps(findings, sort_keys=True))
-        with self.transaction() as db:
-            db.execute(f"UPDATE runs SET {', '.join(sets)} WHERE run_id=?", [*params, run_id])
 
     def get_run(self, run_id: int) -> RunRow | None:
         rows = self.query("SELECT * FROM runs WHERE run_id=?", (run_id,))
@@ -428,53 +666,26 @@ class Ledger:
         )
         return [_run_row(r) for r in rows]
 
-    # -- outputs and sends -----------------------------------------------------------------
-
-    def add_output(
-        self, run_id: int, path: Path, sop_class_uid: str, sop_instance_uid: str, series_uid: str
-    ) -> None:
-        with self.transaction() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO outputs VALUES (?,?,?,?,?)",
-                (run_id, str(path), sop_class_uid, sop_instance_uid, series_uid),
-            )
-
     def outputs(self, run_id: int) -> list[sqlite3.Row]:
         return self.query("SELECT * FROM outputs WHERE run_id=? ORDER BY path", (run_id,))
-
-    def start_send(self, run_id: int, destination: str, manual: bool = False) -> int:
-        with self.transaction() as db:
-            cur = db.execute(
-                "INSERT INTO sends (run_id, destination, state, started, manual)"
-                " VALUES (?,?,?,?,?)",
-                (run_id, destination, "sending", time.time(), int(manual)),
-            )
-            assert cur.lastrowid is not None
-            return cur.lastrowid
-
-    def finish_send(
-        self,
-        send_id: int,
-        state: str,
-        reason: str,
-        items: Sequence[tuple[str, str, int | None]] = (),
-    ) -> None:
-        """Record a send's outcome and its per-instance (SOP UID, status, code) results."""
-        with self.transaction() as db:
-            db.execute(
-                "UPDATE sends SET state=?, reason=?, finished=? WHERE send_id=?",
-                (state, reason, time.time(), send_id),
-            )
-            db.executemany(
-                "INSERT OR REPLACE INTO send_items VALUES (?,?,?,?)",
-                [(send_id, uid, status, code) for uid, status, code in items],
-            )
 
     def sends(self, run_id: int) -> list[sqlite3.Row]:
         return self.query("SELECT * FROM sends WHERE run_id=? ORDER BY send_id", (run_id,))
 
-    def interrupted_sends(self) -> list[sqlite3.Row]:
-        return self.query("SELECT * FROM sends WHERE state='sending'")
+
+@dataclass(frozen=True)
+class QueuedSend:
+    send_id: int
+    run_id: int
+    gateway_id: str
+    study_uid: str
+    manual: bool = False
+
+
+@dataclass(frozen=True)
+class Recovery:
+    interrupted: int = 0
+    queued: list[QueuedSend] = field(default_factory=list)
 
 
 def _run_row(row: sqlite3.Row) -> RunRow:
@@ -489,4 +700,5 @@ def _run_row(row: sqlite3.Row) -> RunRow:
         state=RunState(row["state"]),
         reason=row["reason"],
         findings=json.loads(row["findings"]),
+        node=row["node"],
     )

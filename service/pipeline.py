@@ -37,9 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from service.assembly import Study
 from service.conformance import Finding, check_files
-from service.errors import GatewayError
+from service.errors import GatewayError, TransientError
 from service.models.base import (
     BatchedModel,
     Model,
@@ -49,6 +48,7 @@ from service.models.base import (
     SplitModel,
     nothing_produced,
 )
+from service.values import Study
 from service.writers import output_path, write_dataset
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,8 @@ class Finished:
     error: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # SOP Instance UID -> reason
+    #: the error may pass by itself (I/O error, full disk): the run is tried again later
+    transient: bool = False
 
 
 @dataclass
@@ -120,7 +122,8 @@ def _value(future: Future[Any]) -> Any:
 def _failure(exc: BaseException) -> Finished:
     if not isinstance(exc, EXPECTED_ERRORS):
         logger.error("unexpected error in a run stage", exc_info=exc)
-    return Finished(error=f"{type(exc).__name__}: {exc}")
+    transient = isinstance(exc, TransientError | OSError)
+    return Finished(error=f"{type(exc).__name__}: {exc}", transient=transient)
 
 
 def _write_and_gate(
@@ -192,6 +195,7 @@ def merge_parts(model: SplitModel, parts: list[Finished]) -> Finished:
         findings=model.merge_findings([part.findings for part in parts if not part.error]),
         error=next((part.error for part in parts if part.error), ""),
         skipped={k: v for part in parts for k, v in part.skipped.items()},
+        transient=any(part.transient for part in parts),
     )
     for part in parts:
         for key, seconds in part.timings.items():

@@ -16,9 +16,6 @@ from pydicom import dcmread
 from service.assembly import (
     INCOMPLETE_REASON,
     Assembler,
-    FileState,
-    Instance,
-    Rejected,
     Stability,
     incomplete_reason,
     inputs_digest,
@@ -27,6 +24,7 @@ from service.assembly import (
     study_uid_from_folder,
 )
 from service.sample import pydicom_file
+from service.values import FileState, Instance, Rejected
 from tests.conftest import shared_file
 
 BIG = 2**40

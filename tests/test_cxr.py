@@ -20,7 +20,6 @@ import torch
 import torchxrayvision as xrv
 from pydicom.uid import ImplicitVRLittleEndian
 
-from service.assembly import Instance, Study, read_dicom
 from service.config import CxrConfig
 from service.errors import ModelError, ModelNotReady
 from service.models.base import RunContext
@@ -34,7 +33,9 @@ from service.models.cxr import (
     model_input,
     to_xrv_range,
 )
+from service.models.dicomio import read_dicom
 from service.uids import UidFactory
+from service.values import Instance, Study
 from tests.conftest import shared_file
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting MONOCHROME1:UserWarning")

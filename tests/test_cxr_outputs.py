@@ -11,12 +11,12 @@ import pydicom
 import pytest
 from pydicom import Dataset
 
-from service.assembly import Study
 from service.config import CxrConfig
 from service.models.base import ModelResult, RunContext
 from service.models.cxr import CxrModel
 from service.models.cxr_outputs import FINDING_CODES, LOCAL_SCHEME
 from service.uids import UidFactory
+from service.values import Study
 from service.writers import write_dataset
 from tests.conftest import dciodvfy, shared_file
 from tests.test_cxr import ROOT, study_of, write_checkpoint

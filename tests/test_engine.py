@@ -80,7 +80,7 @@ def test_gateway_sample_one_run_per_study_in_its_own_gateway(
     assert not uids[0] & uids[1]
     assert engine.ledger.study_state("1", study_uid) == (
         StudyState.WRITTEN,
-        f"run {engine.ledger.runs('1')[0].run_id}: 3 object(s) written",
+        f"run {engine.ledger.runs('1')[0].run_id}: 3 object(s) written; no destination configured",
     )
     assert tree_digest(sample_input) == before  # inputs untouched
 
@@ -135,7 +135,12 @@ def test_interrupted_run_is_finished_with_the_same_uids(tmp_path: Path) -> None:
     run = engine.ledger.runs()[0]
     written = {o["sop_instance_uid"] for o in engine.ledger.outputs(run.run_id)}
     # simulate a crash mid-run: the run is still 'running', a temp file is left behind
-    engine.ledger.set_run_state(run.run_id, RunState.RUNNING)
+    db = sqlite3.connect(engine.config.ledger_path)  # the state a SIGKILL mid-run leaves
+    with db:
+        db.execute("UPDATE runs SET state='running' WHERE run_id=?", (run.run_id,))
+        db.execute("UPDATE studies SET state='running'")
+        db.execute("DELETE FROM finished_listings")
+    db.close()
     leftover = Path(engine.ledger.outputs(run.run_id)[0]["path"]).with_name(".tmp-crash.part")
     leftover.write_bytes(b"half")
     engine.close()

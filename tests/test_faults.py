@@ -25,9 +25,10 @@ from hypothesis import strategies as st
 from pydicom import dcmread
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
-from service.assembly import Assembler, Instance, Rejected, inspect_file, snapshot
+from service.assembly import Assembler, inspect_file, snapshot
 from service.engine import Engine
 from service.ledger import StudyState
+from service.values import Instance, Rejected
 from tests.conftest import free_port, shared_file
 from tests.helpers import copy_series, stored_uid, temp_files, tree_digest, write_config
 from tests.test_engine import make_engine, scan

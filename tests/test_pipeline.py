@@ -12,13 +12,13 @@ import numpy as np
 import pydicom
 import pytest
 
-from service.assembly import Study
 from service.config import CxrConfig
 from service.models.annotate import AnnotateModel
 from service.models.base import Applicability, ModelResult, Prepared, RunContext
 from service.models.cxr import CxrModel
 from service.pipeline import Finished, Job, Outcome, Pipeline, merge_parts
 from service.uids import UidFactory
+from service.values import Study
 from tests.conftest import dciodvfy, shared_file
 from tests.test_cxr import ROOT, study_of, write_checkpoint
 

@@ -31,10 +31,11 @@ from pydicom.uid import (
     JPEGLSNearLossless,
 )
 
-from service.assembly import Instance, Study, read_dicom
 from service.conformance import repair_copied_attributes
 from service.errors import InputError, ModelError
 from service.models.base import Applicability, ModelResult, RunContext, nothing_produced
+from service.models.dicomio import read_dicom
+from service.values import Instance, Study
 
 logger = logging.getLogger(__name__)
 

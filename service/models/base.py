@@ -10,9 +10,9 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from pydicom import Dataset
 
-from service.assembly import Study
 from service.config import Rule
 from service.uids import UidFactory
+from service.values import Study
 
 
 @dataclass(frozen=True)

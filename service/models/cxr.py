@@ -27,10 +27,11 @@ from pydicom.pixels.processing import apply_modality_lut
 from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit
 from scipy import sparse
 
-from service.assembly import Instance, Study, read_dicom
 from service.config import CxrConfig
 from service.errors import InputError, ModelError, ModelNotReady
 from service.models.base import Applicability, ModelResult, Prepared, RunContext
+from service.models.dicomio import read_dicom
+from service.values import Instance, Study
 
 logger = logging.getLogger(__name__)
 

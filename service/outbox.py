@@ -1,0 +1,230 @@
+"""The outbox: sends queued per destination, opened when their destination has room.
+
+A run's send is recorded ``queued`` together with the run's ``written`` state. The outbox
+starts it when its destination has fewer than ``max_associations`` associations open:
+``sending`` is committed *before* the association opens (so a crash during it leaves the
+send ``interrupted``, never repeated by itself), then the association runs on a thread
+of its own. Destinations never wait for each other. When OUTPUT cannot be reached the send
+is deferred, not attempted. One attempt per send; the outcome is recorded as a value.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.config import Config, PacsConfig
+from service.ledger import Ledger, QueuedSend, SendChange, Transition
+from service.sender import SendResult, SendStatus
+from service.values import RunState, SendState, StudyState
+
+logger = logging.getLogger(__name__)
+
+#: Seconds before a send deferred because OUTPUT was unreachable is looked at again.
+DEFER_SECONDS = 5.0
+#: Associations open at once per destination unless the destination says otherwise.
+DEFAULT_MAX_ASSOCIATIONS = 4
+
+SendFunction = Callable[[PacsConfig, list[Path], threading.Event], SendResult]
+
+
+def describe(destination: PacsConfig) -> str:
+    return f"{destination.ae_title}@{destination.host}:{destination.port}"
+
+
+@dataclass
+class _Open:
+    send: QueuedSend
+    key: str
+    cancel: threading.Event
+    future: Future[SendResult]
+
+
+@dataclass
+class _Lane:
+    queued: deque[QueuedSend] = field(default_factory=deque)
+    open: int = 0
+    not_before: float = 0.0  # monotonic: deferred until then (OUTPUT unreachable)
+
+
+class Outbox:
+    """Owns every send between ``queued`` and its outcome; all ledger writes happen in the
+    thread that calls :meth:`add`, :meth:`pump` and :meth:`cancel_all` (the engine's)."""
+
+    def __init__(self, config: Config, ledger: Ledger, send: SendFunction) -> None:
+        self.config = config
+        self.ledger = ledger
+        self._send = send
+        self._lanes: dict[str, _Lane] = {}
+        self._open: list[_Open] = []
+        self._pool = ThreadPoolExecutor(max_workers=256, thread_name_prefix="send")
+        self._stopping = False  # after cancel_all: no association opens any more
+        #: called with (send, result) when a send ends (resend requests wait for it)
+        self.on_done: Callable[[QueuedSend, SendState, str], None] | None = None
+
+    # -- bookkeeping ------------------------------------------------------------------------
+
+    def add(self, send: QueuedSend) -> None:
+        """A send recorded ``queued`` in the ledger, to start when its lane has room."""
+        destination = self.config.destination(send.gateway_id)
+        self._lanes.setdefault(describe(destination), _Lane()).queued.append(send)
+
+    @property
+    def open_count(self) -> int:
+        return len(self._open)
+
+    @property
+    def queued_count(self) -> int:
+        return sum(len(lane.queued) for lane in self._lanes.values())
+
+    def busy_studies(self) -> set[tuple[str, str]]:
+        """Studies with a send queued or open: not looked at again until it ends."""
+        busy = {(o.send.gateway_id, o.send.study_uid) for o in self._open}
+        for lane in self._lanes.values():
+            busy.update((s.gateway_id, s.study_uid) for s in lane.queued)
+        return busy
+
+    def futures(self) -> list[Future[SendResult]]:
+        return [o.future for o in self._open]
+
+    # -- the work -----------------------------------------------------------------------------
+
+    def pump(self) -> int:
+        """Record the sends that ended, start the queued ones that have room; how many
+        ended."""
+        ended = [o for o in self._open if o.future.done()]
+        self._open = [o for o in self._open if not o.future.done()]
+        for item in ended:
+            self._lanes[item.key].open -= 1
+            self._record(item.send, _result_of(item.future))
+        now = time.monotonic()
+        for key, lane in self._lanes.items():
+            while lane.queued and lane.not_before <= now and not self._stopping:
+                destination = self.config.destination(lane.queued[0].gateway_id)
+                if lane.open >= max(1, _max_associations(destination)):
+                    break
+                if not self._start(key, lane, destination):
+                    lane.not_before = now + DEFER_SECONDS
+                    break
+        return len(ended)
+
+    def _start(self, key: str, lane: _Lane, destination: PacsConfig) -> bool:
+        send = lane.queued[0]
+        if not destination.enabled:
+            lane.queued.popleft()
+            reason = "no destination configured for this gateway any more"
+            self.ledger.apply(
+                Transition(
+                    send.gateway_id,
+                    send.study_uid,
+                    send=SendChange(SendState.ERROR, send.send_id, reason=reason),
+                    events=[("WARNING", f"send {send.send_id} dropped: {reason}")],
+                )
+            )
+            self._finished(send, SendState.ERROR, reason)
+            return True
+        paths = [Path(row["path"]) for row in self.ledger.outputs(send.run_id)]
+        unreachable = _unreachable(self.config.output_dir)
+        if unreachable:
+            gid, suid = send.gateway_id, send.study_uid
+            logger.warning("gateway=%s study=%s send deferred: %s", gid, suid, unreachable)
+            return False
+        lane.queued.popleft()
+        where = describe(destination)
+        self.ledger.apply(
+            Transition(
+                send.gateway_id,
+                send.study_uid,
+                StudyState.SENDING,
+                where,
+                run_id=send.run_id,
+                run=RunState.SENDING,
+                run_reason="",
+                send=SendChange(SendState.SENDING, send.send_id),
+            )
+        )
+        cancel = threading.Event()
+        future = self._pool.submit(self._send, destination, paths, cancel)
+        self._open.append(_Open(send, key, cancel, future))
+        lane.open += 1
+        return True
+
+    def _record(self, send: QueuedSend, result: SendResult) -> None:
+        state = SendState(result.status.value)
+        ok = result.ok
+        reason = f"{result.status}: {result.reason}" if result.reason else str(result.status)
+        codes = sorted({i.status_code for i in result.items if i.status_code})
+        if codes:
+            reason += " (status " + ", ".join(f"0x{c:04X}" for c in codes) + ")"
+        self.ledger.apply(
+            Transition(
+                send.gateway_id,
+                send.study_uid,
+                StudyState.SENT if ok else StudyState.SEND_FAILED,
+                reason,
+                run_id=send.run_id,
+                run=RunState.SENT if ok else RunState.SEND_FAILED,
+                run_reason="" if ok else reason,
+                send=SendChange(
+                    state,
+                    send.send_id,
+                    reason=result.reason,
+                    items=[
+                        (i.sop_instance_uid, str(i.status), i.status_code) for i in result.items
+                    ],
+                ),
+                events=[] if ok else [("ERROR", f"send {send.send_id}: {reason}")],
+            )
+        )
+        self._finished(send, state, reason)
+
+    def _finished(self, send: QueuedSend, state: SendState, reason: str) -> None:
+        if self.on_done is not None:
+            self.on_done(send, state, reason)
+
+    def cancel_all(self, timeout: float) -> None:
+        """Abort every open association and record it (``interrupted``); queued sends stay
+        queued in the ledger and start at the next start."""
+        self._stopping = True
+        for item in self._open:
+            item.cancel.set()
+        deadline = time.monotonic() + timeout
+        for item in self._open:
+            try:
+                item.future.result(max(0.0, deadline - time.monotonic()))
+            except Exception:
+                logger.debug("send thread did not end in time", exc_info=True)
+        self.pump()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _max_associations(destination: PacsConfig) -> int:
+    return int(getattr(destination, "max_associations", DEFAULT_MAX_ASSOCIATIONS))
+
+
+def _result_of(future: Future[SendResult]) -> SendResult:
+    if future.cancelled():
+        return SendResult(SendStatus.ERROR, "send cancelled before it started")
+    exc = future.exception()
+    if exc is not None:  # the sender reports outcomes as values; this is a bug
+        logger.error("send failed unexpectedly", exc_info=exc)
+        return SendResult(SendStatus.ERROR, f"unexpected error: {type(exc).__name__}: {exc}")
+    return future.result()
+
+
+def _unreachable(output_dir: Path) -> str:
+    """Why OUTPUT cannot be read now ('' when it can): a send then waits."""
+    try:
+        os.listdir(output_dir)
+    except OSError as exc:
+        return f"OUTPUT {output_dir} is not reachable ({exc.strerror or exc})"
+    return ""
