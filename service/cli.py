@@ -142,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GatewayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as exc:
+        print(f"error: {_fatal_message(exc)}", file=sys.stderr)
+        return EXIT_FAILED
     raise AssertionError(command)
 
 
@@ -154,11 +157,6 @@ def serve(config: Config, *, once: bool = False, timeout: float = 3600.0) -> int
     Exit 0 after a requested stop (or a drained backlog); 1 when the service could not go on
     (ledger unwritable, STATE full, another service on the same STATE), with the reason.
     """
-    from service.engine import Engine
-    from service.models import build_models
-    from service.supervision import Heartbeat, InstanceLock
-    from service.watcher import StudyWatcher
-
     stop = threading.Event()
     fatal: list[BaseException] = []
 
@@ -176,12 +174,17 @@ def serve(config: Config, *, once: bool = False, timeout: float = 3600.0) -> int
             fatal.append(exc)
         stop.set()
 
+    signal.signal(signal.SIGTERM, on_signal)  # first: a stop during start-up is a stop too
+    signal.signal(signal.SIGINT, on_signal)
+    from service.engine import Engine
+    from service.models import build_models
+    from service.supervision import Heartbeat, InstanceLock
+    from service.watcher import StudyWatcher
+
     for folder in (config.input_dir, config.output_dir, config.state_dir):
         folder.mkdir(parents=True, exist_ok=True)
     lock = InstanceLock(config.state_dir)
     lock.acquire()  # AlreadyServing (a GatewayError): exit 1 with the reason
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     engine = Engine(config, build_models(config))
     heartbeat = Heartbeat(config.state_dir, engine.queue, on_fatal)
     try:

@@ -329,6 +329,10 @@ ENV_KEYS: dict[str, str] = {
 }
 
 
+#: ``GATEWAY_*`` variables that are not configuration (read where they are used).
+NOT_CONFIG_ENV = frozenset({"GATEWAY_FAILPOINTS"})
+
+
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
     for var, dotted in ENV_KEYS.items():
         if var not in environ:
@@ -341,7 +345,11 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
                 raise ConfigError(".".join(parents), "expected a table")
             table = child
         table[leaf] = environ[var]
-    unknown = sorted(k for k in environ if k.startswith("GATEWAY_") and k not in ENV_KEYS)
+    unknown = sorted(
+        k
+        for k in environ
+        if k.startswith("GATEWAY_") and k not in ENV_KEYS and k not in NOT_CONFIG_ENV
+    )
     if unknown:
         raise ConfigError(unknown[0], f"unknown environment variable; known: {', '.join(ENV_KEYS)}")
 

@@ -788,7 +788,7 @@ def _listing_digest(snap: Snapshot) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     for rel in sorted(snap):
         state = snap[rel]
-        h.update(f"{rel}\0{state.size}\0{state.mtime_ns}\n".encode())
+        h.update(f"{rel}\0{state.size}\0{state.mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return h.digest()
 
 

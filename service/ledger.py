@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service import failpoints
 from service.errors import GatewayError
 from service.values import (
     FINAL_RUN_STATES,
@@ -335,6 +336,7 @@ class Ledger:
         now = time.time()
         gid, suid = printable(t.gateway_id), printable(t.study_uid)
         reason = printable(t.reason)
+        label = str(t.study or t.run or (t.send.state if t.send else "") or "event")
         try:
             with self._transaction() as db:
                 run_id, changed = t.run_id, False
@@ -368,8 +370,10 @@ class Ledger:
                     db.execute(
                         "DELETE FROM finished_listings WHERE gateway_id=? AND folder=?", (gid, suid)
                     )
+                failpoints.hit(f"before-commit:{label}")
         except sqlite3.Error as exc:
             raise self._unavailable(exc) from exc
+        failpoints.hit(f"after-commit:{label}")
         if changed:
             logger.info(
                 "gateway=%s study=%s state=%s%s",

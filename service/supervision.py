@@ -42,6 +42,10 @@ class AlreadyServing(GatewayError):
     """Another service holds this STATE folder."""
 
 
+class StateUnwritable(GatewayError):
+    """The STATE folder cannot be written: the service cannot start."""
+
+
 class InstanceLock:
     """An exclusive ``flock`` on ``STATE/serve.lock`` (released by the kernel at exit)."""
 
@@ -50,8 +54,14 @@ class InstanceLock:
         self._fh: IO[str] | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")  # noqa: SIM115 - held for the life of the service
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(self.path, "a+")  # noqa: SIM115 - held for the life of the service
+        except OSError as exc:
+            raise StateUnwritable(
+                f"cannot write STATE {self.path.parent} ({exc.strerror or exc}): check that it "
+                "is writable by the service and has space, then restart it"
+            ) from exc
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

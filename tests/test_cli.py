@@ -167,7 +167,8 @@ def test_status_and_reprocess(tmp_path: Path) -> None:
     assert code == 0, log
     assert [r[2] for r in run_states(tmp_path / "STATE")] == ["written", "written"]
     health = run_cli("--config", str(config), "status", "--health")
-    assert health.returncode == 0, health.stdout  # --once beat within the last minute
+    assert health.returncode == 1, health.stdout  # --once has ended: nobody serves STATE
+    assert "no service is running" in health.stdout
 
 
 def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
