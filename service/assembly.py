@@ -7,6 +7,7 @@ possibly in deeper sub-folders, names with or without extension.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import logging
 import math
@@ -34,6 +35,12 @@ logger = logging.getLogger(__name__)
 
 
 # -- listing and stability -----------------------------------------------------------------
+
+
+#: Errors of a file that waiting cannot cure (the others may pass: EIO, ENOTCONN, EACCES…).
+PERMANENT_ERRNOS = frozenset(
+    {errno.ELOOP, errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR, errno.EINVAL, errno.ENXIO}
+)
 
 
 def snapshot(folder: Path, input_root: Path, max_depth: int = 8) -> Snapshot:
@@ -75,7 +82,10 @@ def snapshot(folder: Path, input_root: Path, max_depth: int = 8) -> Snapshot:
             except FileNotFoundError:
                 continue  # vanished between listing and stat
             except OSError as exc:
-                raise TransientError(f"cannot stat {rel}: {exc}") from exc
+                if exc.errno in PERMANENT_ERRNOS:
+                    logger.debug("skipping %s: %s", rel, exc.strerror)
+                    continue  # a symlink loop, a name too long: no use waiting
+                raise TransientError(f"cannot stat {rel}: {exc.strerror or exc}") from exc
             if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
                 snap[rel] = FileState(st.st_size, st.st_mtime_ns)
     return snap
@@ -395,7 +405,8 @@ def inspect_file(path: Path, *, max_file_bytes: int, max_pixels: int) -> Instanc
         return None  # vanished while being read: the listing changes, the study waits
     except OSError as exc:  # I/O error, mount away, no permission: may pass
         logger.debug("cannot read %s: %s", path, exc.strerror)
-        return Rejected(path, f"file cannot be read: {exc.strerror or exc}", transient=True)
+        transient = exc.errno not in PERMANENT_ERRNOS
+        return Rejected(path, f"file cannot be read: {exc.strerror or exc}", transient=transient)
 
 
 def incomplete_reason(path: Path) -> str:

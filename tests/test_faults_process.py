@@ -179,8 +179,9 @@ def _stage_reached(state: Path, stage: str, scp: CountingScp) -> bool:
         return study == "receiving"
     if stage == "running":
         return bool(run) and run[0]["state"] == "running" and n_out == 0
-    if stage == "writing":
-        return bool(run) and run[0]["state"] == "running" and n_out > 0
+    if stage == "writing":  # outputs on disk, not yet recorded (one transaction records them)
+        on_disk = any((state.parent / "OUTPUT").rglob("*.dcm"))
+        return bool(run) and run[0]["state"] == "running" and on_disk
     return study == "sending" and len(scp.stored) > 0
 
 
