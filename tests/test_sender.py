@@ -23,9 +23,11 @@ from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.transport import ThreadedAssociationServer
 
+from service import sender
 from service.config import DEFAULT_UID_ROOT, PacsConfig
+from service.fastsend import store_command
 from service.sample import pydicom_file
-from service.sender import ItemResult, SendStatus, _store_command, classify, send_files
+from service.sender import ItemResult, SendStatus, classify, send_files
 from service.uids import UidFactory
 from tests.conftest import free_port
 from tests.helpers import stored_uid
@@ -41,6 +43,13 @@ def copy_with_new_uids(source: str, folder: Path, uids: UidFactory, name: str) -
     path = folder / f"{name}.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+@pytest.fixture(autouse=True, params=["fast", "public"])
+def data_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs on both data paths: service.fastsend and send_c_store."""
+    monkeypatch.setattr(sender, "FAST_PATH", request.param == "fast")
+    return str(request.param)
 
 
 @pytest.fixture
@@ -268,7 +277,7 @@ def test_peer_that_never_answers_a_store_times_out(
     finally:
         release.set()
     assert result.status is SendStatus.TIMED_OUT, result.reason
-    assert "no C-STORE response" in result.reason
+    assert "association exceeded timeout_seconds=1 while sending instance 1 of 1" in result.reason
     assert_all(result.items, SendStatus.TIMED_OUT, None)
     assert peer.connections == 1
 
@@ -383,7 +392,7 @@ def test_store_command_is_what_pynetdicom_encodes(instance: str, msg_id: int) ->
     primitive.DataSet = BytesIO(b"\0\0")
     message = C_STORE_RQ()
     message.primitive_to_message(primitive)
-    assert _store_command(CTImageStorage, instance, msg_id) == encode(
+    assert store_command(CTImageStorage, instance, msg_id) == encode(
         message.command_set, True, True
     )
 
