@@ -11,6 +11,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 from pynetdicom import evt
 
 from service import sender
@@ -102,7 +103,7 @@ def test_a_hung_pacs_holds_neither_other_destinations_nor_other_studies(
 ) -> None:
     """One study hangs on a slow PACS: the next study to it (a free association) and the
     studies to another PACS are all stored meanwhile; stopping then interrupts it at once."""
-    hung_uid = sender._read_meta(studies[0]).sop_instance_uid
+    hung_uid = dcmread(studies[0], stop_before_pixels=True).SOPInstanceUID
     stall = Stall({str(hung_uid)})
     slow = start_peer(on_store=stall, ae_title="SLOW")
     healthy = start_peer(ae_title="HEALTHY")
@@ -182,7 +183,7 @@ def test_cancel_all_interrupts_open_and_queued_sends(
 def test_a_handle_cancels_one_send_only(
     start_peer: Callable[..., Peer], lanes: SendLanes, studies: list[Path]
 ) -> None:
-    hung_uid = str(sender._read_meta(studies[0]).sop_instance_uid)
+    hung_uid = str(dcmread(studies[0], stop_before_pixels=True).SOPInstanceUID)
     stall = Stall({hung_uid})
     peer = start_peer(on_store=stall)
     handle = SendHandle()
