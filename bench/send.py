@@ -1,6 +1,7 @@
 """Benchmark: our C-STORE sender against dcmtk's ``storescu``, same files, same receiver.
 
-Usage: ``.venv/bin/python bench/send.py [--count 200] [--repeat 3] [--source FILE]``
+Usage: ``.venv/bin/python bench/send.py [--count 200] [--repeat 3] [--source FILE]
+[--path fast|public]``
 
 Makes ``--count`` copies of one DICOM file with fresh UIDs (one study), starts one dcmtk
 ``storescp`` on a free loopback port, then alternately sends all copies with ``storescu``
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from pydicom import dcmread  # noqa: E402
 
 from bench.common import free_port, wait_listening  # noqa: E402
+from service import sender  # noqa: E402
 from service.config import DEFAULT_UID_ROOT, PacsConfig  # noqa: E402
 from service.sample import pydicom_file  # noqa: E402
 from service.sender import SendStatus, send_files  # noqa: E402
@@ -85,7 +87,14 @@ def main() -> int:
     parser.add_argument(
         "--max-pdu", type=int, default=16384, help="storescp's maximum receive PDU size"
     )
+    parser.add_argument(
+        "--path",
+        choices=("auto", "fast", "public"),
+        default="auto",
+        help="sender data path (service.sender.FAST_PATH); auto = fast when available",
+    )
     args = parser.parse_args()
+    sender.FAST_PATH = {"auto": None, "fast": True, "public": False}[args.path]
     for exe in ("storescu", "storescp"):
         if not shutil.which(exe):
             sys.exit(f"{exe} not found: install dcmtk (make test-deps)")

@@ -43,7 +43,8 @@ class PacsConfig:
     port: int = 104
     ae_title: str = "ORTHANC"
     calling_ae_title: str = "AI_GATEWAY"
-    timeout_seconds: float = 30.0
+    timeout_seconds: float = 30.0  # bounds a whole association, not one read
+    max_associations: int = 4  # concurrent associations to this destination (SendLanes)
     tls_ca: str = ""
     tls_cert: str = ""
     tls_key: str = ""
@@ -153,6 +154,8 @@ def _as_int(value: Any, key: str, minimum: int = 0, maximum: int | None = None) 
         result = int(value)
     except (TypeError, ValueError):
         raise ConfigError(key, f"expected an integer, got {value!r}") from None
+    if maximum is None and result < minimum:
+        raise ConfigError(key, f"must be >= {minimum}, got {value!r}")
     if result < minimum or (maximum is not None and result > maximum):
         raise ConfigError(key, f"must be between {minimum} and {maximum}, got {value!r}")
     return result
@@ -207,6 +210,8 @@ def _pacs(table: Any, prefix: str, base: PacsConfig) -> PacsConfig:
             out[key] = _as_int(value, name, 1, 65535)
         elif key == "timeout_seconds":
             out[key] = _as_float(value, name, 0.1)
+        elif key == "max_associations":
+            out[key] = _as_int(value, name, 1)
         elif key in ("ae_title", "calling_ae_title"):
             out[key] = _as_ae(value, name)
         else:

@@ -36,4 +36,7 @@ def dciodvfy(path: Path) -> list[str]:
     return [line for line in lines if line.startswith("Error")]
 
 
-pytest_plugins = ["tests.orthanc"]  # the session-scoped `orthanc` fixture (a real Orthanc)
+pytest_plugins = [
+    "tests.orthanc",  # the session-scoped `orthanc` fixture (a real Orthanc)
+    "tests.peers",  # `start_peer` (pynetdicom SCPs) and `start_proxy` (a trickling PACS)
+]

@@ -39,6 +39,12 @@ class Orthanc:
         with urllib.request.urlopen(url, timeout=10) as rsp:
             return json.load(rsp)
 
+    def get_bytes(self, path: str) -> bytes:
+        """GET ``path`` from the REST API as bytes (e.g. ``/instances/<id>/file``)."""
+        url = f"http://127.0.0.1:{self.http_port}{path}"
+        with urllib.request.urlopen(url, timeout=10) as rsp:
+            return bytes(rsp.read())
+
     def lookup(self, sop_instance_uid: str) -> list[str]:
         """Orthanc ids of the instances with ``sop_instance_uid`` (POST /tools/lookup)."""
         request = urllib.request.Request(

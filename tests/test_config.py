@@ -125,6 +125,12 @@ def test_bad_environment_value_names_the_key(env: dict[str, str], key: str) -> N
         ({"extra": {}}, "extra"),
         ({"service": {"max_batch": 0}}, "service.max_batch"),
         ({"service": {"batch_wait_seconds": -0.1}}, "service.batch_wait_seconds"),
+        ({"pacs": {"max_associations": 0}}, "pacs.max_associations"),
+        ({"pacs": {"max_associations": "four"}}, "pacs.max_associations"),
+        (
+            {"gateways": {"7": {"pacs": {"max_associations": -1}}}},
+            "gateways.7.pacs.max_associations",
+        ),
     ],
 )
 def test_bad_toml_names_the_key(data: dict[str, object], key: str) -> None:
@@ -144,3 +150,19 @@ def test_env_keys_documented_in_readme() -> None:
     readme = (ROOT / "README.md").read_text()
     missing = [var for var in ENV_KEYS if var not in readme]
     assert not missing, f"README does not document {missing}"
+
+
+def test_max_associations_default_toml_and_per_gateway() -> None:
+    """[pacs] max_associations (default 4) and a gateway's own pacs table; errors name it."""
+    assert from_mapping({}).pacs.max_associations == 4
+    config = from_mapping(
+        {
+            "pacs": {"host": "pacs.local", "max_associations": 2},
+            "gateways": {"7": {"pacs": {"host": "pacs7", "max_associations": 1}}},
+        }
+    )
+    assert config.pacs.max_associations == 2
+    assert config.destination("7").max_associations == 1
+    assert config.destination("other").max_associations == 2
+    with pytest.raises(ConfigError, match=r"pacs\.max_associations.*must be >= 1"):
+        from_mapping({"pacs": {"max_associations": 0}})

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
@@ -15,32 +16,36 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.uid import CTImageStorage, ImplicitVRLittleEndian, MRImageStorage
-from pydicom.uid import SecondaryCaptureImageStorage as SC
-from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
+from pynetdicom import evt
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
-from pynetdicom.transport import ThreadedAssociationServer
 
+from service import sender
 from service.config import DEFAULT_UID_ROOT, PacsConfig
+from service.fastsend import store_command
 from service.sample import pydicom_file
-from service.sender import ItemResult, SendStatus, _store_command, classify, send_files
+from service.sender import (
+    INTERRUPTED_REASON,
+    ItemResult,
+    SendHandle,
+    SendStatus,
+    classify,
+    send_files,
+)
 from service.uids import UidFactory
 from tests.conftest import free_port
 from tests.helpers import stored_uid
 from tests.orthanc import Orthanc
+from tests.peers import Peer, TrickleProxy, copy_with_new_uids
 
 
-def copy_with_new_uids(source: str, folder: Path, uids: UidFactory, name: str) -> Path:
-    """``source`` (a pydicom test file) as a new instance in a new study."""
-    ds = dcmread(pydicom_file(source))
-    ds.StudyInstanceUID = uids.uid(name, "study")
-    ds.SeriesInstanceUID = uids.uid(name, "series")
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uids.uid(name, "sop")
-    path = folder / f"{name}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path
+@pytest.fixture(autouse=True, params=["fast", "public"])
+def data_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs on both data paths: service.fastsend and send_c_store."""
+    monkeypatch.setattr(sender, "FAST_PATH", request.param == "fast")
+    return str(request.param)
 
 
 @pytest.fixture
@@ -120,70 +125,6 @@ def test_send_to_orthanc_stores_every_instance(
 
 
 # -- misbehaving peers -------------------------------------------------------------------
-
-
-class Peer:
-    """A pynetdicom SCP on loopback that counts the connections it accepts."""
-
-    def __init__(self, server: ThreadedAssociationServer, ae_title: str, port: int) -> None:
-        self.server = server
-        self.port = port
-        self.ae_title = ae_title
-        self.connections = 0
-        self.requests = 0
-
-    def destination(self, timeout: float = 5.0, ae_title: str | None = None) -> PacsConfig:
-        return PacsConfig(
-            host="127.0.0.1",
-            port=self.port,
-            ae_title=ae_title or self.ae_title,
-            calling_ae_title="GATEWAY_TEST",
-            timeout_seconds=timeout,
-        )
-
-
-@pytest.fixture
-def start_peer() -> Iterator[Callable[..., Peer]]:
-    servers: list[ThreadedAssociationServer] = []
-
-    def start(
-        on_store: Callable[[evt.Event], int] | None = None,
-        sop_classes: tuple[str, ...] = (CTImageStorage, MRImageStorage, SC),
-        require_called_aet: bool = False,
-        ae_title: str = "PEER",
-        transfer_syntaxes: list[str] | None = None,
-        max_pdu: int = 16382,
-        more_handlers: list[Any] | None = None,
-    ) -> Peer:
-        ae = AE(ae_title=ae_title)
-        ae.require_called_aet = require_called_aet
-        ae.maximum_pdu_size = max_pdu
-        for uid in sop_classes:
-            ae.add_supported_context(uid, transfer_syntaxes or DEFAULT_TRANSFER_SYNTAXES)
-        port = free_port()
-        peer: Peer
-
-        def opened(event: evt.Event) -> None:
-            peer.connections += 1
-
-        def requested(event: evt.Event) -> None:
-            peer.requests += 1
-
-        handlers: list[Any] = [
-            (evt.EVT_CONN_OPEN, opened),
-            (evt.EVT_REQUESTED, requested),
-            (evt.EVT_C_STORE, on_store or (lambda event: 0x0000)),
-            *(more_handlers or []),
-        ]
-        server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
-        assert server is not None
-        servers.append(server)
-        peer = Peer(server, ae_title, port)
-        return peer
-
-    yield start
-    for server in servers:
-        server.shutdown()
 
 
 def assert_all(items: list[ItemResult], status: SendStatus, code: int | None) -> None:
@@ -268,7 +209,7 @@ def test_peer_that_never_answers_a_store_times_out(
     finally:
         release.set()
     assert result.status is SendStatus.TIMED_OUT, result.reason
-    assert "no C-STORE response" in result.reason
+    assert "association exceeded timeout_seconds=1 while sending instance 1 of 1" in result.reason
     assert_all(result.items, SendStatus.TIMED_OUT, None)
     assert peer.connections == 1
 
@@ -383,7 +324,7 @@ def test_store_command_is_what_pynetdicom_encodes(instance: str, msg_id: int) ->
     primitive.DataSet = BytesIO(b"\0\0")
     message = C_STORE_RQ()
     message.primitive_to_message(primitive)
-    assert _store_command(CTImageStorage, instance, msg_id) == encode(
+    assert store_command(CTImageStorage, instance, msg_id) == encode(
         message.command_set, True, True
     )
 
@@ -490,3 +431,149 @@ def test_many_instances_share_one_association(
     assert seen == [(i, sop_uid(p)) for i, p in enumerate(paths, start=1)]
     assert [i.status_code for i in result.items] == [0] * 30
     assert peer.connections == 1
+
+
+# -- the whole-association deadline and cancellation -----------------------------------------
+
+#: Generous bound for a send with timeout_seconds=3: proves the bound, is no benchmark.
+BOUND_S = 15.0
+#: Generous bound for a cancelled send to return.
+PROMPT_S = 5.0
+
+
+def test_trickling_store_response_times_out_at_the_association_deadline(
+    start_peer: Callable[..., Peer],
+    start_proxy: Callable[..., TrickleProxy],
+    ct: Path,
+    mr: Path,
+) -> None:
+    """A PACS answering a byte every 0.5 s (each well within a 3 s read timeout) is cut off
+    when the association has lasted timeout_seconds=3, not after the whole answer."""
+    peer = start_peer()
+    proxy = start_proxy(peer.port, interval=0.5)
+    started = time.monotonic()
+    result = send_files(proxy.destination(peer.ae_title, timeout=3), [ct, mr])
+    elapsed = time.monotonic() - started
+    assert result.status is SendStatus.TIMED_OUT, result.reason
+    assert "association exceeded timeout_seconds=3 while sending instance 1 of 2" in result.reason
+    assert_all(result.items, SendStatus.TIMED_OUT, None)
+    assert elapsed < BOUND_S
+    assert proxy.trickled > 0, "the peer was answering all along"
+    assert proxy.connections == 1
+
+
+def test_trickling_association_answer_times_out_at_the_association_deadline(
+    start_peer: Callable[..., Peer], start_proxy: Callable[..., TrickleProxy], ct: Path
+) -> None:
+    """The A-ASSOCIATE-AC itself a byte every 0.5 s: pynetdicom would read it to the end."""
+    peer = start_peer()
+    proxy = start_proxy(peer.port, interval=0.5, whole_pdus=0)
+    started = time.monotonic()
+    result = send_files(proxy.destination(peer.ae_title, timeout=3), [ct])
+    elapsed = time.monotonic() - started
+    assert result.status is SendStatus.TIMED_OUT, result.reason
+    assert_all(result.items, SendStatus.TIMED_OUT, None)
+    assert elapsed < BOUND_S
+    assert proxy.trickled > 0
+    assert proxy.connections == 1
+
+
+def test_hung_store_keeps_the_status_of_the_instances_answered_before(
+    start_peer: Callable[..., Peer], ct: Path, mr: Path
+) -> None:
+    """The CT is stored, the MR's C-STORE never answered: CT success, MR timed out."""
+    release = threading.Event()
+
+    def store(event: evt.Event) -> int:
+        if event.request.AffectedSOPClassUID == MRImageStorage:
+            release.wait(timeout=30)
+        return 0x0000
+
+    peer = start_peer(on_store=store)
+    started = time.monotonic()
+    try:
+        result = send_files(peer.destination(timeout=3), [ct, mr])
+    finally:
+        release.set()
+    assert time.monotonic() - started < BOUND_S
+    assert result.status is SendStatus.TIMED_OUT, result.reason
+    assert "while sending instance 2 of 2 (1 of 2 instance(s) answered)" in result.reason
+    assert [(i.status, i.status_code) for i in result.items] == [
+        (SendStatus.SUCCESS, 0),
+        (SendStatus.TIMED_OUT, None),
+    ]
+    assert peer.connections == 1
+
+
+def cancel_on(signal: threading.Event, handle: SendHandle, when: list[float]) -> threading.Thread:
+    """A thread that cancels ``handle`` once ``signal`` is set, noting when."""
+
+    def run() -> None:
+        if signal.wait(timeout=20):
+            when.append(time.monotonic())
+            handle.cancel()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_cancel_during_a_hung_store_is_interrupted_at_once(
+    start_peer: Callable[..., Peer], ct: Path
+) -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def stall(event: evt.Event) -> int:
+        entered.set()
+        release.wait(timeout=60)
+        return 0x0000
+
+    peer = start_peer(on_store=stall)
+    handle = SendHandle()
+    cancelled_at: list[float] = []
+    canceller = cancel_on(entered, handle, cancelled_at)
+    try:
+        result = send_files(peer.destination(timeout=60), [ct], handle)
+    finally:
+        release.set()
+    ended = time.monotonic()
+    canceller.join(timeout=10)
+    assert cancelled_at, "the store never reached the peer"
+    assert ended - cancelled_at[0] < PROMPT_S
+    assert result.status is SendStatus.INTERRUPTED, result.reason
+    assert result.reason.startswith(f"{INTERRUPTED_REASON} while sending instance 1 of 1")
+    assert_all(result.items, SendStatus.INTERRUPTED, None)
+    assert handle.cancelled
+
+
+def test_cancel_during_association_negotiation_is_interrupted_at_once(
+    start_peer: Callable[..., Peer], start_proxy: Callable[..., TrickleProxy], ct: Path
+) -> None:
+    """Cancelled while the A-ASSOCIATE-AC trickles in (pynetdicom blocked reading it)."""
+    requested = threading.Event()
+    peer = start_peer(more_handlers=[(evt.EVT_REQUESTED, lambda event: requested.set())])
+    proxy = start_proxy(peer.port, interval=0.5, whole_pdus=0)
+    handle = SendHandle()
+    cancelled_at: list[float] = []
+    canceller = cancel_on(requested, handle, cancelled_at)
+    result = send_files(proxy.destination(peer.ae_title, timeout=60), [ct], handle)
+    ended = time.monotonic()
+    canceller.join(timeout=10)
+    assert cancelled_at, "the association request never reached the peer"
+    assert ended - cancelled_at[0] < PROMPT_S
+    assert result.status is SendStatus.INTERRUPTED, result.reason
+    assert "negotiating the association" in result.reason
+    assert_all(result.items, SendStatus.INTERRUPTED, None)
+
+
+def test_send_cancelled_before_it_starts_connects_to_nothing(
+    start_peer: Callable[..., Peer], ct: Path
+) -> None:
+    peer = start_peer()
+    handle = SendHandle()
+    handle.cancel()
+    result = send_files(peer.destination(), [ct], handle)
+    assert result.status is SendStatus.INTERRUPTED
+    assert result.reason == INTERRUPTED_REASON
+    assert_all(result.items, SendStatus.INTERRUPTED, None)
+    assert peer.connections == 0
