@@ -22,7 +22,7 @@ from pathlib import Path
 
 from service import assembly
 from service.assembly import Assembler, Stability
-from service.config import GATEWAY_ID_RE, Config, PacsConfig
+from service.config import GATEWAY_ID_RE, Config
 from service.conformance import quarantine_file
 from service.errors import ConfigError, TransientError
 from service.fsutil import atomic_write, is_within, sweep_temp_files
@@ -42,7 +42,6 @@ from service.models.base import Model, RunContext, select_model
 from service.outbox import Outbox, describe
 from service.pipeline import Job as PipelineJob
 from service.pipeline import Outcome, Pipeline
-from service.sender import SendResult, send_files
 from service.uids import UidFactory
 from service.values import FileState, Rejected, RunState, SendState, Snapshot, Study, StudyState
 
@@ -62,10 +61,6 @@ MAX_REJECT_LOG_LINES = 20
 def retry_delay(attempt: int) -> float:
     """Bounded exponential backoff: 5, 10, 20 … seconds, at most 300 (attempt ≥ 1)."""
     return float(min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** max(0, attempt - 1)))
-
-
-def _send(destination: PacsConfig, paths: list[Path], cancel: threading.Event) -> SendResult:
-    return send_files(destination, paths)
 
 
 @dataclass
@@ -104,7 +99,7 @@ class Engine:
         self._runs_started = 0
         #: studies with a run in the pipeline, with their listing digest at the start
         self._in_flight: dict[tuple[str, str], bytes] = {}
-        self.outbox = Outbox(self.config, self.ledger, _send)
+        self.outbox = Outbox(self.config, self.ledger)
         self._pipeline = Pipeline(
             self.config.workers,
             self.config.output_dir,

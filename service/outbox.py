@@ -12,29 +12,23 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.config import Config, PacsConfig
 from service.ledger import Ledger, QueuedSend, SendChange, Transition
-from service.sender import SendResult, SendStatus
+from service.sender import SendHandle, SendResult, SendStatus
+from service.sendlanes import SendLanes, lane_key
 from service.values import RunState, SendState, StudyState
 
 logger = logging.getLogger(__name__)
 
 #: Seconds before a send deferred because OUTPUT was unreachable is looked at again.
 DEFER_SECONDS = 5.0
-#: Associations open at once per destination unless the destination says otherwise.
-DEFAULT_MAX_ASSOCIATIONS = 4
-
-SendFunction = Callable[[PacsConfig, list[Path], threading.Event], SendResult]
-
-
 def describe(destination: PacsConfig) -> str:
     return f"{destination.ae_title}@{destination.host}:{destination.port}"
 
@@ -43,7 +37,7 @@ def describe(destination: PacsConfig) -> str:
 class _Open:
     send: QueuedSend
     key: str
-    cancel: threading.Event
+    handle: SendHandle
     future: Future[SendResult]
 
 
@@ -58,13 +52,12 @@ class Outbox:
     """Owns every send between ``queued`` and its outcome; all ledger writes happen in the
     thread that calls :meth:`add`, :meth:`pump` and :meth:`cancel_all` (the engine's)."""
 
-    def __init__(self, config: Config, ledger: Ledger, send: SendFunction) -> None:
+    def __init__(self, config: Config, ledger: Ledger) -> None:
         self.config = config
         self.ledger = ledger
-        self._send = send
         self._lanes: dict[str, _Lane] = {}
         self._open: list[_Open] = []
-        self._pool = ThreadPoolExecutor(max_workers=256, thread_name_prefix="send")
+        self._send_lanes = SendLanes()  # the associations, each bounded by timeout_seconds
         self._stopping = False  # after cancel_all: no association opens any more
         #: called with (send, result) when a send ends (resend requests wait for it)
         self.on_done: Callable[[QueuedSend, SendState, str], None] | None = None
@@ -74,7 +67,7 @@ class Outbox:
     def add(self, send: QueuedSend) -> None:
         """A send recorded ``queued`` in the ledger, to start when its lane has room."""
         destination = self.config.destination(send.gateway_id)
-        self._lanes.setdefault(describe(destination), _Lane()).queued.append(send)
+        self._lanes.setdefault(str(lane_key(destination)), _Lane()).queued.append(send)
 
     @property
     def open_count(self) -> int:
@@ -108,7 +101,7 @@ class Outbox:
         for key, lane in self._lanes.items():
             while lane.queued and lane.not_before <= now and not self._stopping:
                 destination = self.config.destination(lane.queued[0].gateway_id)
-                if lane.open >= max(1, _max_associations(destination)):
+                if lane.open >= destination.max_associations:
                     break
                 if not self._start(key, lane, destination):
                     lane.not_before = now + DEFER_SECONDS
@@ -150,9 +143,9 @@ class Outbox:
                 send=SendChange(SendState.SENDING, send.send_id),
             )
         )
-        cancel = threading.Event()
-        future = self._pool.submit(self._send, destination, paths, cancel)
-        self._open.append(_Open(send, key, cancel, future))
+        handle = SendHandle()
+        future = self._send_lanes.submit(destination, paths, handle)
+        self._open.append(_Open(send, key, handle, future))
         lane.open += 1
         return True
 
@@ -194,7 +187,7 @@ class Outbox:
         queued in the ledger and start at the next start."""
         self._stopping = True
         for item in self._open:
-            item.cancel.set()
+            item.handle.cancel()
         deadline = time.monotonic() + timeout
         for item in self._open:
             try:
@@ -204,11 +197,8 @@ class Outbox:
         self.pump()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _max_associations(destination: PacsConfig) -> int:
-    return int(getattr(destination, "max_associations", DEFAULT_MAX_ASSOCIATIONS))
+        self._send_lanes.cancel_all()
+        self._send_lanes.close(wait=False)
 
 
 def _result_of(future: Future[SendResult]) -> SendResult:
