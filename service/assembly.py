@@ -446,15 +446,15 @@ def inspect_file(path: Path, *, max_file_bytes: int, max_pixels: int) -> Instanc
         return None
 
 
-def incomplete_reason(path: Path) -> str:
+def incomplete_reason(path: Path, prefix: str = INCOMPLETE_REASON) -> str:
     """Why :func:`inspect_file` found ``path`` incomplete, for the recorded rejection."""
     try:
         _inspect(path, max_file_bytes=2**63, max_pixels=2**63)
     except _Incomplete as exc:
-        return f"{INCOMPLETE_REASON}: {exc}"
+        return f"{prefix}: {exc}"
     except OSError as exc:
         return f"file cannot be read: {exc.strerror}"
-    return INCOMPLETE_REASON
+    return prefix
 
 
 # -- assembling a study --------------------------------------------------------------------
