@@ -234,3 +234,25 @@ def test_series_uid_chooses_its_study(tmp_path: Path, capsys: pytest.CaptureFixt
         pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in mr
     }
     assert os.path.exists(ct[0])
+
+
+def test_file_budget_and_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file over ``max_file_bytes`` is rejected with the reason before it is read; an
+    output folder inside the input folder is bad usage."""
+    config = write_config(tmp_path, rules=ANNOTATE, max_file_bytes=300_000)
+    dicom_in, dicom_out = tmp_path / "in", tmp_path / "out"
+    _, mr = copy_series(shared_file("series/mr-phantom-63"), dicom_in, limit=2)
+    _, (ct,) = copy_series(shared_file("series/ct-4-noise"), dicom_in, limit=1)
+    assert all(p.stat().st_size < 300_000 for p in mr) and ct.stat().st_size > 300_000
+    assert main(["--config", str(config), "run", str(dicom_in), str(dicom_out)]) == 0
+    out, err = capsys.readouterr()
+    assert len(results(dicom_out)) == 2
+    assert summary(out) == (
+        "annotate 1.0.0: 2 instance(s) used, 0 duplicate(s) ignored, 1 file(s) rejected, "
+        f"2 object(s) written to {dicom_out}"
+    )
+    assert "exceeds the limit of 300000 bytes" in err
+    inside = dicom_in / "results"
+    assert main(["--config", str(config), "run", str(dicom_in), str(inside)]) == 2
+    assert "is inside" in capsys.readouterr().err
+    assert not inside.exists()
