@@ -173,11 +173,16 @@ def run_oneshot(
         return _fail(report, EXIT_FAILED, f"model {chosen.name} not ready: {readiness.reason}")
     report.model = f"{chosen.name} {chosen.version}"
 
-    dicom_out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=dicom_out))
+    try:
+        dicom_out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=dicom_out))
+    except OSError as exc:
+        return _fail(report, EXIT_FAILED, f"cannot write into {dicom_out}: {exc.strerror}")
     try:
         finished = _run(config, study, chosen, series_uid, staging)
         return _conclude(report, finished, dicom_out)
+    except OSError as exc:  # publishing or quarantining: what was moved is in the report
+        return _fail(report, EXIT_FAILED, f"cannot publish into {dicom_out}: {exc}")
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # our own folder: empty or withheld copies
 

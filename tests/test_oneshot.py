@@ -256,3 +256,21 @@ def test_file_budget_and_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["--config", str(config), "run", str(dicom_in), str(inside)]) == 2
     assert "is inside" in capsys.readouterr().err
     assert not inside.exists()
+
+
+def test_an_unwritable_dicom_out_fails_with_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, rules=ANNOTATE)
+    dicom_in = tmp_path / "in"
+    copy_series(shared_file("series/ct-4-noise"), dicom_in, limit=1)
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    args = ["--config", str(config), "run", str(dicom_in)]
+    assert main([*args, str(blocked)]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+    assert main([*args, str(blocked / "out")]) == 1
+    out, err = capsys.readouterr()
+    assert f"error: cannot write into {blocked / 'out'}" in err
+    assert "0 object(s) written" in summary(out)
+    assert blocked.read_text() == "not a folder"
