@@ -409,15 +409,15 @@ def inspect_file(path: Path, *, max_file_bytes: int, max_pixels: int) -> Instanc
         return Rejected(path, f"file cannot be read: {exc.strerror or exc}", transient=transient)
 
 
-def incomplete_reason(path: Path) -> str:
+def incomplete_reason(path: Path, prefix: str = INCOMPLETE_REASON) -> str:
     """Why :func:`inspect_file` found ``path`` incomplete, for the recorded rejection."""
     try:
         _inspect(path, max_file_bytes=2**63, max_pixels=2**63)
     except _Incomplete as exc:
-        return f"{INCOMPLETE_REASON}: {exc}"
+        return f"{prefix}: {exc}"
     except OSError as exc:
         return f"file cannot be read: {exc.strerror}"
-    return INCOMPLETE_REASON
+    return prefix
 
 
 # -- assembling a study --------------------------------------------------------------------
@@ -468,8 +468,6 @@ class Assembler:
         """The instances, rejections and incomplete files of the study folder listed in ``snap``."""
         old = self._cache.get((gateway_id, study_uid), {})
         new: dict[str, tuple[FileState, _Result]] = {}
-        study = Study(gateway_id, study_uid, folder)
-        by_uid: dict[str, list[tuple[str, Instance]]] = {}
         for rel in sorted(snap):
             state = snap[rel]
             cached = old.get(rel)
@@ -480,46 +478,66 @@ class Assembler:
                     folder / rel, max_file_bytes=max_file_bytes, max_pixels=max_pixels
                 )
             new[rel] = (state, result)
-            if result is None:
-                study.incomplete.append(folder / rel)
-            elif isinstance(result, Rejected) and result.transient:
-                study.unreadable.append(result)
-                continue  # not cached: read again at the next look
-            elif isinstance(result, Rejected):
-                study.rejected.append(result)
-            elif result.study_instance_uid != study_uid:
-                study.rejected.append(
-                    Rejected(
-                        result.path,
-                        f"StudyInstanceUID {result.study_instance_uid} differs from the "
-                        f"study folder name {study_uid}",
-                    )
+        self._cache[(gateway_id, study_uid)] = {  # an I/O error is read again next time
+            rel: item
+            for rel, item in new.items()
+            if not (isinstance(item[1], Rejected) and item[1].transient)
+        }
+        return collate(
+            gateway_id, study_uid, folder, [(rel, result) for rel, (_state, result) in new.items()]
+        )
+
+
+def collate(
+    gateway_id: str, study_uid: str, folder: Path, inspected: Iterable[tuple[str, _Result]]
+) -> Study:
+    """The study made of inspected files (relative path from ``folder``, what
+    :func:`inspect_file` found), by the service's rules: an incomplete file is listed as
+    such; a file of another study is rejected; of several files with one SOP Instance UID
+    the one with the lowest relative path is used when all have identical bytes (the others
+    are rejected as duplicates, ``quarantine=False``), and all are rejected when their
+    contents differ."""
+    study = Study(gateway_id, study_uid, folder)
+    by_uid: dict[str, list[tuple[str, Instance]]] = {}
+    for rel, result in sorted(inspected, key=lambda item: item[0]):
+        if result is None:
+            study.incomplete.append(folder / rel)
+        elif isinstance(result, Rejected) and result.transient:
+            study.unreadable.append(result)
+        elif isinstance(result, Rejected):
+            study.rejected.append(result)
+        elif result.study_instance_uid != study_uid:
+            study.rejected.append(
+                Rejected(
+                    result.path,
+                    f"StudyInstanceUID {result.study_instance_uid} differs from the "
+                    f"study folder name {study_uid}",
                 )
-            else:
-                by_uid.setdefault(result.sop_instance_uid, []).append((rel, result))
-        self._cache[(gateway_id, study_uid)] = new
-        for sop_uid, copies in by_uid.items():
-            keep_rel, keep = copies[0]  # lowest relative path
-            if len({inst.sha256 for _rel, inst in copies}) > 1:
-                logger.warning(
-                    "gateway %s study %s: %d files with different content for SOPInstanceUID %s",
-                    gateway_id,
-                    study_uid,
-                    len(copies),
-                    sop_uid,
-                )
-                names = ", ".join(rel for rel, _inst in copies)
-                study.rejected.extend(
-                    Rejected(
-                        inst.path,
-                        f"conflicting content for SOPInstanceUID {sop_uid}: files {names} differ",
-                    )
-                    for _rel, inst in copies
-                )
-                continue
-            study.instances.append(keep)
-            study.rejected.extend(
-                Rejected(inst.path, f"duplicate of {keep_rel}, identical bytes", quarantine=False)
-                for _rel, inst in copies[1:]
             )
-        return study
+        else:
+            by_uid.setdefault(result.sop_instance_uid, []).append((rel, result))
+    for sop_uid, copies in by_uid.items():
+        keep_rel, keep = copies[0]  # lowest relative path
+        if len({inst.sha256 for _rel, inst in copies}) > 1:
+            logger.warning(
+                "gateway %s study %s: %d files with different content for SOPInstanceUID %s",
+                gateway_id,
+                study_uid,
+                len(copies),
+                sop_uid,
+            )
+            names = ", ".join(rel for rel, _inst in copies)
+            study.rejected.extend(
+                Rejected(
+                    inst.path,
+                    f"conflicting content for SOPInstanceUID {sop_uid}: files {names} differ",
+                )
+                for _rel, inst in copies
+            )
+            continue
+        study.instances.append(keep)
+        study.rejected.extend(
+            Rejected(inst.path, f"duplicate of {keep_rel}, identical bytes", quarantine=False)
+            for _rel, inst in copies[1:]
+        )
+    return study

@@ -281,74 +281,19 @@ def run_once(
     series_uid: str | None,
     model_name: str | None,
 ) -> int:
-    """Read DICOM under ``dicom_in``, run the routed model on its study, write ``dicom_out``."""
-    from service.assembly import inputs_digest, inspect_file, snapshot
-    from service.models import build_models
-    from service.models.base import RunContext, select_model
-    from service.uids import UidFactory
-    from service.values import Instance, Rejected, Study
-    from service.writers import write_dataset
+    """The one-shot container contract through the service's stages (:mod:`service.oneshot`):
+    the summary with real numbers on stdout; the files not used with their reasons and
+    what went wrong on stderr; the exit code."""
+    from service.oneshot import run_oneshot
 
-    if not dicom_in.is_dir():
-        print(f"error: input folder {dicom_in} does not exist", file=sys.stderr)
-        return EXIT_USAGE
-    by_study: dict[str, list[Instance]] = {}
-    rejected = 0
-    for rel in sorted(snapshot(dicom_in, dicom_in)):
-        found = inspect_file(
-            dicom_in / rel, max_file_bytes=config.max_file_bytes, max_pixels=config.max_pixels
-        )
-        if isinstance(found, Instance):
-            by_study.setdefault(found.study_instance_uid, []).append(found)
-        else:
-            rejected += 1
-            reason = found.reason if isinstance(found, Rejected) else "incomplete DICOM"
-            logger.warning("skipping %s: %s", rel, reason)
-    if series_uid is not None:
-        by_study = {
-            uid: insts
-            for uid, insts in by_study.items()
-            if any(i.series_instance_uid == series_uid for i in insts)
-        }
-    if not by_study:
-        what = f"series {series_uid}" if series_uid else "any DICOM instance"
-        print(f"error: no usable input: {dicom_in} holds no {what}", file=sys.stderr)
-        return EXIT_FAILED
-    if len(by_study) > 1:
-        print(
-            f"error: {dicom_in} holds {len(by_study)} studies; name the SERIES_UID to choose",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-    study_uid, instances = next(iter(by_study.items()))
-    study = Study("run", study_uid, dicom_in, instances)
-    names = {model_name} if model_name else None
-    models = build_models(config, names)
-    if model_name:
-        model = models[model_name]
-        verdict = model.applies(study)
-        why_not = verdict.reason
-        chosen = model if verdict.ok else None
-    else:
-        chosen, why_not = select_model(config.defaults.rules, models, study)
-    if chosen is None:
-        print(f"skipped: {why_not}", file=sys.stderr)
-        return EXIT_SKIPPED
-    readiness = chosen.ready()
-    if not readiness.ok:
-        print(f"error: model {chosen.name} not ready: {readiness.reason}", file=sys.stderr)
-        return EXIT_FAILED
-    digest = inputs_digest(instances)
-    uids = UidFactory(config.uid_root, "run", study_uid, digest, chosen.name, chosen.version)
-    result = chosen.run(study, RunContext(uids=uids, run_id=0, trigger_series_uid=series_uid))
-    for ds in result.datasets:
-        write_dataset(ds, dicom_out / f"{ds.SOPInstanceUID}.dcm")
-    print(
-        f"{chosen.name} {chosen.version}: {len(instances)} instance(s) in, "
-        f"{len(result.datasets)} object(s) written to {dicom_out}"
-        + (f", {rejected} file(s) skipped" if rejected else "")
-    )
-    return EXIT_OK
+    report = run_oneshot(config, dicom_in, dicom_out, series_uid, model_name)
+    for line in report.details():
+        print(line, file=sys.stderr)
+    if report.summary:
+        print(report.summary)
+    if report.message:
+        print(report.message, file=sys.stderr)
+    return report.code
 
 
 # -- status, reprocess, resend -------------------------------------------------------------

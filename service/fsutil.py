@@ -35,7 +35,7 @@ def atomic_writer(target: Path) -> Iterator[IO[bytes]]:
         with suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def atomic_write(target: Path, write: Callable[[IO[bytes]], object]) -> None:
@@ -44,7 +44,8 @@ def atomic_write(target: Path, write: Callable[[IO[bytes]], object]) -> None:
         write(fh)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make the entries of ``folder`` (a rename, a new link) durable; best effort."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

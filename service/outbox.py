@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds before a send deferred because OUTPUT was unreachable is looked at again.
 DEFER_SECONDS = 5.0
+
+
 def describe(destination: PacsConfig) -> str:
     return f"{destination.ae_title}@{destination.host}:{destination.port}"
 

@@ -121,8 +121,8 @@ def test_tables_have_no_dead_ends_but_the_final_states() -> None:
         assert STUDY_TRANSITIONS[state], state  # every study state can move on
     assert StudyState.SENT in STUDY_TRANSITIONS[StudyState.SENDING]
     assert StudyState.SENT not in STUDY_TRANSITIONS[StudyState.WRITTEN]  # only through sending
-    for state in RunState:
-        assert state in RUN_TRANSITIONS
+    for run_state in RunState:
+        assert run_state in RUN_TRANSITIONS
 
 
 def test_one_transaction_holds_run_study_outputs_send_and_event(

@@ -34,8 +34,8 @@ def scp() -> Iterator[CountingScp]:
     server.shutdown()
 
 
-def _config(tmp_path: Path, scp: CountingScp, **service: object) -> Path:
-    return write_config(tmp_path, f"[pacs]\n{_pacs(scp)}", stable=0.3, **service)
+def _config(tmp_path: Path, scp: CountingScp) -> Path:
+    return write_config(tmp_path, f"[pacs]\n{_pacs(scp)}", stable=0.3)
 
 
 def _pacs(scp: CountingScp) -> str:
