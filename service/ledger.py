@@ -96,6 +96,7 @@ CREATE TABLE IF NOT EXISTS runs (
     finished REAL,
     timings TEXT NOT NULL DEFAULT '{}',
     findings TEXT NOT NULL DEFAULT '{}',
+    node TEXT NOT NULL DEFAULT '',   -- service.node_name of the service that ran it
     UNIQUE (gateway_id, study_uid, inputs_digest, model_name, model_version, generation)
 );
 CREATE TABLE IF NOT EXISTS outputs (
@@ -181,6 +182,7 @@ class Ledger:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(SCHEMA)
+        _migrate(self._db)
 
     def close(self) -> None:
         with self._lock:
@@ -349,8 +351,10 @@ class Ledger:
         inputs_digest: str,
         n_inputs: int,
         generation: int = 0,
+        node: str = "",
     ) -> int:
-        """Create a run in state ``running`` and return its id."""
+        """Create a run in state ``running`` and return its id (``node``: the
+        ``service.node_name`` of the service running it)."""
         with self.transaction() as db:
             prev = db.execute(
                 "SELECT MAX(run_id) FROM runs WHERE gateway_id=? AND study_uid=?",
@@ -358,8 +362,8 @@ class Ledger:
             ).fetchone()[0]
             cur = db.execute(
                 "INSERT INTO runs (gateway_id, study_uid, model_name, model_version,"
-                " inputs_digest, generation, previous_run_id, state, n_inputs, started)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                " inputs_digest, generation, previous_run_id, state, n_inputs, started, node)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     gateway_id,
                     study_uid,
@@ -371,6 +375,7 @@ class Ledger:
                     str(RunState.RUNNING),
                     n_inputs,
                     time.time(),
+                    node,
                 ),
             )
             assert cur.lastrowid is not None
@@ -475,6 +480,30 @@ class Ledger:
 
     def interrupted_sends(self) -> list[sqlite3.Row]:
         return self.query("SELECT * FROM sends WHERE state='sending'")
+
+
+#: Columns added after the first release: (table, column, definition). A ledger written by
+#: an older version gets them with ALTER TABLE when it is opened for writing.
+MIGRATIONS: tuple[tuple[str, str, str], ...] = (("runs", "node", "TEXT NOT NULL DEFAULT ''"),)
+
+
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring an existing ledger's tables up to :data:`SCHEMA` (idempotent; in one write
+    transaction, so two processes opening an old ledger at once add each column once)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for table, column, definition in MIGRATIONS:
+            if column not in _columns(db, table):
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                logger.info("ledger: added column %s.%s", table, column)
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def _run_row(row: sqlite3.Row) -> RunRow:
