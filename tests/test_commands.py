@@ -18,6 +18,8 @@ from service.cli import main
 from service.ledger import Ledger, StudyState
 from tests.conftest import free_port, shared_file
 from tests.helpers import (
+    ENGINE_ANSWERS_REQUESTS,
+    ENGINE_NOT_WIRED,
     ROOT,
     copy_series,
     run_cli,
@@ -333,11 +335,7 @@ def test_take_requests_claims_once_refuses_malformed_and_reads_old_style(
 
 # -- with the engine carrying requests out (once service/engine.py calls take_requests) -----
 
-#: the engine answers requests (service.requests.write_result) once it is wired to them
-ENGINE_TAKES_REQUESTS = "write_result" in (ROOT / "service/engine.py").read_text()
-needs_engine_wiring = pytest.mark.skipif(
-    not ENGINE_TAKES_REQUESTS, reason="service/engine.py does not answer requests yet"
-)
+needs_engine_wiring = pytest.mark.skipif(not ENGINE_ANSWERS_REQUESTS, reason=ENGINE_NOT_WIRED)
 
 
 @needs_engine_wiring
