@@ -1,4 +1,5 @@
-"""Command line: ``python main.py [serve|run|status|reprocess|resend|receiver|models fetch]``.
+"""Command line: ``python main.py [serve|run|status|studies|study|reprocess|resend|receiver|models
+fetch]``.
 
 Exit codes: 0 success; 1 processing failed; 2 bad usage or configuration; 3 (``run``) no
 model applies to the input, nothing written.
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -22,12 +24,25 @@ from typing import Any
 from service import __version__
 from service.config import Config, load_config
 from service.errors import ConfigError, GatewayError
+from service.ledger import StudyState
 
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
+#: ``resend``/``reprocess`` wait this long for the running service's answer by default.
+DEFAULT_REQUEST_WAIT = 60.0
 #: Seconds the service loop sleeps between engine ticks when nothing ran.
 TICK_SECONDS = 0.2
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds: {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,13 +82,44 @@ def build_parser() -> argparse.ArgumentParser:
         "--health", action="store_true", help="exit 0 only if the service loop is alive"
     )
 
+    studies_cmd = sub.add_parser(
+        "studies", parents=[common], help="one line per study: state, reason, updated time"
+    )
+    studies_cmd.add_argument("--gateway", metavar="ID", help="only this gateway's studies")
+    studies_cmd.add_argument(
+        "--state",
+        choices=[str(s) for s in StudyState],
+        help="only studies in this state",
+    )
+    studies_cmd.add_argument("--json", action="store_true", help="machine-readable output")
+
+    study_cmd = sub.add_parser(
+        "study", parents=[common], help="one study's history: files, runs, outputs, sends"
+    )
+    study_cmd.add_argument("gateway_id")
+    study_cmd.add_argument("study_uid")
+    study_cmd.add_argument("--json", action="store_true", help="machine-readable output")
+
     for name, text in (
-        ("reprocess", "run a study again (picked up by the running service)"),
-        ("resend", "make one new send attempt of a study's latest results"),
+        ("reprocess", "ask the running service to run a study again (new output series)"),
+        ("resend", "ask the running service for one new send of a study's latest results"),
     ):
         cmd = sub.add_parser(name, parents=[common], help=text)
         cmd.add_argument("gateway_id")
         cmd.add_argument("study_uid")
+        cmd.add_argument(
+            "--wait",
+            type=_seconds,
+            default=DEFAULT_REQUEST_WAIT,
+            metavar="SECONDS",
+            help=f"how long to wait for the service's answer (default {DEFAULT_REQUEST_WAIT:g})",
+        )
+        cmd.add_argument(
+            "--queue",
+            action="store_true",
+            help="when no service takes the request in time, leave it queued for the next"
+            " start instead of withdrawing it (the exit code is still 1)",
+        )
 
     receiver = sub.add_parser(
         "receiver", parents=[common], help="development storage SCP (not for production)"
@@ -121,10 +167,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_once(config, args.dicom_in, args.dicom_out, args.series_uid, args.model)
         if command == "status":
             return status(config, as_json=args.json, health=args.health)
-        if command == "reprocess":
-            return reprocess(config, args.gateway_id, args.study_uid)
-        if command == "resend":
-            return resend(config, args.gateway_id, args.study_uid)
+        if command == "studies":
+            return studies(config, gateway_id=args.gateway, state=args.state, as_json=args.json)
+        if command == "study":
+            return study(config, args.gateway_id, args.study_uid, as_json=args.json)
+        if command in ("reprocess", "resend"):
+            return request(
+                config, command, args.gateway_id, args.study_uid, wait=args.wait, queue=args.queue
+            )
         if command == "receiver":
             from service.receiver import serve_receiver
 
@@ -296,7 +346,22 @@ def run_once(
     return report.code
 
 
-# -- status, reprocess, resend -------------------------------------------------------------
+# -- status, studies, study: read the ledger read-only ---------------------------------------
+
+
+def _iso(ts: float | None) -> str | None:
+    """Epoch seconds as ISO 8601 UTC (``2026-12-02T10:11:12.345Z``)."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _no_ledger(config: Config) -> str:
+    return f"no ledger at {config.ledger_path}: the service has not run yet"
 
 
 def status(config: Config, *, as_json: bool, health: bool) -> int:
@@ -307,12 +372,12 @@ def status(config: Config, *, as_json: bool, health: bool) -> int:
         verdict = check_health(config.state_dir)
         print(verdict.message)
         return EXIT_OK if verdict.ok else EXIT_FAILED
-    if not config.ledger_path.exists():
-        print(f"no ledger at {config.ledger_path}: the service has not run yet")
-        return EXIT_OK
     report = status_report(config)
     if as_json:
-        print(json.dumps(report, indent=2, sort_keys=True))
+        _print_json(report)
+        return EXIT_OK
+    if report["service"] == SERVICE_NOT_RUN:
+        print(_no_ledger(config))
         return EXIT_OK
     for gid, info in sorted(report["gateways"].items()):
         states = ", ".join(f"{k}={v}" for k, v in sorted(info["studies"].items())) or "none"
@@ -343,46 +408,47 @@ def _top_findings(findings: dict[str, Any], n: int = 3) -> list[tuple[str, float
     return sorted(best.items(), key=lambda kv: -kv[1])[:n]
 
 
-def status_report(config: Config) -> dict[str, Any]:
-    from service.ledger import Ledger
+#: ``status --json`` ``service`` values: no ledger yet, or a ledger the service wrote.
+SERVICE_NOT_RUN, SERVICE_RAN = "not run yet", "ran"
 
-    ledger = Ledger(config.ledger_path)
+
+def status_report(config: Config) -> dict[str, Any]:
+    """``status --json``: ``{"service": "not run yet" | "ran", "healthy": bool,
+    "health": the verdict, "ledger": path, "gateways": {id: {...}}}``.
+
+    ``service`` is "not run yet" while there is no ledger (``gateways`` is then empty);
+    ``healthy`` and ``health`` are the verdict of ``status --health``."""
+    from service.ledger import Ledger
+    from service.supervision import health
+
+    verdict = health(config.state_dir)
+    report: dict[str, Any] = {
+        "ledger": str(config.ledger_path),
+        "healthy": verdict.ok,
+        "health": verdict.message,
+        "gateways": {},
+    }
+    ledger = Ledger.open_readonly(config.ledger_path)
+    if ledger is None:
+        report["service"] = SERVICE_NOT_RUN
+        return report
+    report["service"] = SERVICE_RAN
     now = time.time()
     try:
-        gateways: dict[str, Any] = {}
-        ids = {r["gateway_id"] for r in ledger.query("SELECT gateway_id FROM gateways")}
-        ids |= {r["gateway_id"] for r in ledger.query("SELECT DISTINCT gateway_id FROM studies")}
-        for gid in sorted(ids):
-            counts = {
-                r["state"]: r["n"]
-                for r in ledger.query(
-                    "SELECT state, COUNT(*) AS n FROM studies WHERE gateway_id=? GROUP BY state",
-                    (gid,),
-                )
-            }
-            waiting = ledger.query(
-                "SELECT study_uid, state, first_seen FROM studies WHERE gateway_id=? AND state IN"
-                " ('receiving','waiting','waiting_model','ready') ORDER BY first_seen LIMIT 1",
-                (gid,),
-            )
-            errors = ledger.query(
-                "SELECT level, study_uid, message, ts FROM events WHERE gateway_id=?"
-                " ORDER BY event_id DESC LIMIT 5",
-                (gid,),
-            )
-            runs = ledger.runs(gid)[-5:]
-            gateways[gid] = {
-                "studies": counts,
+        for gid in ledger.gateway_ids():
+            waiting = ledger.oldest_waiting_study(gid)
+            report["gateways"][gid] = {
+                "studies": ledger.study_counts(gid),
                 "oldest_waiting": (
                     {
-                        "study_uid": waiting[0]["study_uid"],
-                        "state": waiting[0]["state"],
-                        "age_s": now - waiting[0]["first_seen"],
+                        "study_uid": waiting["study_uid"],
+                        "state": waiting["state"],
+                        "age_s": now - waiting["first_seen"],
                     }
                     if waiting
                     else None
                 ),
-                "last_errors": [dict(e) for e in errors],
+                "last_errors": ledger.latest_events(gid, 5),
                 "latest_runs": [
                     {
                         "run_id": r.run_id,
@@ -393,35 +459,242 @@ def status_report(config: Config) -> dict[str, Any]:
                         "findings": r.findings,
                         "top_findings": _top_findings(r.findings),
                     }
-                    for r in runs
+                    for r in ledger.runs(gid)[-5:]
                 ],
             }
-        return {"gateways": gateways}
+        return report
     finally:
         ledger.close()
 
 
-def reprocess(config: Config, gateway_id: str, study_uid: str) -> int:
-    from service.engine import request_reprocess
+def studies(config: Config, *, gateway_id: str | None, state: str | None, as_json: bool) -> int:
+    """One line (or JSON object) per study: gateway, StudyInstanceUID, state, reason, updated
+    time and the node that ran its latest run."""
+    from service.ledger import Ledger
 
-    request_reprocess(config, gateway_id, study_uid)
-    print(f"reprocess of gateway {gateway_id} study {study_uid} requested")
+    ledger = Ledger.open_readonly(config.ledger_path)
+    if ledger is None:
+        if gateway_id is not None:
+            print(f"error: unknown gateway {gateway_id}: {_no_ledger(config)}", file=sys.stderr)
+            return EXIT_FAILED
+        if as_json:
+            _print_json([])
+        else:
+            print(_no_ledger(config))
+        return EXIT_OK
+    try:
+        known = ledger.gateway_ids()
+        if gateway_id is not None and gateway_id not in known:
+            print(
+                f"error: unknown gateway {gateway_id} (known: {', '.join(known) or 'none'})",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        rows = ledger.list_studies(gateway_id, state)
+    finally:
+        ledger.close()
+    listed = [
+        {
+            "gateway_id": r["gateway_id"],
+            "study_uid": r["study_uid"],
+            "state": r["state"],
+            "reason": r["reason"],
+            "first_seen": _iso(r["first_seen"]),
+            "updated_at": _iso(r["updated"]),
+            "node": r["node"],
+        }
+        for r in rows
+    ]
+    if as_json:
+        _print_json(listed)
+        return EXIT_OK
+    for s in listed:
+        print(
+            f"{s['gateway_id']} {s['study_uid']} {s['state']} {s['updated_at']}"
+            + (f" node={s['node']}" if s["node"] else "")
+            + (f" {s['reason']}" if s["reason"] else "")
+        )
+    if not listed:
+        print("no studies" + (f" in state {state}" if state else ""))
     return EXIT_OK
 
 
-def resend(config: Config, gateway_id: str, study_uid: str) -> int:
-    from service.engine import Engine
+def _check_study(config: Config, gateway_id: str, study_uid: str) -> str:
+    """Why ``gateway_id``/``study_uid`` is not a study the ledger knows ("" when it is)."""
+    from service.ledger import Ledger
 
-    engine = Engine(config, {})
+    ledger = Ledger.open_readonly(config.ledger_path)
+    if ledger is None:
+        return f"unknown gateway {gateway_id}: {_no_ledger(config)}"
     try:
-        if not engine.resend(gateway_id, study_uid):
-            print(f"error: no written results for gateway {gateway_id} study {study_uid}")
-            return EXIT_FAILED
-        row = engine.ledger.query(
-            "SELECT state, reason FROM studies WHERE gateway_id=? AND study_uid=?",
-            (gateway_id, study_uid),
-        )[0]
+        known = ledger.gateway_ids()
+        if gateway_id not in known:
+            return f"unknown gateway {gateway_id} (known: {', '.join(known) or 'none'})"
+        if ledger.study_state(gateway_id, study_uid) is None:
+            return f"gateway {gateway_id} has no study {study_uid}"
+        return ""
     finally:
-        engine.close()
-    print(f"resend: {row['state']} {row['reason']}")
-    return EXIT_OK if row["state"] == "sent" else EXIT_FAILED
+        ledger.close()
+
+
+def study(config: Config, gateway_id: str, study_uid: str, *, as_json: bool) -> int:
+    """One study's history: state, files accepted/rejected, runs, outputs, sends, events."""
+    from service.ledger import Ledger
+
+    problem = _check_study(config, gateway_id, study_uid)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_FAILED
+    ledger = Ledger.open_readonly(config.ledger_path)
+    assert ledger is not None  # _check_study found it
+    try:
+        history = ledger.study_history(gateway_id, study_uid)
+    finally:
+        ledger.close()
+    if history is None:  # gone between the two reads: cannot happen, the CLI never deletes
+        print(f"error: gateway {gateway_id} has no study {study_uid}", file=sys.stderr)
+        return EXIT_FAILED
+    for key in ("first_seen", "updated"):
+        history[key] = _iso(history[key])
+    history["updated_at"] = history.pop("updated")
+    for run in history["runs"]:
+        run["started"], run["finished"] = _iso(run["started"]), _iso(run["finished"])
+        for send in run["sends"]:
+            send["started"], send["finished"] = _iso(send["started"]), _iso(send["finished"])
+    for event in history["events"]:
+        event["ts"] = _iso(event["ts"])
+    if as_json:
+        _print_json(history)
+    else:
+        _print_history(history)
+    return EXIT_OK
+
+
+def _timing(key: str, value: object) -> str:
+    """A run timing: ``*_at`` keys are epoch times, the others durations in seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{key} {_iso(value)}" if key.endswith("_at") else f"{key} {value:.3f} s"
+    return f"{key} {value}"
+
+
+def _sop_class_name(uid: str) -> str:
+    from pydicom.uid import UID
+
+    name = UID(uid).name
+    return name if name and name != uid else uid
+
+
+def _print_history(h: dict[str, Any]) -> None:
+    print(
+        f"gateway {h['gateway_id']} study {h['study_uid']}: {h['state']}"
+        + (f" ({h['reason']})" if h["reason"] else "")
+    )
+    print(f"  first seen {h['first_seen']}, updated {h['updated_at']}")
+    files = h["files"]
+    accepted = [f for f in files if f["state"] == "ok"]
+    rejected = [f for f in files if f["state"] != "ok"]
+    print(f"files: {len(accepted)} accepted, {len(rejected)} rejected")
+    for f in accepted:
+        print(f"  ok {f['path']} ({f['size']} bytes)")
+    for f in rejected:
+        print(f"  rejected {f['path']}: {f['reason']}")
+    print(f"runs: {len(h['runs'])}")
+    for run in h["runs"]:
+        print(
+            f"  run {run['run_id']} {run['model_name']} {run['model_version']}:"
+            f" {run['state']}"
+            + (f" ({run['reason']})" if run["reason"] else "")
+            + f"; {run['n_inputs']} input(s), generation {run['generation']}"
+            + (f", node {run['node']}" if run["node"] else "")
+        )
+        print(f"    started {run['started']}, finished {run['finished'] or '-'}")
+        if run["timings"]:
+            timings = ", ".join(_timing(k, v) for k, v in sorted(run["timings"].items()))
+            print(f"    timings: {timings}")
+        top = _top_findings(run["findings"])
+        if top:
+            print("    top findings: " + ", ".join(f"{k} {v:.2f}" for k, v in top))
+        for out in run["outputs"]:
+            print(
+                f"    output {out['path']} {_sop_class_name(out['sop_class_uid'])}"
+                f" {out['sop_instance_uid']}"
+            )
+        for send in run["sends"]:
+            print(
+                f"    send {send['send_id']} to {send['destination']}"
+                + (" (manual)" if send["manual"] else "")
+                + f": {send['state']}"
+                + (f" ({send['reason']})" if send["reason"] else "")
+                + f", started {send['started']}, finished {send['finished'] or '-'}"
+            )
+            for item in send["items"]:
+                code = item["status_code"]
+                print(
+                    f"      {item['sop_instance_uid']} {item['status']}"
+                    + (f" 0x{code:04X}" if code is not None else "")
+                )
+    print(f"events: {len(h['events'])}")
+    for event in h["events"]:
+        print(f"  {event['ts']} {event['level']} {event['message']}")
+
+
+# -- reprocess, resend: requests carried out by the running service --------------------------
+
+
+def request(
+    config: Config, kind: str, gateway_id: str, study_uid: str, *, wait: float, queue: bool
+) -> int:
+    """Ask the running service to ``resend`` or ``reprocess`` a study; print its answer.
+
+    Exit 0 only when the service carried the request out successfully; 1 when it failed,
+    when the gateway or study is unknown (checked read-only before anything is written),
+    or when no answer came within ``wait`` seconds (then the request is withdrawn unless
+    ``queue``, or the service took it and may still carry it out); 2 for a malformed id.
+    """
+    from service import requests
+    from service.ledger import Ledger
+
+    problem = requests.validate(kind, gateway_id, study_uid)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    problem = _check_study(config, gateway_id, study_uid)
+    if not problem and kind == "resend":
+        ledger = Ledger.open_readonly(config.ledger_path)
+        assert ledger is not None
+        try:
+            if ledger.latest_run_with_outputs(gateway_id, study_uid) is None:
+                problem = f"no written results to resend for gateway {gateway_id} study {study_uid}"
+        finally:
+            ledger.close()
+    if problem:
+        print(f"error: {problem}; nothing requested", file=sys.stderr)
+        return EXIT_FAILED
+    what = f"{kind} of gateway {gateway_id} study {study_uid}"
+    sent = requests.submit(config.state_dir, kind, gateway_id, study_uid)
+    result = requests.wait_for_result(config.state_dir, sent, wait)
+    if result is not None:
+        print(f"{what}: {result.state}" + (f": {result.message}" if result.message else ""))
+        return EXIT_OK if result.ok else EXIT_FAILED
+    if queue:
+        print(
+            f"{what}: no running service picked up the request within {wait:g} s; it stays"
+            f" queued (request {sent.request_id}) and is carried out when the service runs",
+            file=sys.stderr,
+        )
+    elif requests.withdraw(config.state_dir, sent):
+        print(
+            f"{what}: no running service picked up the request within {wait:g} s;"
+            " withdrawn, nothing was done (is the service running? --queue leaves it queued)",
+            file=sys.stderr,
+        )
+    elif (late := requests.wait_for_result(config.state_dir, sent, 0.5)) is not None:
+        print(f"{what}: {late.state}" + (f": {late.message}" if late.message else ""))
+        return EXIT_OK if late.ok else EXIT_FAILED
+    else:
+        print(
+            f"{what}: the service took the request but gave no answer within {wait:g} s;"
+            f" it may still be carried out: see `python main.py study {gateway_id} {study_uid}`",
+            file=sys.stderr,
+        )
+    return EXIT_FAILED

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ LAYOUTS = ("study", "flat")
 WATCH_MODES = ("native", "polling")
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")  # PS3.5 §9.1
 DEVICES_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+#: ``service.node_name``: printable ASCII without spaces, as a host name.
+NODE_NAME_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,8 @@ class Config:
     workers: int = field(default_factory=lambda: auto_workers())
     max_batch: int = 8
     batch_wait_seconds: float = 0.2
+    #: recorded with every run (``runs.node``), shown by ``studies``; default the host name
+    node_name: str = field(default_factory=lambda: default_node_name())
     defaults: GatewayConfig = field(default_factory=GatewayConfig)
     pacs: PacsConfig = field(default_factory=PacsConfig)
     cxr: CxrConfig = field(default_factory=CxrConfig)
@@ -135,6 +140,21 @@ def auto_workers() -> int:
     (1.03x; 1 worker 0.92x); on one core workers only add copying."""
     cores = os.cpu_count() or 1
     return 0 if cores == 1 else min(8, cores)
+
+
+def default_node_name() -> str:
+    """The host name, as ``service.node_name`` when none is configured."""
+    return socket.gethostname() or "localhost"
+
+
+def _as_node_name(value: Any, key: str) -> str:
+    """``service.node_name``; empty means the host name."""
+    text = _as_str(value, key).strip()
+    if not text:
+        return default_node_name()
+    if not NODE_NAME_RE.match(text):
+        raise ConfigError(key, f"must be 1-128 printable characters without spaces; got {text!r}")
+    return text
 
 
 def _as_float(value: Any, key: str, minimum: float = 0.0) -> float:
@@ -283,6 +303,8 @@ def _service(table: dict[str, Any], out: dict[str, Any]) -> None:
             out[key] = _as_float(value, name)
         elif key == "log_level":
             out[key] = _as_choice(str(value).upper(), name, ("DEBUG", "INFO", "WARNING", "ERROR"))
+        elif key == "node_name":
+            out[key] = _as_node_name(value, name)
 
 
 def _cxr(table: Any) -> CxrConfig:
@@ -320,6 +342,7 @@ ENV_KEYS: dict[str, str] = {
     "GATEWAY_POLL_SECONDS": "service.poll_seconds",
     "GATEWAY_LOG_LEVEL": "service.log_level",
     "GATEWAY_WORKERS": "service.workers",
+    "GATEWAY_NODE_NAME": "service.node_name",
     "GATEWAY_STABLE_SECONDS": "defaults.stable_seconds",
     "GATEWAY_MAX_WAIT_SECONDS": "defaults.max_wait_seconds",
     "GATEWAY_LAYOUT": "defaults.layout",

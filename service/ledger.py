@@ -264,13 +264,6 @@ class RunRow:
     node: str = ""
 
 
-#: Columns added after the first release: (table, column, definition).
-_MIGRATIONS = (
-    ("runs", "node", "TEXT NOT NULL DEFAULT ''"),
-    ("sends", "opened", "REAL"),
-)
-
-
 class Ledger:
     """Thread-safe access to the ledger database (one connection, serialised)."""
 
@@ -285,10 +278,7 @@ class Ledger:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=10000")
             self._db.executescript(SCHEMA)
-            for table, column, definition in _MIGRATIONS:
-                names = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}
-                if column not in names:
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+            _migrate(self._db)
         except (sqlite3.Error, OSError) as exc:
             raise self._unavailable(exc) from exc
 
@@ -676,6 +666,216 @@ class Ledger:
     def sends(self, run_id: int) -> list[sqlite3.Row]:
         return self.query("SELECT * FROM sends WHERE run_id=? ORDER BY send_id", (run_id,))
 
+    # -- read side: reports for the CLI --------------------------------------------------
+    # Queries behind ``status``, ``studies``, ``study``, ``resend`` and ``reprocess``. They
+    # only read, and work on a ledger opened with :meth:`open_readonly` (also one written
+    # by an older version, before :func:`_migrate` added its columns).
+
+    @classmethod
+    def open_readonly(cls, path: Path) -> Ledger | None:
+        """Open an existing ledger read-only (SQLite ``mode=ro``), or None when there is none.
+
+        Creates neither STATE nor the ledger, never migrates or writes it. (SQLite itself may
+        create the ``-wal``/``-shm`` side files a reader of a WAL database needs.)"""
+        if not path.is_file():
+            return None
+        ledger = cls.__new__(cls)
+        ledger.path = path
+        ledger._lock = threading.RLock()
+        ledger._db = sqlite3.connect(
+            f"{path.resolve().as_uri()}?mode=ro",
+            uri=True,
+            check_same_thread=False,
+            isolation_level=None,
+        )
+        ledger._db.row_factory = sqlite3.Row
+        ledger._db.execute("PRAGMA busy_timeout=10000")
+        return ledger
+
+    def gateway_ids(self) -> list[str]:
+        """Every gateway the ledger knows: discovered, or with studies recorded."""
+        rows = self.query(
+            "SELECT gateway_id FROM gateways UNION SELECT gateway_id FROM studies"
+            " ORDER BY gateway_id"
+        )
+        return [r["gateway_id"] for r in rows]
+
+    def study_counts(self, gateway_id: str) -> dict[str, int]:
+        """Number of studies of ``gateway_id`` per state."""
+        rows = self.query(
+            "SELECT state, COUNT(*) AS n FROM studies WHERE gateway_id=? GROUP BY state",
+            (gateway_id,),
+        )
+        return {r["state"]: int(r["n"]) for r in rows}
+
+    def oldest_waiting_study(self, gateway_id: str) -> dict[str, Any] | None:
+        """The study of ``gateway_id`` first seen longest ago among those not yet run
+        (receiving, waiting, waiting_model, ready): study_uid, state, first_seen."""
+        waiting = [
+            StudyState.RECEIVING,
+            StudyState.WAITING,
+            StudyState.WAITING_MODEL,
+            StudyState.READY,
+        ]
+        rows = self.query(
+            "SELECT study_uid, state, first_seen FROM studies WHERE gateway_id=? AND state IN"
+            " (?,?,?,?) ORDER BY first_seen LIMIT 1",
+            (gateway_id, *[str(s) for s in waiting]),
+        )
+        return dict(rows[0]) if rows else None
+
+    def latest_events(self, gateway_id: str, limit: int = 5) -> list[dict[str, Any]]:
+        """The newest ``limit`` events of ``gateway_id``, newest first."""
+        rows = self.query(
+            "SELECT level, study_uid, message, ts FROM events WHERE gateway_id=?"
+            " ORDER BY event_id DESC LIMIT ?",
+            (gateway_id, limit),
+        )
+        return [dict(r) for r in rows]
+
+    def list_studies(
+        self, gateway_id: str | None = None, state: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Studies (optionally of one gateway and/or in one state), ordered by gateway and
+        last change: gateway_id, study_uid, state, reason, first_seen, updated (epoch
+        seconds) and node (of the study's latest run; "" when none or not recorded)."""
+        node = (
+            "(SELECT r.node FROM runs r WHERE r.gateway_id=s.gateway_id"
+            " AND r.study_uid=s.study_uid ORDER BY r.run_id DESC LIMIT 1)"
+            if "node" in self._columns("runs")
+            else "''"
+        )
+        sql = (
+            "SELECT s.gateway_id, s.study_uid, s.state, s.reason, s.first_seen, s.updated,"
+            f" COALESCE({node}, '') AS node FROM studies s WHERE 1=1"
+        )
+        params: list[Any] = []
+        if gateway_id is not None:
+            sql += " AND s.gateway_id=?"
+            params.append(gateway_id)
+        if state is not None:
+            sql += " AND s.state=?"
+            params.append(state)
+        rows = self.query(sql + " ORDER BY s.gateway_id, s.updated, s.study_uid", params)
+        return [dict(r) for r in rows]
+
+    def study_history(self, gateway_id: str, study_uid: str) -> dict[str, Any] | None:
+        """Everything recorded about one study, or None when the ledger has no such study.
+
+        Keys: gateway_id, study_uid, state, reason, first_seen, updated; ``files`` (path
+        relative to the study folder, state ok|rejected, reason, size, sop_instance_uid,
+        series_uid, sop_class_uid); ``runs`` (run_id, model_name, model_version,
+        generation, previous_run_id, state, reason, n_inputs, started, finished, timings,
+        findings, node, ``outputs`` (path, sop_class_uid, sop_instance_uid, series_uid),
+        ``sends`` (send_id, destination, state, reason, manual, started, finished,
+        ``items`` (sop_instance_uid, status, status_code))); ``events`` (ts, level,
+        message). Times are epoch seconds; no patient data is recorded in the ledger."""
+        found = self.query(
+            "SELECT gateway_id, study_uid, state, reason, first_seen, updated FROM studies"
+            " WHERE gateway_id=? AND study_uid=?",
+            (gateway_id, study_uid),
+        )
+        if not found:
+            return None
+        history: dict[str, Any] = dict(found[0])
+        gateway_path = self.query("SELECT path FROM gateways WHERE gateway_id=?", (gateway_id,))
+        folder = Path(gateway_path[0]["path"]) / study_uid if gateway_path else None
+        history["files"] = [
+            {
+                "path": _path_in_study(r["path"], folder, study_uid),
+                "state": r["state"],
+                "reason": r["reason"],
+                "size": r["size"],
+                "sop_instance_uid": r["sop_instance_uid"],
+                "series_uid": r["series_uid"],
+                "sop_class_uid": r["sop_class_uid"],
+            }
+            for r in self.query(
+                "SELECT * FROM instances WHERE gateway_id=? AND study_uid=? ORDER BY path",
+                (gateway_id, study_uid),
+            )
+        ]
+        has_node = "node" in self._columns("runs")
+        runs: list[dict[str, Any]] = []
+        for r in self.query(
+            "SELECT * FROM runs WHERE gateway_id=? AND study_uid=? ORDER BY run_id",
+            (gateway_id, study_uid),
+        ):
+            run: dict[str, Any] = {
+                key: r[key]
+                for key in (
+                    "run_id",
+                    "model_name",
+                    "model_version",
+                    "generation",
+                    "previous_run_id",
+                    "state",
+                    "reason",
+                    "n_inputs",
+                    "started",
+                    "finished",
+                )
+            }
+            run["timings"] = json.loads(r["timings"] or "{}")
+            run["findings"] = json.loads(r["findings"] or "{}")
+            run["node"] = r["node"] if has_node else ""
+            run["outputs"] = [
+                {
+                    "path": o["path"],
+                    "sop_class_uid": o["sop_class_uid"],
+                    "sop_instance_uid": o["sop_instance_uid"],
+                    "series_uid": o["series_uid"],
+                }
+                for o in self.query(
+                    "SELECT * FROM outputs WHERE run_id=? ORDER BY path", (r["run_id"],)
+                )
+            ]
+            run["sends"] = []
+            for s in self.query(
+                "SELECT * FROM sends WHERE run_id=? ORDER BY send_id", (r["run_id"],)
+            ):
+                items = self.query(
+                    "SELECT sop_instance_uid, status, status_code FROM send_items"
+                    " WHERE send_id=? ORDER BY sop_instance_uid",
+                    (s["send_id"],),
+                )
+                run["sends"].append(
+                    {
+                        "send_id": s["send_id"],
+                        "destination": s["destination"],
+                        "state": s["state"],
+                        "reason": s["reason"],
+                        "manual": bool(s["manual"]),
+                        "started": s["started"],
+                        "finished": s["finished"],
+                        "items": [dict(i) for i in items],
+                    }
+                )
+            runs.append(run)
+        history["runs"] = runs
+        history["events"] = [
+            dict(e)
+            for e in self.query(
+                "SELECT ts, level, message FROM events WHERE gateway_id=? AND study_uid=?"
+                " ORDER BY event_id",
+                (gateway_id, study_uid),
+            )
+        ]
+        return history
+
+    def latest_run_with_outputs(self, gateway_id: str, study_uid: str) -> int | None:
+        """The id of the study's latest run that wrote outputs (what ``resend`` sends)."""
+        rows = self.query(
+            "SELECT MAX(r.run_id) AS run_id FROM runs r WHERE r.gateway_id=? AND r.study_uid=?"
+            " AND EXISTS (SELECT 1 FROM outputs o WHERE o.run_id=r.run_id)",
+            (gateway_id, study_uid),
+        )
+        return None if rows[0]["run_id"] is None else int(rows[0]["run_id"])
+
+    def _columns(self, table: str) -> set[str]:
+        with self._lock:
+            return _columns(self._db, table)
+
 
 @dataclass(frozen=True)
 class QueuedSend:
@@ -692,6 +892,46 @@ class Recovery:
     queued: list[QueuedSend] = field(default_factory=list)
 
 
+#: Columns added after the first release: (table, column, definition). A ledger written by
+#: an older version gets them with ALTER TABLE when it is opened for writing.
+MIGRATIONS: tuple[tuple[str, str, str], ...] = (
+    ("runs", "node", "TEXT NOT NULL DEFAULT ''"),
+    ("sends", "opened", "REAL"),
+)
+
+
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring an existing ledger's tables up to :data:`SCHEMA` (idempotent; in one write
+    transaction, so two processes opening an old ledger at once add each column once)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for table, column, definition in MIGRATIONS:
+            if column not in _columns(db, table):
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                logger.info("ledger: added column %s.%s", table, column)
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _path_in_study(path: str, folder: Path | None, study_uid: str) -> str:
+    """A recorded input path relative to its study folder (as the gateway app wrote it)."""
+    recorded = Path(path)
+    if folder is not None and recorded.is_relative_to(folder):
+        return recorded.relative_to(folder).as_posix()
+    parts = recorded.parts
+    if study_uid in parts:  # the folder moved since: take what follows the study's name
+        index = len(parts) - 1 - parts[::-1].index(study_uid)
+        if index < len(parts) - 1:
+            return Path(*parts[index + 1 :]).as_posix()
+    return recorded.name
+
+
 def _run_row(row: sqlite3.Row) -> RunRow:
     return RunRow(
         run_id=row["run_id"],
@@ -704,5 +944,5 @@ def _run_row(row: sqlite3.Row) -> RunRow:
         state=RunState(row["state"]),
         reason=row["reason"],
         findings=json.loads(row["findings"]),
-        node=row["node"],
+        node=row["node"] if "node" in row.keys() else "",  # noqa: SIM118 (sqlite3.Row)
     )

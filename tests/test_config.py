@@ -166,3 +166,17 @@ def test_max_associations_default_toml_and_per_gateway() -> None:
     assert config.destination("other").max_associations == 2
     with pytest.raises(ConfigError, match=r"pacs\.max_associations.*must be >= 1"):
         from_mapping({"pacs": {"max_associations": 0}})
+
+
+def test_node_name_defaults_to_the_host_name_and_is_validated(tmp_path: Path) -> None:
+    import socket
+
+    assert load_config(None, environ={}).node_name == socket.gethostname()
+    path = write(tmp_path, '[service]\nnode_name = "edge-7"\n')
+    assert load_config(path, environ={}).node_name == "edge-7"
+    assert load_config(path, environ={"GATEWAY_NODE_NAME": "edge-8"}).node_name == "edge-8"
+    assert load_config(None, environ={"GATEWAY_NODE_NAME": ""}).node_name == socket.gethostname()
+    for bad in ("two words", 7, "x" * 129, "tab\there"):
+        with pytest.raises(ConfigError) as err:
+            from_mapping({"service": {"node_name": bad}})
+        assert "service.node_name" in str(err.value)

@@ -18,10 +18,13 @@ from service.models import build_models
 from service.watcher import StudyWatcher
 from tests.conftest import dciodvfy, free_port, shared_file
 from tests.helpers import (
+    ENGINE_ANSWERS_REQUESTS,
+    ENGINE_NOT_WIRED,
     copy_series,
     ledger_rows,
     run_cli,
     start_service,
+    stop_service,
     wait_service,
     write_config,
 )
@@ -160,9 +163,16 @@ def test_send_failure_is_recorded_not_retried_and_resend_works(
     code, log = wait_service(start_service(config, "--once", "--once-timeout", "120"), 150)
     assert code == 0, log
     assert len(associations) == 2
-    # an operator fixes the destination and resends
+    # an operator fixes the destination, restarts the service and asks it to resend
+    if not ENGINE_ANSWERS_REQUESTS:
+        pytest.skip(ENGINE_NOT_WIRED)
     fixed = pipeline_config(tmp_path, checkpoint, orthanc.dicom_port, orthanc.ae_title)
-    result = run_cli("--config", str(fixed), "resend", "1", first)
+    service = start_service(fixed)
+    try:
+        result = run_cli("--config", str(fixed), "resend", "1", first, "--wait", "120")
+    finally:
+        code, log = stop_service(service)
+    assert code == 0, log
     assert result.returncode == 0, result.stdout + result.stderr
     for row in ledger_rows(
         tmp_path / "STATE",

@@ -214,3 +214,51 @@ def test_names_that_are_not_utf8_are_recorded_escaped(ledger: Ledger) -> None:
     (row,) = ledger.query("SELECT study_uid FROM studies")
     assert row["study_uid"] == "1.2.\\udcff\\udcfe"
     assert ledger.study_state("1", name) == (StudyState.RECEIVING, "")
+
+
+OLD_RUNS = """
+CREATE TABLE runs (
+    run_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    gateway_id TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    model_name TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    inputs_digest TEXT NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 0,
+    previous_run_id INTEGER,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    n_inputs INTEGER NOT NULL DEFAULT 0,
+    started REAL NOT NULL,
+    finished REAL,
+    timings TEXT NOT NULL DEFAULT '{}',
+    findings TEXT NOT NULL DEFAULT '{}',
+    UNIQUE (gateway_id, study_uid, inputs_digest, model_name, model_version, generation)
+);
+INSERT INTO runs (gateway_id, study_uid, model_name, model_version, inputs_digest, state,
+    started) VALUES ('1', '1.2.3', 'annotate', '1.0', 'd0', 'written', 1.0);
+"""
+
+
+def test_old_ledger_gets_the_node_column_and_runs_record_their_node(tmp_path: Path) -> None:
+    path = tmp_path / "STATE" / "ledger.sqlite3"
+    path.parent.mkdir()
+    old = sqlite3.connect(path)
+    old.executescript(OLD_RUNS)
+    old.close()
+    ledger = Ledger(path)
+    rows = ledger.query("SELECT run_id, node FROM runs")
+    assert [(r["run_id"], r["node"]) for r in rows] == [(1, "")]  # the old run kept
+    run = ledger.apply(
+        Transition(
+            "1",
+            "1.2.3",
+            StudyState.RUNNING,
+            new_run=NewRun("annotate", "1.0", "d1", 1, node="node-a"),
+        )
+    ).run_id
+    ledger.close()
+    again = Ledger(path)  # a second open finds the column and changes nothing
+    rows = again.query("SELECT run_id, node FROM runs ORDER BY run_id")
+    assert [(r["run_id"], r["node"]) for r in rows] == [(1, ""), (run, "node-a")]
+    again.close()
