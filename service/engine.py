@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from service import assembly
+from service import assembly, requests
 from service.assembly import Assembler, Stability
 from service.config import GATEWAY_ID_RE, Config
 from service.conformance import quarantine_file
-from service.errors import ConfigError, TransientError
-from service.fsutil import atomic_write, is_within, sweep_temp_files
+from service.errors import TransientError
+from service.fsutil import is_within, sweep_temp_files
 from service.imagedb import ImageDb
 from service.ledger import (
     InstanceRecord,
@@ -43,12 +43,20 @@ from service.outbox import Outbox, describe
 from service.pipeline import Job as PipelineJob
 from service.pipeline import Outcome, Pipeline
 from service.uids import UidFactory
-from service.values import FileState, Rejected, RunState, SendState, Snapshot, Study, StudyState
+from service.values import (
+    SENT_OK,
+    FileState,
+    Rejected,
+    RunState,
+    SendState,
+    Snapshot,
+    Study,
+    StudyState,
+)
 
 logger = logging.getLogger(__name__)
 
 GATEWAY_PREFIX = "gateway_"
-REQUESTS_DIR = "requests"
 #: Seconds between re-checks of a study waiting for a model or for image.db's instances.
 RECHECK_SECONDS = 5.0
 #: First and longest wait before a study that hit a transient error is tried again.
@@ -100,6 +108,10 @@ class Engine:
         #: studies with a run in the pipeline, with their listing digest at the start
         self._in_flight: dict[tuple[str, str], bytes] = {}
         self.outbox = Outbox(self.config, self.ledger)
+        self.outbox.on_done = self._send_done
+        self._send_waiters: dict[int, requests.Request] = {}  # resend requests by send id
+        #: reprocess requests with the latest run id of their study when they came
+        self._reprocess_waiters: list[tuple[requests.Request, int]] = []
         self._pipeline = Pipeline(
             self.config.workers,
             self.config.output_dir,
@@ -118,6 +130,7 @@ class Engine:
             removed = sweep_temp_files(root)
             if removed:
                 logger.warning("removed %d temporary file(s) left under %s", removed, root)
+        requests.fail_interrupted(self.config.state_dir)
         recovery = self.ledger.recover()
         for send in recovery.queued:
             self.outbox.add(send)
@@ -208,18 +221,57 @@ class Engine:
         return True
 
     def _take_requests(self) -> None:
-        """Pick up ``reprocess`` requests written by the CLI into ``STATE/requests``."""
-        folder = self.config.state_dir / REQUESTS_DIR
-        if not folder.is_dir():
-            return
-        for path in folder.iterdir():
-            if path.name.startswith("."):
+        """Carry out the operators' requests (``STATE/requests``, :mod:`service.requests`);
+        each is answered when its outcome is known: a resend when its send ends, a
+        reprocess when the study's new run has ended (or nothing could run)."""
+        state_dir = self.config.state_dir
+        for req in requests.take_requests(state_dir):
+            gid, suid = req.gateway_id, req.study_uid
+            logger.info("gateway=%s study=%s %s requested", gid, suid, req.kind)
+            if req.kind == "reprocess":
+                last = max((r.run_id for r in self.ledger.runs(gid, suid)), default=0)
+                self._reprocess_waiters.append((req, last))
+                self.touch(gid, suid, reprocess=True)
                 continue
-            gateway_id, _, study_uid = path.name.partition("__")
-            path.unlink(missing_ok=True)
-            if GATEWAY_ID_RE.match(gateway_id) and assembly.study_uid_from_folder(study_uid):
-                logger.info("gateway=%s study=%s reprocess requested", gateway_id, study_uid)
-                self.touch(gateway_id, study_uid, reprocess=True)
+            send_id = self.resend(gid, suid)
+            if send_id is None:
+                why = "no written results to send, or no destination configured for the gateway"
+                requests.write_result(state_dir, req, False, "no_results", why)
+            else:
+                self._send_waiters[send_id] = req
+        self._answer_reprocess()
+
+    def _answer_reprocess(self) -> None:
+        busy = self.outbox.busy_studies()
+        waiting = []
+        for req, last in self._reprocess_waiters:
+            key = (req.gateway_id, req.study_uid)
+            with self._lock:
+                pending = key in self._pending
+            if pending or key in self._in_flight or key in busy:
+                waiting.append((req, last))
+                continue
+            runs = [r for r in self.ledger.runs(*key) if r.run_id > last]
+            if not runs:
+                state = self.ledger.study_state(*key)
+                current = str(state[0]) if state else "unknown"
+                why = "nothing ran: the study folder is missing, empty or not readable"
+                requests.write_result(self.config.state_dir, req, False, current, why)
+                continue
+            run = runs[-1]
+            ok = run.state in (RunState.WRITTEN, RunState.SENT)
+            message = f"run {run.run_id} ({run.model_name}): {run.state}" + (
+                f": {run.reason}" if run.reason else ""
+            )
+            requests.write_result(self.config.state_dir, req, ok, str(run.state), message)
+        self._reprocess_waiters = waiting
+
+    def _send_done(self, send: QueuedSend, state: SendState, reason: str) -> None:
+        req = self._send_waiters.pop(send.send_id, None)
+        if req is not None:
+            ok = state in SENT_OK
+            word = StudyState.SENT if ok else StudyState.SEND_FAILED
+            requests.write_result(self.config.state_dir, req, ok, str(word), reason)
 
     # -- one study -------------------------------------------------------------------------
 
@@ -731,6 +783,7 @@ class Engine:
             if not ran:
                 self.wait(min(poll, max(0.0, deadline - time.monotonic())), stop)
         self.finish_in_flight(deadline - time.monotonic())
+        self._answer_reprocess()
         return self.pending_count == 0 and not self.busy
 
     def _only_transient(self) -> bool:
@@ -785,14 +838,3 @@ def _listing_digest(snap: Snapshot) -> bytes:
         state = snap[rel]
         h.update(f"{rel}\0{state.size}\0{state.mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return h.digest()
-
-
-def request_reprocess(config: Config, gateway_id: str, study_uid: str) -> Path:
-    """Ask the (running or next) service to run a study again with a new output series."""
-    if not GATEWAY_ID_RE.match(gateway_id):
-        raise ConfigError("gateway_id", f"not a valid gateway id: {gateway_id!r}")
-    if assembly.study_uid_from_folder(study_uid) is None:
-        raise ConfigError("study_uid", "not a valid study folder name")
-    target = config.state_dir / REQUESTS_DIR / f"{gateway_id}__{study_uid}"
-    atomic_write(target, lambda fh: fh.write(b"reprocess\n"))
-    return target

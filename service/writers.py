@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydicom import Dataset, dcmwrite
 
-from service.errors import OutputError
+from service.errors import OutputError, TransientError
 from service.fsutil import atomic_writer, is_within, safe_name
 from service.uids import is_valid_uid
 
@@ -56,7 +56,25 @@ def write_dataset(ds: Dataset, target: Path) -> None:
     except OutputError:
         raise
     except Exception as exc:
+        cause = _os_error(exc)
+        if cause is not None:  # a full disk, an I/O error, OUTPUT away: may pass
+            raise TransientError(
+                f"cannot write {ds.get('SOPInstanceUID', '?')}: {cause.strerror or cause}"
+            ) from exc
         raise OutputError(
             f"cannot write {ds.get('SOPInstanceUID', '?')}: {type(exc).__name__}: {exc}"
         ) from exc
     logger.debug("wrote %s", target.name)
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc`` (pydicom wraps it when writing an element), if any."""
+    seen: BaseException | None = exc
+    found: OSError | None = None
+    while seen is not None:
+        if isinstance(seen, OSError):
+            found = seen
+            if seen.errno is not None:
+                return seen  # the one with the errno and its plain message
+        seen = seen.__cause__ or seen.__context__
+    return found

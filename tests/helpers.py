@@ -166,5 +166,3 @@ def kill(proc: subprocess.Popen[str]) -> None:
 #: Whether service/engine.py carries out the CLI's resend/reprocess requests (it answers them
 #: with service.requests.write_result). Until it does, the tests that need a service to
 #: carry a request out are skipped, saying so.
-ENGINE_ANSWERS_REQUESTS = "write_result" in (ROOT / "service" / "engine.py").read_text()
-ENGINE_NOT_WIRED = "service/engine.py does not answer resend/reprocess requests yet"

@@ -18,8 +18,6 @@ from service.cli import main
 from service.ledger import Ledger, NewRun, OutputRecord, RunState, StudyState, Transition
 from tests.conftest import free_port, shared_file
 from tests.helpers import (
-    ENGINE_ANSWERS_REQUESTS,
-    ENGINE_NOT_WIRED,
     ROOT,
     copy_series,
     run_cli,
@@ -342,10 +340,7 @@ def test_take_requests_claims_once_refuses_malformed_and_reads_old_style(
 
 # -- with the engine carrying requests out (once service/engine.py calls take_requests) -----
 
-needs_engine_wiring = pytest.mark.skipif(not ENGINE_ANSWERS_REQUESTS, reason=ENGINE_NOT_WIRED)
 
-
-@needs_engine_wiring
 def test_running_service_carries_out_reprocess_and_resend(tmp_path: Path, peer: Peer) -> None:
     config = write_config(tmp_path, peer.config(), stable=0.2)
     study_uid, _ = copy_series(shared_file("series/ct-4-noise"), tmp_path / "INPUT/gateway_3", 2)
@@ -378,7 +373,6 @@ def test_running_service_carries_out_reprocess_and_resend(tmp_path: Path, peer: 
     assert peer.associations >= 2
 
 
-@needs_engine_wiring
 def test_a_queued_reprocess_runs_at_the_next_start(tmp_path: Path) -> None:
     config = write_config(tmp_path, stable=0.2)
     study_uid, _ = copy_series(shared_file("series/ct-4-noise"), tmp_path / "INPUT/gateway_3", 2)

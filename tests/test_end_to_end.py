@@ -18,8 +18,6 @@ from service.models import build_models
 from service.watcher import StudyWatcher
 from tests.conftest import dciodvfy, free_port, shared_file
 from tests.helpers import (
-    ENGINE_ANSWERS_REQUESTS,
-    ENGINE_NOT_WIRED,
     copy_series,
     ledger_rows,
     run_cli,
@@ -164,8 +162,6 @@ def test_send_failure_is_recorded_not_retried_and_resend_works(
     assert code == 0, log
     assert len(associations) == 2
     # an operator fixes the destination, restarts the service and asks it to resend
-    if not ENGINE_ANSWERS_REQUESTS:
-        pytest.skip(ENGINE_NOT_WIRED)
     fixed = pipeline_config(tmp_path, checkpoint, orthanc.dicom_port, orthanc.ae_title)
     service = start_service(fixed)
     try:

@@ -14,8 +14,9 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
+from service import requests
 from service.config import load_config
-from service.engine import Engine, request_reprocess
+from service.engine import Engine
 from service.ledger import RunState, StudyState
 from service.models import build_models
 from service.watcher import StudyWatcher
@@ -121,7 +122,7 @@ def test_restart_does_not_run_again_and_reprocess_does(tmp_path: Path) -> None:
     assert engine.drain(60)
     assert len(engine.ledger.runs()) == 1
     study_uid = engine.ledger.runs()[0].study_uid
-    request_reprocess(engine.config, "1", study_uid)
+    requests.submit(engine.config.state_dir, "reprocess", "1", study_uid)
     assert engine.drain(60)
     assert [r.generation for r in engine.ledger.runs()] == [0, 1]
     engine.close()

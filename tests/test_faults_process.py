@@ -21,8 +21,6 @@ from pydicom import dcmread
 from service.conformance import check_file
 from tests.conftest import shared_file
 from tests.helpers import (
-    ENGINE_ANSWERS_REQUESTS,
-    ENGINE_NOT_WIRED,
     copy_series,
     kill,
     ledger_rows,
@@ -123,52 +121,56 @@ def small_output(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(target)], check=False)
 
 
-def test_disk_full_fails_the_run_cleanly_and_reprocess_succeeds(
+def test_disk_full_waits_and_the_same_run_completes_when_space_returns(
     tmp_path: Path, small_output: Path
 ) -> None:
+    """ENOSPC is transient: the study waits (no failed run), nothing truncated is left, and
+    the same run (same output UIDs) is written by itself once space comes back."""
     config = write_config(tmp_path, stable=0.2)
     gw = tmp_path / "INPUT" / "gateway_1"
     study_uid, files = copy_series(shared_file("series/ct-4-noise"), gw, limit=2)
     sources = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
     before = tree_digest(tmp_path / "INPUT")
     state = tmp_path / "STATE"
-    code, log = wait_service(start_service(config, *ONCE))
+    service = start_service(config)
+    try:
+        wait_for(
+            lambda: (
+                (state / "ledger.sqlite3").exists()
+                and "No space left" in study_states(state).get(("1", study_uid), ("", ""))[1]
+            ),
+            60,
+            "the study waiting on the full disk",
+        )
+        waiting = study_states(state)[("1", study_uid)]
+        during = runs(state)
+        leftovers = temp_files(small_output)
+        present = list(small_output.rglob("*.dcm"))
+        complete = [p for p in present if check_file(p, source_sop_uids=sources) == []]
+        # space comes back: nobody asks, the study is retried by itself
+        remount = ["mount", "-o", "remount,size=20m", "tmpfs", str(small_output)]
+        subprocess.run(remount, check=True)
+        wait_for(lambda: study_states(state)[("1", study_uid)][0] == "written", 60, "written")
+    finally:
+        code, log = stop_service(service)
     assert code == 0, log
-    (failed,) = runs(state)
-    leftovers = temp_files(small_output)
-    complete = [
-        p for p in small_output.rglob("*.dcm") if check_file(p, source_sop_uids=sources) == []
-    ]
-    present = list(small_output.rglob("*.dcm"))
-    # space comes back; the operator asks for the study again
-    remount = ["mount", "-o", "remount,size=20m", "tmpfs", str(small_output)]
-    subprocess.run(remount, check=True)
-    if not ENGINE_ANSWERS_REQUESTS:
-        pytest.skip(ENGINE_NOT_WIRED)
-    # no service runs now: the request stays queued for the next start (exit 1: not done yet)
-    queued = run_cli("--config", str(config), "reprocess", "1", study_uid, "--wait", "0", "--queue")
-    assert queued.returncode == 1 and "stays queued" in queued.stderr
-    code, log2 = wait_service(start_service(config, *ONCE))
-    assert code == 0, log2
     rows = runs(state)
     new_outputs = outputs(state, rows[-1]["run_id"])
     lost = lost_count(before, state, tmp_path / "INPUT")
     record(
         "4 disk full on OUTPUT",
-        "2 CT (~525 KB out each) to a 700 KiB tmpfs, then 20 MiB + reprocess",
-        "failed (ENOSPC), no .tmp-/truncated file; reprocess written",
-        f"{failed['state']}: ...{failed['reason'][-28:]}; tmp {len(leftovers)}, "
-        f"incomplete {len(present) - len(complete)}; then {rows[-1]['state']}",
+        "2 CT (~525 KB out each) to a 700 KiB tmpfs, then 20 MiB, no operator action",
+        "waiting (ENOSPC, retried), no .tmp-/truncated file; the same run written",
+        f"{waiting[0]}: ...{waiting[1][-40:]}; tmp {len(leftovers)}, "
+        f"incomplete {len(present) - len(complete)}; then {rows[-1]['state']}, runs {len(rows)}",
         lost,
     )
-    assert failed["state"] == "failed"
-    assert "No space left on device" in failed["reason"]
-    assert study_states(state)[("1", study_uid)][0] in ("failed", "written")
+    assert waiting[0] == "waiting" and "retry" in waiting[1]
+    assert [r["state"] for r in during] == ["running"]  # not failed: tried again
     assert leftovers == [] and len(complete) == len(present)
-    assert [r["state"] for r in rows] == ["failed", "written"]
+    assert [r["state"] for r in rows] == ["written"]  # one run, resumed
     assert len(new_outputs) == 2
     assert all(check_file(Path(o["path"]), source_sop_uids=sources) == [] for o in new_outputs)
-    assert study_states(state)[("1", study_uid)][0] == "written"
     assert lost == 0
 
 
