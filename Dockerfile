@@ -19,6 +19,7 @@ RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu -r requir
 
 COPY main.py .
 COPY service ./service
+COPY devtools ./devtools
 COPY config ./config
 
 # The CXR weights are downloaded at build time so the container runs offline.

@@ -25,7 +25,7 @@ test-deps:
 
 # Sample input built from the DICOM files pydicom ships (two gateways, image.db each).
 sample: venv
-	$(BIN)/python -m service.sample INPUT
+	$(BIN)/python -m devtools.sample INPUT
 
 # Runs the service on the sample, sending to the embedded development receiver.
 run: venv sample
@@ -39,9 +39,10 @@ test: venv test-deps lint
 	$(BIN)/python -m pytest
 
 lint: venv
-	$(BIN)/ruff check service tests bench main.py
-	$(BIN)/ruff format --check service tests bench main.py
+	$(BIN)/ruff check service devtools tests bench main.py
+	$(BIN)/ruff format --check service devtools tests bench main.py
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf STATE OUTPUT/gateway_* INPUT/gateway_*

@@ -20,7 +20,7 @@ from pydicom.uid import generate_uid
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service.sample import open_image_db, record  # noqa: E402
+from devtools.sample import open_image_db, record  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 #: dcmtk leaves Nagle's algorithm on unless told (see bench/send.py).

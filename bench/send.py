@@ -31,9 +31,9 @@ sys.path.insert(0, str(ROOT))
 from pydicom import dcmread  # noqa: E402
 
 from bench.common import free_port, wait_listening  # noqa: E402
+from devtools.sample import pydicom_file  # noqa: E402
 from service import sender  # noqa: E402
 from service.config import DEFAULT_UID_ROOT, PacsConfig  # noqa: E402
-from service.sample import pydicom_file  # noqa: E402
 from service.sender import SendStatus, send_files  # noqa: E402
 from service.uids import UidFactory  # noqa: E402
 

@@ -37,7 +37,7 @@ from bench.common import (
     stop_process,
     wait_until,
 )
-from service.sample import pydicom_file
+from devtools.sample import pydicom_file
 from tests import helpers
 
 UID_PREFIX = "1.2.826.0.1.3680043.8.498.77."

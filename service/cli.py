@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 config, command, args.gateway_id, args.study_uid, wait=args.wait, queue=args.queue
             )
         if command == "receiver":
-            from service.receiver import serve_receiver
+            from devtools.receiver import serve_receiver
 
             serve_receiver(args.port, args.dir, args.ae_title, args.host)
             return EXIT_OK

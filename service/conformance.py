@@ -29,17 +29,14 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import Dataset, config, dcmread, dcmwrite
-from pydicom.datadict import dictionary_VM
+from pydicom import Dataset, dcmread, dcmwrite
 from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.multival import MultiValue
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID
-from pydicom.valuerep import validate_value
 
+from service.dicomrules import BULK_VRS, REQUIRED_MODULES, kind_of, value_problems
 from service.errors import OutputError
 from service.fsutil import safe_name
-from service.uids import is_valid_uid
 
 logger = logging.getLogger(__name__)
 
@@ -52,68 +49,6 @@ class Finding:
     message: str
 
 
-@dataclass(frozen=True)
-class _Module:
-    """The attributes of one PS3.3 module that every object we write must carry."""
-
-    name: str
-    section: str
-    type1: tuple[str, ...] = ()  # present and not empty
-    type2: tuple[str, ...] = ()  # present, may be empty
-
-
-# PS3.3 modules common to every object we write (derived images, SC images, SR documents).
-_PATIENT = _Module(
-    "Patient", "C.7.1.1", type2=("PatientName", "PatientID", "PatientBirthDate", "PatientSex")
-)
-_GENERAL_STUDY = _Module(
-    "General Study",
-    "C.7.2.1",
-    type1=("StudyInstanceUID",),
-    type2=("StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber"),
-)
-_GENERAL_EQUIPMENT = _Module("General Equipment", "C.7.5.1", type2=("Manufacturer",))
-_SOP_COMMON = _Module("SOP Common", "C.12.1", type1=("SOPClassUID", "SOPInstanceUID"))
-_COMMON = (_PATIENT, _GENERAL_STUDY, _GENERAL_EQUIPMENT, _SOP_COMMON)
-
-# Images: General Series and Image Pixel (Pixel Data is Type 1C, required for us).
-_GENERAL_SERIES = _Module(
-    "General Series", "C.7.3.1", type1=("Modality", "SeriesInstanceUID"), type2=("SeriesNumber",)
-)
-_IMAGE_PIXEL = _Module(
-    "Image Pixel",
-    "C.7.6.3",
-    type1=(
-        "Rows",
-        "Columns",
-        "SamplesPerPixel",
-        "PhotometricInterpretation",
-        "BitsAllocated",
-        "BitsStored",
-        "HighBit",
-        "PixelRepresentation",
-        "PixelData",
-    ),
-)
-# SR documents: SR Document Series, SR Document General and SR Document Content (root item:
-# Concept Name Code Sequence and Content Sequence are required for a CONTAINER).
-_SR_SERIES = _Module(
-    "SR Document Series", "C.17.1", type1=("Modality", "SeriesInstanceUID", "SeriesNumber")
-)
-_SR_GENERAL = _Module("SR Document General", "C.17.2", type1=("CompletionFlag", "VerificationFlag"))
-_SR_CONTENT = _Module(
-    "SR Document Content",
-    "C.17.3",
-    type1=("ValueType", "ConceptNameCodeSequence", "ContentSequence"),
-)
-
-#: Required modules per kind of object.
-REQUIRED_MODULES: dict[str, tuple[_Module, ...]] = {
-    "image": (*_COMMON, _GENERAL_SERIES, _IMAGE_PIXEL),
-    "sr": (*_COMMON, _SR_SERIES, _SR_GENERAL, _SR_CONTENT),
-    "other": (*_COMMON, _GENERAL_SERIES),
-}
-
 #: Sequences through which our objects reference their sources by Referenced SOP Instance
 #: UID: the Source Image Sequence (PS3.3 C.7.6.1.1.4) and the Referenced SOP Sequence, found
 #: in SR content items (C.17.3.2.x, IMAGE/COMPOSITE) and in the Current Requested Procedure
@@ -121,9 +56,6 @@ REQUIRED_MODULES: dict[str, tuple[_Module, ...]] = {
 #: (C.7.6.1) is not checked: a derived image keeps the source's own context references
 #: (e.g. a localizer the gateway never received).
 _REFERENCE_SEQUENCES = frozenset({"SourceImageSequence", "ReferencedSOPSequence"})
-
-_STRING_FORM_VRS = frozenset({"IS", "DS", "PN"})
-_BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "SQ"})
 
 
 class _ShortReadStream(io.BytesIO):
@@ -140,16 +72,6 @@ class _ShortReadStream(io.BytesIO):
         if size is not None and 0 <= len(data) < size and (data or size != 8):
             self.truncated = True
         return data
-
-
-def kind_of(ds: Dataset) -> str:
-    """``"sr"`` for Modality SR, ``"image"`` for an object with pixel data (or Rows), else
-    ``"other"``."""
-    if ds.get("Modality") == "SR":
-        return "sr"
-    if "PixelData" in ds or "Rows" in ds:
-        return "image"
-    return "other"
 
 
 def check_file(
@@ -321,13 +243,6 @@ def _plain_raw(elem: RawDataElement) -> bool:
     return elem.VR is not None and elem.VR not in ("SQ", "UN") and " or " not in elem.VR
 
 
-def _values(elem: DataElement) -> list[object]:
-    value = elem.value
-    if isinstance(value, MultiValue | list | tuple):
-        return [v for v in value if v not in (None, "")]
-    return [] if value in (None, "") else [value]
-
-
 def _check_values_and_uids(ds: Dataset) -> list[str]:
     """Every value must conform to its VR (PS3.5 §6.2); every UID to PS3.5 §9.1.
 
@@ -339,187 +254,16 @@ def _check_values_and_uids(ds: Dataset) -> list[str]:
     checked: dict[tuple[object, ...], list[str]] = {}
     for parent in (ds.file_meta, ds):
         for holder, elem in _walk(parent):
-            if elem.VR in _BULK_VRS:
+            if elem.VR in BULK_VRS:
                 continue
             if isinstance(elem, RawDataElement) and isinstance(elem.value, bytes | None):
                 key = (elem.tag, elem.VR, elem.value, tuple(holder._character_set))
                 if key not in checked:
-                    checked[key] = _value_problems(holder[elem.tag])
+                    checked[key] = value_problems(holder[elem.tag])
                 problems += checked[key]
             else:
-                problems += _value_problems(elem)
+                problems += value_problems(elem)
     return problems
-
-
-def _value_problems(elem: DataElement) -> list[str]:
-    """The problems of one element's value: VM (PS3.6), VR (PS3.5 §6.2), UID (§9.1)."""
-    name = f"{elem.keyword or 'element'} {elem.tag}"
-    if not _vm_ok(elem):
-        return [f"{name} has {elem.VM} values, not VM {dictionary_VM(elem.tag)} (PS3.6)"]
-    problems = []
-    for value in _values(elem):
-        if elem.VR == "UI":
-            if not is_valid_uid(value):
-                problems.append(
-                    f"{name} {str(value)[:80]!r} is not a valid UID (PS3.5 §9.1: at most "
-                    "64 characters, digits and dots, no leading zeros)"
-                )
-            continue
-        try:
-            # IS, DS and PN values are objects here; their validators check the string
-            plain = str(value) if elem.VR in _STRING_FORM_VRS else value
-            validate_value(elem.VR, plain, config.RAISE)
-        except ValueError:
-            # the value itself may identify the patient: name the attribute only
-            problems.append(f"{name} has a value not valid for VR {elem.VR} (PS3.5 §6.2)")
-            break
-    return problems
-
-
-def _vm_ok(elem: DataElement) -> bool:
-    """Value multiplicity against the data dictionary (PS3.6), e.g. "2", "1-n", "3-3n"."""
-    try:
-        spec = dictionary_VM(elem.tag)
-    except KeyError:
-        return True
-    vm = elem.VM
-    if vm == 0 or not spec:
-        return True
-    low_text, _, high_text = spec.partition("-")
-    low = int(low_text)
-    if not high_text:
-        return vm == low
-    if high_text == "n":
-        return vm >= low
-    if high_text.endswith("n"):  # "2-2n": a multiple of the step
-        step = int(high_text[:-1])
-        return vm >= low and vm % step == 0
-    return low <= vm <= int(high_text)
-
-
-def _value_ok(elem: DataElement) -> bool:
-    return elem.VR in _BULK_VRS or not _value_problems(elem)
-
-
-#: Type 2 (and simple Type 2C) attributes of image IODs whose derived copies keep the source's
-#: SOP class; sources often lack them (PS3.3 A.3 CT, A.4 MR, A.2 CR; C.7.3.1 Laterality,
-#: C.7.6.1 General Image, C.7.6.2 Image Plane, C.7.4.1 Frame of Reference).
-_IOD_TYPE2: dict[str, tuple[str, ...]] = {
-    "1.2.840.10008.5.1.4.1.1.2": (  # CT Image
-        "Laterality",
-        "InstanceNumber",
-        "PatientOrientation",
-        "PositionReferenceIndicator",
-        "SliceThickness",
-        "KVP",
-        "AcquisitionNumber",
-    ),
-    "1.2.840.10008.5.1.4.1.1.4": (  # MR Image
-        "Laterality",
-        "InstanceNumber",
-        "PatientOrientation",
-        "PositionReferenceIndicator",
-        "SliceThickness",
-        "ScanOptions",
-        "MRAcquisitionType",
-        "EchoTime",
-        "EchoTrainLength",
-    ),
-    "1.2.840.10008.5.1.4.1.1.1.1": (  # DX Image, For Presentation (A.26)
-        "InstanceNumber",
-        "PatientOrientation",
-        "AcquisitionContextSequence",
-    ),
-    "1.2.840.10008.5.1.4.1.1.1.1.1": (  # DX Image, For Processing
-        "InstanceNumber",
-        "PatientOrientation",
-        "AcquisitionContextSequence",
-    ),
-    "1.2.840.10008.5.1.4.1.1.1": (  # CR Image
-        "Laterality",
-        "InstanceNumber",
-        "PatientOrientation",
-        "BodyPartExamined",
-        "ViewPosition",
-    ),
-}
-
-
-def repair_copied_attributes(ds: Dataset) -> list[str]:
-    """Make a dataset copied from a source pass the gate's attribute checks; list the changes.
-
-    Attributes copied from real-world sources are often invalid (e.g. PatientAge ``'30'``
-    instead of ``'030Y'``, PS3.5 §6.2) or absent (Type 2, PS3.5 §7.4). Invalid Type 2 values
-    are emptied, other invalid values removed, and missing Type 2 attributes added empty.
-    Type 1 attributes and UIDs are never invented: the gate reports those.
-    """
-    changed = []
-    type2 = {k for module in REQUIRED_MODULES[kind_of(ds)] for k in module.type2}
-    type2.update(_IOD_TYPE2.get(str(ds.get("SOPClassUID", "")), ()))
-    type1 = {k for module in REQUIRED_MODULES[kind_of(ds)] for k in module.type1}
-    for elem in list(ds):
-        if elem.VR == "SQ" or elem.VR == "UI" or elem.keyword in type1 or _value_ok(elem):
-            continue
-        if elem.keyword in type2:
-            elem.value = None
-        else:
-            del ds[elem.tag]
-        changed.append(elem.keyword or str(elem.tag))
-    for keyword in sorted(type2 - set(ds.dir())):
-        setattr(ds, keyword, None)
-        changed.append(keyword)
-    changed += _fit_conditions(ds)
-    return changed
-
-
-#: Top-level sequences a derived copy keeps; other Type 3 sequences of the source (e.g.
-#: identification macros with missing Type 1 items, empty Other Patient IDs) are dropped.
-KEPT_SEQUENCES = frozenset(
-    {
-        "SourceImageSequence",
-        "ReferencedImageSequence",
-        "DerivationCodeSequence",
-        "AnatomicRegionSequence",
-        "ModalityLUTSequence",
-        "VOILUTSequence",
-        "ReferencedStudySequence",
-        "ReferencedPerformedProcedureStepSequence",
-        "AcquisitionContextSequence",
-    }
-)
-#: Scan Options (0018,0022) values that make Trigger Time required (PS3.3 C.8.3.1).
-_TRIGGERED = frozenset({"CG", "PPG"})
-
-
-def _fit_conditions(ds: Dataset) -> list[str]:
-    """Type 2C attributes and sequences whose conditions a copied dataset may not meet."""
-    changed = []
-    for elem in list(ds):
-        if elem.VR == "SQ" and elem.keyword not in KEPT_SEQUENCES:
-            del ds[elem.tag]
-            changed.append(elem.keyword or str(elem.tag))
-    # Laterality (C.7.3.1): required for paired body parts; unknown body part -> empty
-    if not ds.get("Laterality"):
-        if ds.get("BodyPartExamined"):
-            if "Laterality" in ds:
-                del ds.Laterality
-                changed.append("Laterality")
-        elif "Laterality" not in ds:
-            ds.Laterality = None
-            changed.append("Laterality")
-    if str(ds.get("SOPClassUID", "")) == "1.2.840.10008.5.1.4.1.1.4":  # MR Image, C.8.3.1
-        if "InversionTime" in ds and "IR" not in list(ds.get("ScanningSequence", [])):
-            del ds.InversionTime
-            changed.append("InversionTime")
-        if "TriggerTime" in ds and not _TRIGGERED & set(ds.get("ScanOptions", []) or []):
-            del ds.TriggerTime
-            changed.append("TriggerTime")
-    spacing = ds.get("PixelSpacing")
-    is_cr = str(ds.get("SOPClassUID", "")) == "1.2.840.10008.5.1.4.1.1.1"
-    if is_cr and spacing is not None and any(float(v) == 0 for v in spacing or []):
-        del ds.PixelSpacing  # Type 3 in CR; a zero spacing is invalid (PS3.3 10.7.1.3)
-        changed.append("PixelSpacing")
-    return changed
 
 
 def _check_references(ds: Dataset, known: AbstractSet[str]) -> list[str]:

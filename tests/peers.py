@@ -23,8 +23,8 @@ from pydicom.uid import SecondaryCaptureImageStorage as SC
 from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
+from devtools.sample import pydicom_file
 from service.config import PacsConfig
-from service.sample import pydicom_file
 from service.uids import UidFactory
 from tests.conftest import free_port
 

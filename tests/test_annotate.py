@@ -10,10 +10,10 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 
+from devtools.sample import pydicom_file
 from service.models.annotate import AnnotateModel
 from service.models.base import RunContext
 from service.models.dicomio import read_dicom
-from service.sample import pydicom_file
 from service.uids import UidFactory
 from service.values import Instance, Study
 from service.writers import output_path, write_dataset

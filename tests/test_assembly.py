@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
+from devtools.sample import pydicom_file
 from service.assembly import (
     INCOMPLETE_REASON,
     Assembler,
@@ -23,7 +24,6 @@ from service.assembly import (
     snapshot,
     study_uid_from_folder,
 )
-from service.sample import pydicom_file
 from service.values import FileState, Instance, Rejected
 from tests.conftest import shared_file
 

@@ -17,9 +17,9 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.sr.codedict import codes
 
+from devtools.sample import pydicom_file
 from service.conformance import check_file, check_files, quarantine_file
 from service.errors import OutputError
-from service.sample import pydicom_file
 from service.uids import UidFactory
 from tests.conftest import dciodvfy
 

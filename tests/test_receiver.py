@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
+from devtools.receiver import start_receiver
+from devtools.sample import pydicom_file
 from service.config import DEFAULT_UID_ROOT, PacsConfig
 from service.fsutil import TMP_PREFIX
-from service.receiver import start_receiver
-from service.sample import pydicom_file
 from service.sender import SendStatus, send_files
 from service.uids import UidFactory
 from tests.conftest import free_port

@@ -1,4 +1,4 @@
-"""The project's sample input (service.sample) and its development config."""
+"""The project's sample input (devtools.sample) and its development config."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 from pydicom import dcmread
 
+from devtools.sample import PATIENT_NAME, build_sample, pydicom_file
 from service.config import load_config
-from service.sample import PATIENT_NAME, build_sample, pydicom_file
 from service.uids import is_valid_uid
 from tests.conftest import ROOT, dciodvfy, shared_file
 
@@ -79,7 +79,7 @@ def test_second_run_changes_nothing(tmp_path: Path) -> None:
     digests = {p: hashlib.sha256(p.read_bytes()).digest() for p in first}
     counts = {g: _counts(tmp_path / g / "image.db") for g in ("gateway_1", "gateway_2")}
     result = subprocess.run(
-        [sys.executable, "-m", "service.sample", str(tmp_path)],
+        [sys.executable, "-m", "devtools.sample", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,

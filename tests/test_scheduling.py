@@ -9,11 +9,11 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from devtools.sample import pydicom_file
 from service.config import load_config
 from service.engine import Engine, _Pending, fair_order
 from service.ledger import StudyState
 from service.models import build_models
-from service.sample import pydicom_file
 from tests.helpers import write_config
 
 

@@ -22,10 +22,10 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 
+from devtools.sample import pydicom_file
 from service import sender
 from service.config import DEFAULT_UID_ROOT, PacsConfig
 from service.fastsend import store_command
-from service.sample import pydicom_file
 from service.sender import (
     INTERRUPTED_REASON,
     ItemResult,

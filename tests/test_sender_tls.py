@@ -13,8 +13,8 @@ from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
+from devtools.sample import pydicom_file
 from service.config import PacsConfig
-from service.sample import pydicom_file
 from service.sender import SendStatus, send_files
 from tests.conftest import free_port
 from tests.helpers import stored_uid

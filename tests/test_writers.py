@@ -8,9 +8,9 @@ import pytest
 from pydicom import Dataset, config, dcmread
 from pydicom.dataelem import DataElement
 
+from devtools.sample import pydicom_file
 from service.errors import OutputError
 from service.fsutil import TMP_PREFIX
-from service.sample import pydicom_file
 from service.writers import output_path, write_dataset
 from tests.conftest import dciodvfy
 

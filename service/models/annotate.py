@@ -31,10 +31,10 @@ from pydicom.uid import (
     JPEGLSNearLossless,
 )
 
-from service.conformance import repair_copied_attributes
 from service.errors import InputError, ModelError
 from service.models.base import Applicability, ModelResult, RunContext, nothing_produced
 from service.models.dicomio import read_dicom
+from service.models.repair import repair_copied_attributes
 from service.values import Instance, Study
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The project's own sample input, built from DICOM files that pydicom ships.
 
-``python -m service.sample INPUT`` writes ``INPUT/gateway_1`` and ``INPUT/gateway_2`` as the
+``python -m devtools.sample INPUT`` writes ``INPUT/gateway_1`` and ``INPUT/gateway_2`` as the
 gateway desktop app does: one folder per study named by Study Instance UID, one file per
 instance named by SOP Instance UID (no extension), and an ``image.db`` listing them. The files
 get new UIDs (pydicom's root; derived from fixed seeds, so a second run finds everything
@@ -212,7 +212,7 @@ def build_sample(input_dir: Path) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m service.sample", description="Build the sample input folders."
+        prog="python -m devtools.sample", description="Build the sample input folders."
     )
     parser.add_argument("input_dir", type=Path, help="the service's INPUT folder")
     args = parser.parse_args(argv)
