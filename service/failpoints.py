@@ -1,4 +1,5 @@
-"""Named crash points for tests: ``GATEWAY_FAILPOINTS=name[,name…]`` kills the process there.
+"""Named crash points for tests: ``GATEWAY_FAILPOINTS=name[,name…]`` kills the process there
+(``name=sleep:S`` pauses it there for S seconds instead, to act on the world meanwhile).
 
 Only the tests set the variable; without it :func:`hit` is one set lookup. A hit sends
 SIGKILL to the service's own process: nothing is flushed or cleaned up, exactly as a power
@@ -15,15 +16,32 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 
 logger = logging.getLogger(__name__)
 
 ENV = "GATEWAY_FAILPOINTS"
-_ARMED = frozenset(filter(None, (n.strip() for n in os.environ.get(ENV, "").split(","))))
+
+
+def _parse(text: str) -> dict[str, float | None]:
+    armed: dict[str, float | None] = {}
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        name, _, action = entry.partition("=")
+        armed[name] = float(action.removeprefix("sleep:")) if action else None
+    return armed
+
+
+_ARMED = _parse(os.environ.get(ENV, ""))
 
 
 def hit(name: str) -> None:
-    """Kill this process at once when ``name`` is armed."""
-    if name in _ARMED:
-        logger.critical("failpoint %s: killing the process", name)
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Kill this process at once when ``name`` is armed (``name=sleep:S``: pause S s)."""
+    if name not in _ARMED:
+        return
+    pause = _ARMED[name]
+    if pause is not None:
+        logger.warning("failpoint %s: pausing %.1f s", name, pause)
+        time.sleep(pause)
+        return
+    logger.critical("failpoint %s: killing the process", name)
+    os.kill(os.getpid(), signal.SIGKILL)
