@@ -323,55 +323,55 @@ class Ledger:
 
     def apply(self, t: Transition) -> Applied:
         """Apply ``t`` in one transaction, or refuse it whole (:class:`IllegalTransition`)."""
-        now = time.time()
-        gid, suid = printable(t.gateway_id), printable(t.study_uid)
-        reason = printable(t.reason)
         label = str(t.study or t.run or (t.send.state if t.send else "") or "event")
         try:
             with self._transaction() as db:
-                run_id, changed = t.run_id, False
-                if t.study is not None:
-                    changed = self._set_study(db, gid, suid, t.study, reason, now)
-                if t.new_run is not None:
-                    run_id = self._new_run(db, gid, suid, t, now)
-                elif t.run is not None:
-                    self._set_run(db, t, now)
-                send_id = self._send(db, t, run_id, now) if t.send is not None else None
-                db.executemany(
-                    "INSERT OR REPLACE INTO outputs VALUES (?,?,?,?,?)",
-                    [
-                        (run_id, str(o.path), o.sop_class_uid, o.sop_instance_uid, o.series_uid)
-                        for o in t.outputs
-                    ],
-                )
-                self._record_instances(db, gid, suid, t.instances, now)
-                db.executemany(
-                    "INSERT INTO events (ts, gateway_id, study_uid, level, message)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    [(now, gid, suid, level, printable(msg)) for level, msg in t.events],
-                )
-                if t.listing is not None:
-                    db.execute(
-                        "INSERT OR REPLACE INTO finished_listings (gateway_id, folder, listing)"
-                        " VALUES (?, ?, ?)",
-                        (gid, suid, t.listing),
-                    )
-                elif t.forget_listing:
-                    db.execute(
-                        "DELETE FROM finished_listings WHERE gateway_id=? AND folder=?", (gid, suid)
-                    )
+                applied = self._apply_in(db, t, time.time())
                 failpoints.hit(f"before-commit:{label}")
         except sqlite3.Error as exc:
             raise self._unavailable(exc) from exc
         failpoints.hit(f"after-commit:{label}")
-        if changed:
+        if applied.study_changed:
+            reason = printable(t.reason)
             logger.info(
                 "gateway=%s study=%s state=%s%s",
-                gid,
-                suid,
+                printable(t.gateway_id),
+                printable(t.study_uid),
                 t.study,
                 f" reason={reason}" if reason else "",
             )
+        return applied
+
+    def _apply_in(self, db: sqlite3.Connection, t: Transition, now: float) -> Applied:
+        gid, suid = printable(t.gateway_id), printable(t.study_uid)
+        run_id, changed = t.run_id, False
+        if t.study is not None:
+            changed = self._set_study(db, gid, suid, t.study, printable(t.reason), now)
+        if t.new_run is not None:
+            run_id = self._new_run(db, gid, suid, t, now)
+        elif t.run is not None:
+            self._set_run(db, t, now)
+        send_id = self._send(db, t, run_id, now) if t.send is not None else None
+        db.executemany(
+            "INSERT OR REPLACE INTO outputs VALUES (?,?,?,?,?)",
+            [
+                (run_id, str(o.path), o.sop_class_uid, o.sop_instance_uid, o.series_uid)
+                for o in t.outputs
+            ],
+        )
+        self._record_instances(db, gid, suid, t.instances, now)
+        db.executemany(
+            "INSERT INTO events (ts, gateway_id, study_uid, level, message) VALUES (?, ?, ?, ?, ?)",
+            [(now, gid, suid, level, printable(msg)) for level, msg in t.events],
+        )
+        if t.listing is not None:
+            db.execute(
+                "INSERT OR REPLACE INTO finished_listings (gateway_id, folder, listing)"
+                " VALUES (?, ?, ?)",
+                (gid, suid, t.listing),
+            )
+        elif t.forget_listing:
+            db.execute("DELETE FROM finished_listings WHERE gateway_id=? AND folder=?", (gid, suid))
         return Applied(run_id, send_id, changed)
 
     def _set_study(
@@ -550,24 +550,30 @@ class Ledger:
         with self._transaction() as db:
             open_sends = list(
                 db.execute(
-                    "SELECT s.send_id, s.run_id, r.gateway_id, r.study_uid FROM sends s"
-                    " JOIN runs r USING (run_id) WHERE s.state=?",
+                    "SELECT s.send_id, s.run_id, r.gateway_id, r.study_uid, st.state"
+                    " FROM sends s JOIN runs r USING (run_id) LEFT JOIN studies st"
+                    " ON st.gateway_id = r.gateway_id AND st.study_uid = r.study_uid"
+                    " WHERE s.state=?",
                     (str(SendState.SENDING),),
                 )
             )
-            for row in open_sends:
-                db.execute(
-                    "UPDATE sends SET state=?, reason=?, finished=? WHERE send_id=?",
-                    (str(SendState.INTERRUPTED), "service stopped during send", now, row[0]),
-                )
-                db.execute(
-                    "UPDATE runs SET state=?, reason=?, finished=? WHERE run_id=? AND state=?",
-                    (str(RunState.SEND_FAILED), reason, now, row[1], str(RunState.SENDING)),
-                )
-                db.execute(
-                    "UPDATE studies SET state=?, reason=?, updated=? WHERE gateway_id=?"
-                    " AND study_uid=? AND state=?",
-                    (str(StudyState.SEND_FAILED), reason, now, row[2], row[3], "sending"),
+            for send_id, run_id, gid, suid, study_state in open_sends:
+                sending = study_state == StudyState.SENDING
+                self._apply_in(
+                    db,
+                    Transition(
+                        gid,
+                        suid,
+                        StudyState.SEND_FAILED if sending else None,
+                        reason,
+                        run_id=run_id,
+                        run=RunState.SEND_FAILED,
+                        send=SendChange(
+                            SendState.INTERRUPTED, send_id, reason="service stopped during send"
+                        ),
+                        events=[("WARNING", f"send {send_id} interrupted by a stop")],
+                    ),
+                    now,
                 )
             db.execute(
                 "DELETE FROM finished_listings WHERE (gateway_id, folder) IN"

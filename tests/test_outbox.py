@@ -23,18 +23,23 @@ def _pacs(port: int, ae_title: str) -> str:
     return f"{{ {where}, timeout_seconds = {TIMEOUT} }}"
 
 
+def _hang_until(release: threading.Event) -> Callable[[evt.Event], int]:
+    """A C-STORE handler that answers only once ``release`` is set (a hung PACS)."""
+
+    def hang(_event: evt.Event) -> int:
+        release.wait(60)
+        return 0x0000
+
+    return hang
+
+
 def test_hung_and_trickling_pacs_delay_no_other_gateway(
     tmp_path: Path,
     start_peer: Callable[..., Peer],
     start_proxy: Callable[..., TrickleProxy],
 ) -> None:
     release = threading.Event()
-
-    def hang(_event: evt.Event) -> int:
-        release.wait(60)
-        return 0x0000
-
-    hung = start_peer(on_store=hang, ae_title="HUNG")
+    hung = start_peer(on_store=_hang_until(release), ae_title="HUNG")
     slow = start_peer(ae_title="SLOW")
     trickle = start_proxy(slow.port, interval=0.5)
     healthy = start_peer(ae_title="HEALTHY")
@@ -96,12 +101,7 @@ def test_a_stop_aborts_open_sends_and_records_them_interrupted(
     tmp_path: Path, start_peer: Callable[..., Peer]
 ) -> None:
     release = threading.Event()
-
-    def hang(_event: evt.Event) -> int:
-        release.wait(60)
-        return 0x0000
-
-    hung = start_peer(on_store=hang, ae_title="HUNG")
+    hung = start_peer(on_store=_hang_until(release), ae_title="HUNG")
     extra = f'[pacs]\nhost = "127.0.0.1"\nport = {hung.port}\nae_title = "HUNG"\n'
     uid, _ = copy_series(shared_file("series/ct-4-noise"), tmp_path / "INPUT/gateway_1", 2)
     engine = make_engine(tmp_path, extra)
