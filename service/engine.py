@@ -205,6 +205,8 @@ class Engine:
                     if self._pending.get((gateway_id, study_name)) is pending:
                         del self._pending[(gateway_id, study_name)]
                 self._stability.forget((gateway_id, study_name))
+                if (gateway_id, study_name) not in self._in_flight:
+                    self._attempts.pop((gateway_id, study_name), None)
         completed += self._complete_finished()
         self._take_requests()
         return bool(served or completed)
@@ -705,9 +707,15 @@ class Engine:
             self.outbox.add(QueuedSend(applied.send_id, run_id, gid, suid))
 
     def resend(self, gateway_id: str, study_uid: str) -> int | None:
-        """Queue one new send attempt of the study's latest run with outputs; its send id,
-        or None when there is nothing to send or no destination."""
-        runs = [r for r in self.ledger.runs(gateway_id, study_uid) if self.ledger.outputs(r.run_id)]
+        """Queue one new send attempt of the study's latest run whose outputs passed the
+        gate (written or sent before); its send id, or None when there is nothing to send
+        or no destination."""
+        sendable = (RunState.WRITTEN, RunState.SENDING, RunState.SENT, RunState.SEND_FAILED)
+        runs = [
+            r
+            for r in self.ledger.runs(gateway_id, study_uid)
+            if r.state in sendable and self.ledger.outputs(r.run_id)
+        ]
         destination = self.config.destination(gateway_id)
         if not runs or not destination.enabled:
             return None

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.config import Config, PacsConfig
-from service.ledger import Ledger, QueuedSend, SendChange, Transition
+from service.ledger import Ledger, LedgerUnavailable, QueuedSend, SendChange, Transition
 from service.sender import SendHandle, SendResult, SendStatus
 from service.sendlanes import SendLanes, lane_key
 from service.values import RunState, SendState, StudyState
@@ -98,22 +98,33 @@ class Outbox:
         self._open = [o for o in self._open if not o.future.done()]
         for item in ended:
             self._lanes[item.key].open -= 1
-            self._record(item.send, _result_of(item.future))
+            try:
+                self._record(item.send, _result_of(item.future))
+            except LedgerUnavailable:
+                raise
+            except Exception:  # a bug: logged, the other sends go on
+                logger.exception("send %d: recording its outcome failed", item.send.send_id)
         now = time.monotonic()
         for key, lane in self._lanes.items():
             while lane.queued and lane.not_before <= now and not self._stopping:
                 destination = self.config.destination(lane.queued[0].gateway_id)
                 if lane.open >= destination.max_associations:
                     break
-                if not self._start(key, lane, destination):
+                try:
+                    started = self._start(key, lane, destination)
+                except LedgerUnavailable:
+                    raise
+                except Exception:  # a bug: this send is left queued in the ledger
+                    logger.exception("a send to %s could not start", key)
+                    continue
+                if not started:
                     lane.not_before = now + DEFER_SECONDS
                     break
         return len(ended)
 
     def _start(self, key: str, lane: _Lane, destination: PacsConfig) -> bool:
-        send = lane.queued[0]
+        send = lane.queued.popleft()
         if not destination.enabled:
-            lane.queued.popleft()
             reason = "no destination configured for this gateway any more"
             self.ledger.apply(
                 Transition(
@@ -130,8 +141,8 @@ class Outbox:
         if unreachable:
             gid, suid = send.gateway_id, send.study_uid
             logger.warning("gateway=%s study=%s send deferred: %s", gid, suid, unreachable)
+            lane.queued.appendleft(send)
             return False
-        lane.queued.popleft()
         where = describe(destination)
         self.ledger.apply(
             Transition(
