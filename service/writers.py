@@ -68,13 +68,12 @@ def write_dataset(ds: Dataset, target: Path) -> None:
 
 
 def _os_error(exc: BaseException) -> OSError | None:
-    """The OSError behind ``exc`` (pydicom wraps it when writing an element), if any."""
+    """The OSError from the OS behind ``exc`` (pydicom wraps it when writing), if any."""
     seen: BaseException | None = exc
-    found: OSError | None = None
     while seen is not None:
-        if isinstance(seen, OSError):
-            found = seen
-            if seen.errno is not None:
-                return seen  # the one with the errno and its plain message
+        # pydicom re-raises any error while writing an element as a bare OSError without
+        # errno ("With tag ... got exception"): only a real one from the OS counts
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen
         seen = seen.__cause__ or seen.__context__
-    return found
+    return None

@@ -158,7 +158,8 @@ def test_status_and_health(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["gateways"]["3"]["studies"] == {"written": 1}
-    assert report["service"] == "ran" and report["healthy"] is True  # --once beat just now
+    assert report["service"] == "ran" and report["healthy"] is False  # --once has ended
+    assert "no service is running" in report["health"]
     text = run_cli("--config", str(config), "status")
     assert "gateway 3: written=1" in text.stdout
     assert run_cli("--config", str(config), "reprocess", "3", "../x").returncode == 2
