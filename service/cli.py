@@ -571,9 +571,14 @@ def study(config: Config, gateway_id: str, study_uid: str, *, as_json: bool) -> 
 
 
 def _timing(key: str, value: object) -> str:
-    """A run timing: ``*_at`` keys are epoch times, the others durations in seconds."""
+    """A run timing: ``*_at`` keys are epoch times, ``*_s`` durations in seconds, the
+    others counts (``batch``, ``parts``)."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return f"{key} {_iso(value)}" if key.endswith("_at") else f"{key} {value:.3f} s"
+        if key.endswith("_at"):
+            return f"{key} {_iso(value)}"
+        if key.endswith("_s"):
+            return f"{key} {value:.3f} s"
+        return f"{key} {value:g}"
     return f"{key} {value}"
 
 
