@@ -11,24 +11,18 @@ again with a bounded backoff; only content problems end it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 
 from service import assembly, requests
-from service.assembly import Assembler, Stability
 from service.config import GATEWAY_ID_RE, Config
 from service.conformance import quarantine_file
-from service.errors import TransientError
-from service.fsutil import is_within, sweep_temp_files
-from service.imagedb import ImageDb
+from service.fsutil import sweep_temp_files
 from service.ledger import (
-    InstanceRecord,
     Ledger,
     LedgerUnavailable,
     NewRun,
@@ -42,45 +36,36 @@ from service.models.base import Model, RunContext, select_model
 from service.outbox import Outbox, describe
 from service.pipeline import Job as PipelineJob
 from service.pipeline import Outcome, Pipeline
+from service.readiness import (
+    GATEWAY_PREFIX,
+    RECHECK_SECONDS,
+    Drop,
+    Later,
+    Readiness,
+    Receiving,
+    Skip,
+    Transient,
+    Watch,
+)
 from service.uids import UidFactory
 from service.values import (
     SENT_OK,
-    FileState,
-    Rejected,
     RunState,
     SendState,
-    Snapshot,
     Study,
     StudyState,
 )
 
 logger = logging.getLogger(__name__)
 
-GATEWAY_PREFIX = "gateway_"
-#: Seconds between re-checks of a study waiting for a model or for image.db's instances.
-RECHECK_SECONDS = 5.0
 #: First and longest wait before a study that hit a transient error is tried again.
 RETRY_FIRST_SECONDS = 5.0
 RETRY_MAX_SECONDS = 300.0
-#: Rejected files logged one by one per study check; the rest are counted in one line.
-MAX_REJECT_LOG_LINES = 20
 
 
 def retry_delay(attempt: int) -> float:
     """Bounded exponential backoff: 5, 10, 20 … seconds, at most 300 (attempt ≥ 1)."""
     return float(min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** max(0, attempt - 1)))
-
-
-@dataclass
-class _Pending:
-    first_seen: float
-    stable_since: float | None = None  # monotonic time the study was first found stable
-    stable_at: float = 0.0  # wall-clock time of the same moment, recorded in run timings
-    next_check: float = 0.0
-    force_generation: bool = False  # reprocess: run again even if this digest ran
-    observed: bool = False  # the engine has looked at the folder at least once
-    queued: bool = False  # stable, waiting for room in the pipeline
-    transient: bool = False  # waiting for a transient condition to pass
 
 
 @dataclass
@@ -93,14 +78,9 @@ class Engine:
 
     def __post_init__(self) -> None:
         self.ledger = Ledger(self.config.ledger_path)
-        self._pending: dict[tuple[str, str], _Pending] = {}
+        self._pending: dict[tuple[str, str], Watch] = {}
         self._lock = threading.Lock()
-        self._stability = Stability()
-        self._assembler = Assembler()
-        #: digest of the listing each study had when it was last finished (kept in the
-        #: ledger too): a touch (a full rescan, a restart) of an unchanged finished study
-        #: costs one listing, no reading of its files
-        self._finished: dict[tuple[str, str], bytes] = {}
+        self._readiness = Readiness(self.config, self.ledger.finished_listing)
         #: transient failures in a row per study (reset when it gets further)
         self._attempts: dict[tuple[str, str], int] = {}
         self._last_gateway = ""  # the gateway whose study ran last (round-robin start)
@@ -145,7 +125,7 @@ class Engine:
         with self._lock:
             pending = self._pending.get((gateway_id, study_name))
             if pending is None:
-                self._pending[(gateway_id, study_name)] = _Pending(
+                self._pending[(gateway_id, study_name)] = Watch(
                     first_seen=now, force_generation=reprocess
                 )
             else:
@@ -204,7 +184,7 @@ class Engine:
                 with self._lock:
                     if self._pending.get((gateway_id, study_name)) is pending:
                         del self._pending[(gateway_id, study_name)]
-                self._stability.forget((gateway_id, study_name))
+                self._readiness.forget((gateway_id, study_name))
                 if (gateway_id, study_name) not in self._in_flight:
                     self._attempts.pop((gateway_id, study_name), None)
         completed += self._complete_finished()
@@ -281,7 +261,7 @@ class Engine:
         self.ledger.apply(Transition(gateway_id, study_uid, state, reason))
 
     def _wait_transient(
-        self, key: tuple[str, str], study_uid: str, pending: _Pending, now: float, why: str
+        self, key: tuple[str, str], study_uid: str, pending: Watch, now: float, why: str
     ) -> bool:
         """A condition that may pass: the study waits, shows why, and is tried again."""
         attempt = self._attempts.get(key, 0) + 1
@@ -298,184 +278,53 @@ class Engine:
         return False
 
     def _check(
-        self, gateway_id: str, study_name: str, pending: _Pending, now: float, room: bool = True
+        self, gateway_id: str, study_name: str, watch: Watch, now: float, room: bool = True
     ) -> bool:
-        """Advance one study; True when it needs no more attention until touched again.
-
-        Without ``room`` in the pipeline a study is still watched until it is stable (its
-        quiet period runs meanwhile), then ``queued``: it is looked at again as soon as
-        there is room, in the gateways' turn order."""
-        pending.transient = False
-        gw = self.config.gateway(gateway_id)
-        study_uid = assembly.study_uid_from_folder(study_name)
-        gateway_dir = self.config.input_dir / f"{GATEWAY_PREFIX}{gateway_id}"
-        folder = gateway_dir / study_name
+        """Advance one study by the readiness verdict; True when it needs no more attention
+        until touched again."""
+        watch.transient = False
         key = (gateway_id, study_name)
-        if study_uid is None or folder.is_symlink() or not is_within(folder, gateway_dir):
-            logger.warning("gateway=%s ignoring unsafe study folder name", gateway_id)
-            message = f"unsafe study folder name ignored: {printable(study_name)!r}"
-            self.ledger.apply(Transition(gateway_id, "", events=[("WARNING", message)]))
+        verdict = self._readiness.look(gateway_id, study_name, watch, now, room)
+        if isinstance(verdict, Drop):
+            if verdict.event:
+                self.ledger.apply(Transition(gateway_id, "", events=[("WARNING", verdict.event)]))
             return True
-        try:
-            snap = assembly.snapshot(folder, self.config.input_dir)
-        except TransientError as exc:
-            return self._wait_transient(key, study_uid, pending, now, str(exc))
-        if not snap:
-            if not gateway_dir.is_dir():  # the gateway's folder (the mount) is away
-                why = f"input folder {gateway_dir.name} is not reachable"
-                return self._wait_transient(key, study_uid, pending, now, why)
-            return True  # folder gone or empty: nothing to do until touched again
-        listing = _listing_digest(snap)
-        if not pending.force_generation and self._finished_listing(key) == listing:
-            return True  # unchanged since it was finished (touched by a rescan or a restart)
-        quiet = self._stability.observe(key, snap, now)
-        if quiet < gw.stable_seconds:
+        if isinstance(verdict, Transient):
+            return self._wait_transient(key, study_name, watch, now, verdict.reason)
+        if isinstance(verdict, Receiving):
             # 'receiving' for a new study or one seen changing; a re-touched finished study
-            # keeps its state unless its files really change.
-            if (pending.observed and quiet == 0.0) or self.ledger.study_state(
-                gateway_id, study_uid
-            ) is None:
-                self._set(gateway_id, study_uid, StudyState.RECEIVING)
-            pending.observed = True
-            pending.stable_since = None
-            pending.queued = False
-            pending.next_check = now + min(1.0, gw.stable_seconds - quiet)
+            # keeps its state unless its files really change
+            if verdict.changed or self.ledger.study_state(gateway_id, study_name) is None:
+                self._set(gateway_id, study_name, StudyState.RECEIVING)
+            watch.next_check = verdict.next_check
             return False
-        if pending.stable_since is None:
-            pending.stable_since = now
-            pending.stable_at = time.time()
-        if not room:
-            if not pending.queued:
-                message = "stable; queued until the pipeline has room"
-                self._set(gateway_id, study_uid, StudyState.READY, message)
-            pending.queued = True
-            pending.next_check = now + RECHECK_SECONDS
+        if isinstance(verdict, Later):
+            if verdict.state is not None:
+                self._set(gateway_id, study_name, verdict.state, verdict.reason)
+            watch.next_check = verdict.next_check
             return False
-        pending.queued = False
-        study = self._assembler.assemble(
-            gateway_id,
-            study_uid,
-            folder,
-            snap,
-            max_file_bytes=self.config.max_file_bytes,
-            max_pixels=self.config.max_pixels,
-        )
-        if study.unreadable:
-            first = study.unreadable[0]
-            why = (
-                f"{len(study.unreadable)} file(s) cannot be read now "
-                f"({printable(first.path.name)}: {first.reason})"
-            )
-            return self._wait_transient(key, study_uid, pending, now, why)
-        try:
-            changed = study.incomplete and assembly.snapshot(folder, self.config.input_dir) != snap
-        except TransientError as exc:
-            return self._wait_transient(key, study_uid, pending, now, str(exc))
-        if changed:
-            # a file vanished or changed while being read: wait for a quiet listing again
-            pending.stable_since = None
-            pending.next_check = now + min(1.0, gw.stable_seconds)
-            return False
-        records = self._instance_records(study, snap)
-        if not study.instances:
+        if isinstance(verdict, Skip):
             self.ledger.apply(
                 Transition(
                     gateway_id,
-                    study_uid,
+                    study_name,
                     StudyState.SKIPPED,
-                    "no usable DICOM instance in the study",
-                    instances=records,
-                    listing=listing,
+                    verdict.reason,
+                    instances=verdict.records,
+                    listing=verdict.listing,
                 )
             )
-            self._finished[key] = listing
+            self._readiness.finished(key, verdict.listing)
             return True
-        self.ledger.apply(Transition(gateway_id, study_uid, instances=records))
-        imagedb = ImageDb(gateway_dir / "image.db")
-        expected = imagedb.expected_instances(study_uid)
-        waited = now - pending.stable_since
-        if expected is None and imagedb.transient and waited < gw.max_wait_seconds:
-            self._set(gateway_id, study_uid, StudyState.WAITING, imagedb.last_error)
-            pending.next_check = now + min(RECHECK_SECONDS, gw.max_wait_seconds - waited)
-            return False
-        events: list[tuple[str, str]] = []
-        if expected is None and imagedb.path.exists():  # locked too long or corrupt: say so
-            events.append(("WARNING", f"{imagedb.last_error}; using the files' own tags"))
-        missing = (expected or set()) - study.sop_uids
-        if missing:
-            if waited < gw.max_wait_seconds:
-                self._set(
-                    gateway_id,
-                    study_uid,
-                    StudyState.WAITING,
-                    f"image.db lists {len(missing)} instance(s) not on disk yet",
-                )
-                pending.next_check = now + min(RECHECK_SECONDS, gw.max_wait_seconds - waited)
-                return False
-            events.append(
-                (
-                    "WARNING",
-                    f"ran with {len(study.instances)} instance(s); image.db lists "
-                    f"{len(missing)} more that never arrived within {gw.max_wait_seconds:g} s",
-                )
-            )
-        if events:
-            self.ledger.apply(Transition(gateway_id, study_uid, events=events))
-        done = self._route_and_run(study, pending, now, listing)
+        self.ledger.apply(
+            Transition(gateway_id, study_name, instances=verdict.records, events=verdict.events)
+        )
+        done = self._route_and_run(verdict.study, watch, now, verdict.listing)
         if key in self._in_flight:  # its run started: the listing is finished when it ends
-            self._in_flight[key] = listing
+            self._in_flight[key] = verdict.listing
         return done
 
-    def _finished_listing(self, key: tuple[str, str]) -> bytes | None:
-        if key not in self._finished:
-            stored = self.ledger.finished_listing(*key)
-            if stored is None:
-                return None
-            self._finished[key] = stored
-        return self._finished[key]
-
-    def _instance_records(self, study: Study, snap: Snapshot) -> list[InstanceRecord]:
-        def state(path: Path) -> FileState:
-            rel = path.relative_to(study.folder).as_posix()
-            return snap.get(rel) or FileState(0, 0)
-
-        records = [
-            InstanceRecord(
-                str(inst.path),
-                inst.size,
-                state(inst.path).mtime_ns,
-                inst.sha256,
-                inst.sop_instance_uid,
-                inst.series_instance_uid,
-                inst.sop_class_uid,
-            )
-            for inst in study.instances
-        ]
-        incomplete = [Rejected(p, assembly.incomplete_reason(p)) for p in study.incomplete]
-        logged = 0
-        for rej in [*study.rejected, *incomplete]:
-            st = state(rej.path)
-            records.append(
-                InstanceRecord(str(rej.path), st.size, st.mtime_ns, rejected_reason=rej.reason)
-            )
-            if rej.quarantine and (logged := logged + 1) <= MAX_REJECT_LOG_LINES:
-                logger.warning(
-                    "gateway=%s study=%s file %s rejected: %s",
-                    study.gateway_id,
-                    study.study_uid,
-                    printable(rej.path.relative_to(study.folder).as_posix()),
-                    rej.reason,
-                )
-        if logged > MAX_REJECT_LOG_LINES:
-            logger.warning(
-                "gateway=%s study=%s %d more file(s) rejected; reasons in the ledger",
-                study.gateway_id,
-                study.study_uid,
-                logged - MAX_REJECT_LOG_LINES,
-            )
-        return records
-
-    def _route_and_run(self, study: Study, pending: _Pending, now: float, listing: bytes) -> bool:
+    def _route_and_run(self, study: Study, pending: Watch, now: float, listing: bytes) -> bool:
         gid, suid = study.gateway_id, study.study_uid
         gw = self.config.gateway(gid)
         digest = assembly.inputs_digest(study.instances)
@@ -496,7 +345,7 @@ class Engine:
                     listing=listing,
                 )
             )
-            self._finished[(gid, study.folder.name)] = listing
+            self._readiness.finished((gid, study.folder.name), listing)
             return True
         readiness = model.ready()
         if not readiness.ok:
@@ -508,7 +357,7 @@ class Engine:
             if existing.state != RunState.RUNNING:
                 # these inputs already ran with this model version: finished as they were
                 self.ledger.apply(Transition(gid, suid, listing=listing))
-                self._finished[(gid, study.folder.name)] = listing
+                self._readiness.finished((gid, study.folder.name), listing)
                 return True
             run_id, generation = existing.run_id, existing.generation  # interrupted: finish it
             logger.info("gateway=%s study=%s resuming run %d", gid, suid, run_id)
@@ -606,7 +455,7 @@ class Engine:
         finished = listing or None
         if done.error and done.transient:
             # the run stays 'running' and resumes with the same output UIDs
-            pending = _Pending(first_seen=time.monotonic())
+            pending = Watch(first_seen=time.monotonic())
             why = f"run {run_id}: {done.error}"
             self._wait_transient(key, suid, pending, time.monotonic(), why)
             with self._lock:
@@ -614,7 +463,7 @@ class Engine:
             return
         self._attempts.pop(key, None)
         if finished is not None:
-            self._finished[key] = finished
+            self._readiness.finished(key, finished)
         if done.error:
             self.ledger.apply(
                 Transition(
@@ -820,29 +669,20 @@ class Engine:
 
 
 def fair_order(
-    due: Iterable[tuple[tuple[str, str], _Pending]], last_gateway: str = ""
-) -> list[tuple[tuple[str, str], _Pending]]:
+    due: Iterable[tuple[tuple[str, str], Watch]], last_gateway: str = ""
+) -> list[tuple[tuple[str, str], Watch]]:
     """``due`` interleaved across gateways: one study of each gateway in turn.
 
     Gateways go in id order starting with the first one after ``last_gateway`` (the one
     that ran last), wrapping around; each gateway's studies keep their order (touch order).
     """
-    queues: dict[str, list[tuple[tuple[str, str], _Pending]]] = {}
+    queues: dict[str, list[tuple[tuple[str, str], Watch]]] = {}
     for item in due:
         queues.setdefault(item[0][0], []).append(item)
     gateways = sorted(queues)
     start = next((i for i, g in enumerate(gateways) if g > last_gateway), 0)
     gateways = gateways[start:] + gateways[:start]
-    ordered: list[tuple[tuple[str, str], _Pending]] = []
+    ordered: list[tuple[tuple[str, str], Watch]] = []
     for turn in range(max((len(q) for q in queues.values()), default=0)):
         ordered.extend(queues[g][turn] for g in gateways if turn < len(queues[g]))
     return ordered
-
-
-def _listing_digest(snap: Snapshot) -> bytes:
-    """A digest of a folder listing (paths, sizes, mtimes) to compare listings cheaply."""
-    h = hashlib.blake2b(digest_size=16)
-    for rel in sorted(snap):
-        state = snap[rel]
-        h.update(f"{rel}\0{state.size}\0{state.mtime_ns}\n".encode("utf-8", "surrogateescape"))
-    return h.digest()

@@ -376,7 +376,7 @@ def test_file_vanishing_between_listing_and_reading(tmp_path: Path) -> None:
     assert len(study.instances) == 2 and study.incomplete == [files[2]]
     # the engine: the study is not run on a listing that no longer holds
     engine = make_engine(tmp_path)
-    engine._assembler = VanishingAssembler(files[1])
+    engine._readiness._assembler = VanishingAssembler(files[1])
     try:
         scan(engine)
         assert engine.drain(60)

@@ -11,9 +11,10 @@ from pydicom.uid import generate_uid
 
 from devtools.sample import pydicom_file
 from service.config import load_config
-from service.engine import Engine, _Pending, fair_order
+from service.engine import Engine, fair_order
 from service.ledger import StudyState
 from service.models import build_models
+from service.readiness import Watch
 from tests.helpers import write_config
 
 
@@ -36,7 +37,7 @@ def drop_study(tmp_path: Path, gateway_id: str) -> str:
 
 def test_fair_order_interleaves_gateways_starting_after_the_last_served() -> None:
     due = [
-        ((g, s), _Pending(first_seen=0.0))
+        ((g, s), Watch(first_seen=0.0))
         for g, s in [("a", "1"), ("a", "2"), ("a", "3"), ("c", "9"), ("b", "5"), ("b", "6")]
     ]
     keys = [key for key, _ in fair_order(due)]
