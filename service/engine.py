@@ -26,14 +26,13 @@ from service.ledger import (
     Ledger,
     LedgerUnavailable,
     NewRun,
-    OutputRecord,
     QueuedSend,
     SendChange,
     Transition,
     printable,
 )
 from service.models.base import Model, RunContext, select_model
-from service.outbox import Outbox, describe
+from service.outbox import Outbox
 from service.pipeline import Job as PipelineJob
 from service.pipeline import Outcome, Pipeline
 from service.readiness import (
@@ -47,6 +46,7 @@ from service.readiness import (
     Transient,
     Watch,
 )
+from service.record import describe, run_transition
 from service.uids import UidFactory
 from service.values import (
     SENT_OK,
@@ -443,60 +443,22 @@ class Engine:
         return len(outcomes) + sends
 
     def _complete(self, outcome: Outcome, key: tuple[str, str], listing: bytes) -> None:
-        job, done, timings = outcome.job, outcome.finished, outcome.timings
+        """Record a run that ended: a transient failure waits and is tried again (the run
+        stays ``running`` and resumes with the same output UIDs); anything else is one
+        transition (:func:`service.record.run_transition`)."""
+        job, done = outcome.job, outcome.finished
         run_id, gid, suid = job.run_id, job.study.gateway_id, job.study.study_uid
-        if "model_s" not in timings:
-            stages = ("prepare_s", "forward_s", "build_s")
-            timings["model_s"] = sum(timings.get(k, 0.0) for k in stages)
-        outputs = [
-            OutputRecord(o.path, o.sop_class_uid, o.sop_instance_uid, o.series_instance_uid)
-            for o in done.written
-        ]
-        finished = listing or None
         if done.error and done.transient:
-            # the run stays 'running' and resumes with the same output UIDs
-            pending = Watch(first_seen=time.monotonic())
-            why = f"run {run_id}: {done.error}"
-            self._wait_transient(key, suid, pending, time.monotonic(), why)
+            watch = Watch(first_seen=time.monotonic())
+            self._wait_transient(key, suid, watch, time.monotonic(), f"run {run_id}: {done.error}")
             with self._lock:
-                self._pending.setdefault(key, pending)
+                self._pending.setdefault(key, watch)
             return
         self._attempts.pop(key, None)
-        if finished is not None:
-            self._readiness.finished(key, finished)
-        if done.error:
-            self.ledger.apply(
-                Transition(
-                    gid,
-                    suid,
-                    StudyState.FAILED,
-                    done.error,
-                    run_id=run_id,
-                    run=RunState.FAILED,
-                    timings=timings,
-                    outputs=outputs,
-                    events=[("ERROR", f"run {run_id} failed: {done.error}")],
-                    listing=finished,
-                )
-            )
-            return
-        if not done.written:
-            self.ledger.apply(
-                Transition(
-                    gid,
-                    suid,
-                    StudyState.SKIPPED,
-                    "model produced no output",
-                    run_id=run_id,
-                    run=RunState.SKIPPED,
-                    timings=timings,
-                    findings=done.findings,
-                    listing=finished,
-                )
-            )
-            return
-        if done.problems:
-            for finding in done.problems:
+        if listing:
+            self._readiness.finished(key, listing)
+        if not done.error:
+            for finding in done.problems:  # the gate failed: nothing of the run leaves
                 if finding.path.exists():
                     moved = quarantine_file(finding.path, self.config.quarantine_dir, gid)
                     logger.error(
@@ -507,51 +469,11 @@ class Engine:
                         moved,
                         finding.message,
                     )
-            first = done.problems[0]
-            reason = (
-                f"conformance gate: {len(done.problems)} problem(s); "
-                f"{first.path.name}: {first.message}"
-            )
-            self.ledger.apply(
-                Transition(
-                    gid,
-                    suid,
-                    StudyState.FAILED,
-                    reason,
-                    run_id=run_id,
-                    run=RunState.FAILED,
-                    timings=timings,
-                    findings=done.findings,
-                    outputs=outputs,
-                    events=[("ERROR", f"run {run_id}: {reason}")],
-                    listing=finished,
-                )
-            )
-            return
-        timings["written_at"] = time.time()
         destination = self.config.destination(gid)
-        send = None
-        if destination.enabled:
-            send = SendChange(SendState.QUEUED, destination=describe(destination))
-        else:
-            logger.info("gateway=%s study=%s no destination configured", gid, suid)
-        applied = self.ledger.apply(
-            Transition(
-                gid,
-                suid,
-                StudyState.WRITTEN,
-                f"run {run_id}: {len(outputs)} object(s) written"
-                + ("" if send else "; no destination configured"),
-                run_id=run_id,
-                run=RunState.WRITTEN,
-                run_reason="",
-                timings=timings,
-                findings=done.findings,
-                outputs=outputs,
-                send=send,
-                listing=finished,
-            )
+        transition = run_transition(
+            gid, suid, run_id, done, outcome.timings, listing or None, destination
         )
+        applied = self.ledger.apply(transition)
         if applied.send_id is not None:
             self.outbox.add(QueuedSend(applied.send_id, run_id, gid, suid))
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from service.config import Config, PacsConfig
 from service.ledger import Ledger, LedgerUnavailable, QueuedSend, SendChange, Transition
+from service.record import describe
 from service.sender import SendHandle, SendResult, SendStatus
 from service.sendlanes import SendLanes, lane_key
 from service.values import RunState, SendState, StudyState
@@ -29,10 +30,6 @@ logger = logging.getLogger(__name__)
 
 #: Seconds before a send deferred because OUTPUT was unreachable is looked at again.
 DEFER_SECONDS = 5.0
-
-
-def describe(destination: PacsConfig) -> str:
-    return f"{destination.ae_title}@{destination.host}:{destination.port}"
 
 
 @dataclass
