@@ -145,3 +145,36 @@ def test_mount_away_before_a_study_is_stable_then_back(
     assert while_away is not None and while_away[0] not in (StudyState.FAILED, StudyState.SKIPPED)
     assert final is not None and final[0] == StudyState.WRITTEN
     assert len(runs) == 1
+
+
+def test_send_waits_while_output_is_unreachable(tmp_path: Path) -> None:
+    """OUTPUT away when the send would open: the send is deferred, not attempted; it goes
+    once OUTPUT is back (one association)."""
+    from tests.test_faults import CountingScp
+
+    scp = CountingScp()
+    try:
+        pacs = f'[pacs]\nhost = "127.0.0.1"\nport = {scp.port}\nae_title = "{scp.ae_title}"\n'
+        config = write_service_config(tmp_path, pacs, stable=0.3)
+        study_uid, _ = copy_series(
+            shared_file("series/ct-4-noise"), tmp_path / "INPUT/gateway_1", limit=2
+        )
+        state, output = tmp_path / "STATE", tmp_path / "OUTPUT"
+        # the send is queued with the run's 'written'; the service pauses there 3 s
+        service = start_service(config, env={"GATEWAY_FAILPOINTS": "after-commit:written=sleep:3"})
+        try:
+            wait_for(lambda: _state(state, study_uid)[0] == "written", 60, "written")
+            output.rename(tmp_path / "OUTPUT-away")  # the OUTPUT mount is gone
+            time.sleep(8)  # the pause ends; the send must wait
+            while_away = _state(state, study_uid)
+            associations_while_away = scp.associations
+            (tmp_path / "OUTPUT-away").rename(output)
+            wait_for(lambda: _state(state, study_uid)[0] == "sent", 60, "sent")
+        finally:
+            code, log = stop_service(service)
+    finally:
+        scp.shutdown()
+    assert code == 0, log
+    assert while_away[0] == "written" and associations_while_away == 0
+    assert "send deferred" in log and "not reachable" in log
+    assert scp.associations == 1 and len(scp.stored) == 2
