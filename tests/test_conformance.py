@@ -348,3 +348,63 @@ def test_file_encoded_differently_is_compared_element_by_element(tmp_path: Path)
     assert again.getvalue() != source.read_bytes()
     problems = check_file(source, source_sop_uids=SOURCE_UIDS)
     assert problems and not has(problems, "round-trip"), problems
+
+
+def legacy_enhanced_ct() -> Dataset:
+    """An Enhanced multi-frame image built by highdicom from CT_small: the Legacy Converted
+    Enhanced CT IOD (PS3.3 A.70), with functional groups and dimension sequences."""
+    return hd.legacy.LegacyConvertedEnhancedCTImage(
+        [source_ct()],
+        series_instance_uid=UIDS.uid("series", "legacy"),
+        series_number=904,
+        sop_instance_uid=UIDS.uid("legacy"),
+        instance_number=1,
+    )
+
+
+#: The top-level sequences the repair kept before it read the standard's tables: a copy
+#: repaired that way lost its functional groups and dimension sequences.
+OLD_KEPT_SEQUENCES = {
+    "SourceImageSequence",
+    "ReferencedImageSequence",
+    "AcquisitionContextSequence",
+}
+
+
+def test_enhanced_copy_without_functional_groups_fails_the_gate(tmp_path: Path) -> None:
+    ds = legacy_enhanced_ct()
+    assert check_file(write(ds, tmp_path / "intact"), source_sop_uids=SOURCE_UIDS) == []
+    for elem in list(ds):
+        if elem.VR == "SQ" and elem.keyword not in OLD_KEPT_SEQUENCES:
+            del ds[elem.tag]
+    problems = check_file(write(ds, tmp_path / "stripped"), source_sop_uids=SOURCE_UIDS)
+    fg_module = "module legacy-converted-enhanced-ct-image-multi-frame-functional-groups"
+    assert has(problems, "SharedFunctionalGroupsSequence missing", "Type 1", fg_module)
+    # the copy lost its Dimension Organization too: Type 1 only where the Multi-frame
+    # Dimension Module is mandatory (Enhanced CT, see tests/test_standard_corpus.py)
+
+
+def test_required_attribute_inside_a_functional_group_is_checked(tmp_path: Path) -> None:
+    """Frame Type is Type 1 in the CT Image Frame Type macro (PS3.3 C.8.15.3.1)."""
+    ds = legacy_enhanced_ct()
+    ds.SharedFunctionalGroupsSequence[0].CTImageFrameTypeSequence[0].FrameType = None
+    problems = check_file(write(ds, tmp_path), source_sop_uids=SOURCE_UIDS)
+    where = "SharedFunctionalGroupsSequence[1] > CTImageFrameTypeSequence[1] > "
+    assert has(problems, where + "FrameType is empty", "Type 1"), problems
+
+
+def test_sop_class_without_an_iod_is_reported(tmp_path: Path) -> None:
+    ds = derived_ct()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.6"  # Ultrasound Image Storage (Retired)
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    problems = check_file(write(ds, tmp_path), source_sop_uids=SOURCE_UIDS)
+    assert has(problems, "1.2.840.10008.5.1.4.1.1.6", "not a storage SOP class")
+
+
+def test_iod_specific_type1_is_required(tmp_path: Path) -> None:
+    """Rescale Slope is Type 1 in the CT Image Module (PS3.3 C.8.2.1): a module the old,
+    hand-typed lists did not know."""
+    ds = derived_ct()
+    del ds.RescaleSlope
+    problems = check_file(write(ds, tmp_path), source_sop_uids=SOURCE_UIDS)
+    assert has(problems, "RescaleSlope missing", "Type 1", "module ct-image of IOD ct-image")
