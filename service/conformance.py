@@ -34,7 +34,7 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID
 
-from service.dicomrules import BULK_VRS, REQUIRED_MODULES, kind_of, value_problems
+from service.dicomrules import BULK_VRS, kind_of, requirements, value_problems
 from service.errors import OutputError
 from service.fsutil import safe_name
 
@@ -183,22 +183,51 @@ def _check_round_trip(ds: Dataset, original: bytes | None = None) -> list[str]:
 
 
 def _check_required(ds: Dataset) -> list[str]:
-    """Type 1 and Type 2 attributes of the required modules (PS3.3, PS3.5 §7.4)."""
+    """Type 1 and Type 2 attributes of the mandatory modules of the object's IOD (PS3.3
+    Annex A and C, PS3.5 §7.4), from the standard's tables (:mod:`service.dicomrules`),
+    inside every item of the sequences that hold them."""
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    if not sop_class:
+        return ["SOPClassUID missing (Type 1, PS3.3 C.12.1 SOP Common Module)"]
+    reqs = requirements(sop_class)
+    if not reqs:
+        return [
+            f"SOPClassUID {sop_class[:80]} is not a storage SOP class of the standard's "
+            "tables: its IOD and required attributes are unknown (PS3.4 Annex B)"
+        ]
     problems = []
-    for module in REQUIRED_MODULES[kind_of(ds)]:
-        where = f"PS3.3 {module.section} {module.name} Module"
-        for keyword in module.type1 + module.type2:
-            type_ = "1" if keyword in module.type1 else "2"
-            if keyword not in ds:
-                problems.append(f"{keyword} missing (Type {type_}, {where})")
-            elif type_ == "1" and ds[keyword].is_empty:
-                problems.append(f"{keyword} is empty (Type 1, {where})")
+    for req in reqs:
+        missing: list[str] = []
+        empty: list[str] = []
+        for item, where in _items(ds, req.path):
+            if req.keyword not in item:
+                missing.append(where)
+            elif req.type == "1" and item[req.keyword].is_empty:
+                empty.append(where)
+        for what, places in (("missing", missing), ("is empty", empty)):
+            if places:
+                more = f" (and in {len(places) - 1} other item(s))" if len(places) > 1 else ""
+                problems.append(
+                    f"{places[0]}{req.keyword} {what}{more} (Type {req.type}, {req.where})"
+                )
     if kind_of(ds) == "sr" and ds.get("ValueType", "CONTAINER") != "CONTAINER":
         problems.append(
             f"ValueType of the root content item is {ds.ValueType!r}, not 'CONTAINER' "
             "(PS3.3 C.17.3)"
         )
     return problems
+
+
+def _items(ds: Dataset, path: tuple[str, ...], where: str = "") -> Iterator[tuple[Dataset, str]]:
+    """Every data set at ``path`` (sequence keywords) below ``ds``, with its location."""
+    if not path:
+        yield ds, where
+        return
+    head, rest = path[0], path[1:]
+    if head not in ds or ds[head].VR != "SQ":
+        return  # an absent sequence is reported by its own requirement, when it has one
+    for index, item in enumerate(ds[head].value, start=1):
+        yield from _items(item, rest, f"{where}{head}[{index}] > ")
 
 
 def _check_pixel_data_length(ds: Dataset) -> list[str]:
@@ -345,7 +374,6 @@ def _describe(exc: BaseException) -> str:
 
 
 __all__ = [
-    "REQUIRED_MODULES",
     "Finding",
     "check_file",
     "check_files",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pytest
 from pydicom import dcmread
@@ -162,3 +163,26 @@ def test_study_without_images_does_not_apply() -> None:
     verdict = AnnotateModel().applies(_study(pydicom_file("test-SR.dcm")))
     assert not verdict.ok
     assert "not an image" in verdict.reason
+
+
+def test_enhanced_multiframe_without_verified_copy_is_refused(tmp_path: Path) -> None:
+    """An Enhanced multi-frame MR (highdicom's Legacy Converted Enhanced MR of MR_small,
+    functional groups per PS3.3 C.7.6.16) is skipped with the reason, not copied invalid."""
+    src = dcmread(pydicom_file("MR_small.dcm"))
+    enhanced = hd.legacy.LegacyConvertedEnhancedMRImage(
+        [src],
+        series_instance_uid=ROOT + "1.1",
+        series_number=5,
+        sop_instance_uid=ROOT + "1.2",
+        instance_number=1,
+    )
+    path = tmp_path / "enhanced-mr.dcm"
+    enhanced.save_as(path)
+    study = _study(path)
+    model = AnnotateModel()
+    verdict = model.applies(study)
+    assert not verdict.ok
+    assert "legacy-converted-enhanced-mr-image is not supported" in verdict.reason
+    result = model.run_part(study, _ctx(study))
+    assert result.datasets == []
+    assert "Frame Type" in result.skipped_instances[ROOT + "1.2"]

@@ -5,6 +5,14 @@ per source series, with new UIDs from the run's :class:`~service.uids.UidFactory
 Type ``DERIVED\\SECONDARY``, a Source Image Sequence naming the source, native (uncompressed)
 Explicit VR Little Endian pixel data and ``Burned In Annotation`` = ``YES`` (PS3.3 C.7.6.1).
 Patient, study and frame-of-reference attributes are kept, so the result joins the same study.
+
+Enhanced multi-frame IODs (functional groups, PS3.3 C.7.6.16) are annotated only where the
+copy has been verified valid (:data:`ENHANCED_IODS`): there Image Type and every Frame Type
+get value 1 ``DERIVED`` and keep value 2 (``PRIMARY``: the only value the Enhanced CT Image
+Module allows, PS3.3 C.8.15.2, C.8.16.1), and Burned In Annotation keeps the source's value
+(the IOD allows only ``NO``; the burned-in warning identifies neither the patient nor the
+date, which is what the attribute declares, PS3.3 C.7.6.1). Other Enhanced IODs are refused
+with the reason, as are SOP classes that are not in the standard's tables.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
 )
 
+from service.dicomrules import iod_of, uses_functional_groups
 from service.errors import InputError, ModelError
 from service.models.base import Applicability, ModelResult, RunContext, nothing_produced
 from service.models.dicomio import read_dicom
@@ -64,10 +73,33 @@ DROPPED = (
 Pixels = npt.NDArray[Any]
 
 
+#: Enhanced multi-frame IODs whose annotated copies are valid (tests/test_standard_corpus.py
+#: checks them with dciodvfy). Enhanced MR is not: with Image Type value 1 DERIVED, the MR
+#: Pulse Sequence and Bulk Motion attributes the source carries for ORIGINAL frames are
+#: reported as present when their condition is unsatisfied (PS3.3 C.8.13.4, C.7.6.18.2).
+ENHANCED_IODS = frozenset({"enhanced-ct-image"})
+#: The functional groups sequences of an Enhanced multi-frame image (PS3.3 C.7.6.16).
+FUNCTIONAL_GROUPS = ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
+
+
 def unsupported_reason(ds: Dataset) -> str | None:
-    """Why ``ds`` cannot be annotated, or None when it can (PS3.3 C.7.6.3 Image Pixel)."""
+    """Why ``ds`` cannot be annotated, or None when it can (PS3.3 C.7.6.3 Image Pixel; the
+    IOD of its SOP class, PS3.3 Annex A)."""
     if "PixelData" not in ds:
         return "no Pixel Data: not an image"
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    iod = iod_of(sop_class)
+    if iod is None:
+        return (
+            f"SOP class {sop_class[:80]!r} is not a storage SOP class of the standard "
+            "(retired or private): a copy could not be checked against its IOD"
+        )
+    if uses_functional_groups(sop_class) and iod not in ENHANCED_IODS:
+        return (
+            f"Enhanced multi-frame IOD {iod} is not supported: a derived copy must mark "
+            "Image Type and every Frame Type DERIVED, which changes what its functional "
+            "groups require (PS3.3 C.7.6.16)"
+        )
     photometric = str(ds.get("PhotometricInterpretation", ""))
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if not (
@@ -147,6 +179,22 @@ def _lossy_attributes(ds: Dataset, tsyntax: UID) -> None:
 FRAME_OF_REFERENCE_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"})
 
 
+def _mark_enhanced_derived(ds: Dataset) -> None:
+    """Value 1 ``DERIVED`` in Image Type and in the Frame Type of every functional group;
+    value 2 and the rest kept (PS3.3 C.8.16.1: Image Type value 1 is DERIVED when every
+    frame's is; value 2 of an Enhanced CT/MR image is PRIMARY). Burned In Annotation is
+    left as the source has it (see the module's docstring)."""
+    ds.ImageType = ["DERIVED", *list(ds.get("ImageType", []) or ["PRIMARY"])[1:]]
+    for keyword in FUNCTIONAL_GROUPS:
+        for group in ds.get(keyword, []):
+            for elem in group:
+                if elem.VR != "SQ":
+                    continue
+                for item in elem.value:
+                    if item.get("FrameType"):
+                        item.FrameType = ["DERIVED", *list(item.FrameType)[1:]]
+
+
 def derive(source: Dataset, ctx: RunContext, now: datetime) -> Dataset:
     """The annotated derived copy of ``source`` (which is modified in place and returned)."""
     ds = source
@@ -183,8 +231,11 @@ def derive(source: Dataset, ctx: RunContext, now: datetime) -> Dataset:
     ds.SeriesDescription = (
         f"{DESCRIPTION_PREFIX}: {description}" if description else DESCRIPTION_PREFIX
     )[:64]
-    ds.ImageType = ["DERIVED", "SECONDARY", *list(ds.get("ImageType", []))[2:]]
-    ds.BurnedInAnnotation = "YES"
+    if uses_functional_groups(src_class):
+        _mark_enhanced_derived(ds)
+    else:
+        ds.ImageType = ["DERIVED", "SECONDARY", *list(ds.get("ImageType", []))[2:]]
+        ds.BurnedInAnnotation = "YES"
     ds.DerivationDescription = (
         f"Text '{' - '.join(TEXT_LINES)}' burned into the pixel data by annotate "
         f"{AnnotateModel.version}"
