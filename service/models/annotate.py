@@ -34,6 +34,7 @@ from pydicom.uid import (
 from service.errors import InputError, ModelError
 from service.models.base import Applicability, ModelResult, RunContext, nothing_produced
 from service.models.dicomio import read_dicom
+from service.models.pixels import undecodable_reason
 from service.models.repair import repair_copied_attributes
 from service.values import Instance, Study
 
@@ -79,7 +80,7 @@ def unsupported_reason(ds: Dataset) -> str | None:
         return f"unsupported Bits Allocated {bits!r}"
     if not ds.get("Rows") or not ds.get("Columns"):
         return "no Rows/Columns"
-    return None
+    return undecodable_reason(ds) or None
 
 
 def _frames(ds: Dataset, arr: Pixels) -> Pixels:

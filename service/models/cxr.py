@@ -31,6 +31,7 @@ from service.config import CxrConfig
 from service.errors import InputError, ModelError, ModelNotReady
 from service.models.base import Applicability, ModelResult, Prepared, RunContext
 from service.models.dicomio import read_dicom
+from service.models.pixels import decode_pixels, undecodable_reason
 from service.values import Instance, Study
 
 logger = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def check_header(ds: Dataset) -> str:
         return f"PhotometricInterpretation {photometric or '(none)'} is not MONOCHROME1/2"
     if "BitsStored" not in ds:
         return "no BitsStored in the header: not an image"
-    return ""
+    return undecodable_reason(ds)
 
 
 def check_instance(inst: Instance) -> str:
@@ -184,6 +185,9 @@ PREFERRED_DECODERS: dict[str, str] = {
 
 def decode(ds: Dataset) -> np.ndarray:
     """The stored pixel values of ``ds``, with the preferred decoder where there is one."""
+    reason = undecodable_reason(ds)
+    if reason:
+        raise InputError(reason)
     plugin = PREFERRED_DECODERS.get(str(ds.file_meta.get("TransferSyntaxUID", "")))
     if plugin:
         try:
@@ -192,10 +196,7 @@ def decode(ds: Dataset) -> np.ndarray:
         except Exception as exc:
             logger.debug("%s decoder failed (%s); trying every decoder", plugin, exc)
             ds.pixel_array_options()
-    try:
-        return np.asarray(ds.pixel_array)
-    except Exception as exc:
-        raise InputError(f"cannot decode pixel data: {type(exc).__name__}: {exc}") from exc
+    return decode_pixels(ds)
 
 
 def stored_range(ds: Dataset) -> tuple[float, float]:
