@@ -24,6 +24,7 @@ import torch
 import torchxrayvision as xrv
 from pydicom import Dataset
 from pydicom.pixels.processing import apply_modality_lut
+from pydicom.sr.codedict import codes
 from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit
 from scipy import sparse
 
@@ -133,8 +134,32 @@ def pick_device(setting: str) -> torch.device:
 # -- DICOM in ------------------------------------------------------------------------------
 
 
+#: Homo sapiens in CID 7454 "Animal Taxonomic Rank Values" (PS3.16), from pydicom's tables.
+HUMAN = codes.cid7454.HomoSapiens
+#: Patient Species Description (0010,2201) values meaning a human subject (case ignored).
+HUMAN_DESCRIPTIONS = {HUMAN.meaning.lower(), "human"}
+
+
+def species_reason(ds: Dataset) -> str:
+    """Why the patient of ``ds`` is not known to be human; "" when human or unstated.
+
+    Patient Species Description (0010,2201) and Patient Species Code Sequence (0010,2202)
+    are Type 1C, required when the patient is an animal (PS3.3 C.7.1.1); absent, the
+    patient is human. The model was trained on human chest radiographs only.
+    """
+    for item in ds.get("PatientSpeciesCodeSequence", []) or []:
+        scheme, value = str(item.get("CodingSchemeDesignator", "")), str(item.get("CodeValue", ""))
+        if (scheme, value) != (HUMAN.scheme_designator, HUMAN.value):
+            meaning = str(item.get("CodeMeaning", "") or value)
+            return f"PatientSpeciesCodeSequence is {meaning} ({scheme} {value}), not human"
+    description = " ".join(str(ds.get("PatientSpeciesDescription", "") or "").split())
+    if description and description.lower() not in HUMAN_DESCRIPTIONS:
+        return f"PatientSpeciesDescription is {description!r}, not human"
+    return ""
+
+
 def check_header(ds: Dataset) -> str:
-    """Why ``ds`` is not a single-frame PA/AP chest radiograph; "" when it is."""
+    """Why ``ds`` is not a single-frame PA/AP chest radiograph of a human; "" when it is."""
     sop_class = str(ds.get("SOPClassUID", ""))
     modality = str(ds.get("Modality", "")).upper()
     body_part = str(ds.get("BodyPartExamined", "") or "").upper().strip()
@@ -142,6 +167,9 @@ def check_header(ds: Dataset) -> str:
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     if sop_class not in SOP_CLASSES:
         return f"SOP class {sop_class} is not CR, DX for presentation or secondary capture"
+    species = species_reason(ds)
+    if species:
+        return species
     if modality not in MODALITIES:
         return f"Modality {modality or '(none)'} is not CR or DX"
     if body_part not in BODY_PARTS:
