@@ -162,3 +162,18 @@ def test_output_uids_are_stable_for_a_rerun(run: Run) -> None:
     again = [str(ds.SOPInstanceUID) for ds in run.model.run(run.study, run.ctx).datasets]
     assert again == first and len(set(first)) == len(first)
     assert all(uid.startswith(ROOT) for uid in first)
+
+
+def test_summary_image_stays_lossy_like_its_source(run: Run) -> None:
+    """PS3.3 C.7.6.1.1.5: an image derived from lossy pixels is "01", with the method and
+    ratio of each step (JPEG Baseline; lossy JPEG 2000 at the ratio its header records)."""
+    expected = {
+        "siim-cr-pa-jpeg.dcm": ("ISO_10918_1", None),
+        "nema-rg1-pa-j2k.dcm": ("ISO_15444_1", "10"),
+    }
+    for path, name in zip(run.files[1:], SOURCES, strict=True):
+        sc = pydicom.dcmread(path)
+        method, ratio = expected[name]
+        assert sc.LossyImageCompression == "01"
+        assert sc.LossyImageCompressionMethod == method
+        assert sc.get("LossyImageCompressionRatio") == ratio

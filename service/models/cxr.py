@@ -31,6 +31,7 @@ from scipy import sparse
 from service.config import CxrConfig
 from service.errors import InputError, ModelError, ModelNotReady
 from service.models.base import Applicability, ModelResult, Prepared, RunContext
+from service.models.derived import LossyHistory, lossy_history
 from service.models.dicomio import read_dicom
 from service.models.pixels import decode_pixels, undecodable_reason
 from service.values import Instance, Study
@@ -341,6 +342,8 @@ class Radiograph:
     dataset: Dataset  # the header, without Pixel Data
     display: np.ndarray  # 8-bit MONOCHROME2, DISPLAY_WIDTH wide: the summary image's base
     input: np.ndarray  # (1, 224, 224)
+    #: the source's lossy compression, carried to the summary image (PS3.3 C.7.6.1.1.5)
+    lossy: LossyHistory | None = None
 
     @property
     def view_position(self) -> str:
@@ -355,8 +358,9 @@ def load_radiograph(inst: Instance) -> Radiograph:
     if reason:
         raise InputError(reason)
     image = to_xrv_range(ds)
+    lossy = lossy_history(ds)
     del ds.PixelData
-    return Radiograph(inst, ds, display_image(image), model_input(image))
+    return Radiograph(inst, ds, display_image(image), model_input(image), lossy)
 
 
 # -- the model -----------------------------------------------------------------------------

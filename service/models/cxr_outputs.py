@@ -23,6 +23,7 @@ from highdicom.sr import CodedConcept
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
+from service.models.derived import mark_lossy
 from service.uids import UidFactory
 
 if TYPE_CHECKING:
@@ -309,6 +310,7 @@ def build_summary_image(
     sc.Laterality = str(source.get("Laterality", "") or "")  # Type 2C (PS3.3 C.7.3.1)
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
+    mark_lossy(sc, radiograph.lossy)  # never "00" when derived from lossy pixels
     sc.DerivationDescription = f"{DISCLAIMER}; {model.name} {model.version}"
     reference = Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID
