@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,13 +14,13 @@ from pydicom import Dataset
 
 from service.config import CxrConfig
 from service.models.base import ModelResult, RunContext
-from service.models.cxr import CxrModel
-from service.models.cxr_outputs import FINDING_CODES, LOCAL_SCHEME
+from service.models.cxr import CxrModel, load_radiograph
+from service.models.cxr_outputs import DISCLAIMER, FINDING_CODES, LOCAL_SCHEME, table_rows
 from service.uids import UidFactory
 from service.values import Study
 from service.writers import write_dataset
 from tests.conftest import dciodvfy, shared_file
-from tests.test_cxr import ROOT, study_of, write_checkpoint
+from tests.test_cxr import ROOT, instance, study_of, write_checkpoint
 
 SOURCES = ("siim-cr-pa-jpeg.dcm", "nema-rg1-pa-j2k.dcm")
 
@@ -144,16 +145,40 @@ def test_summary_image_references_its_source(run: Run) -> None:
         assert sc.pixel_array.shape[1] == 1024
 
 
-def test_summary_image_has_the_table_burned_in(run: Run) -> None:
-    sc = pydicom.dcmread(run.files[1])
-    from service.models.cxr import load_radiograph
-    from tests.test_cxr import instance
+def test_summary_text_is_in_a_band_below_the_untouched_radiograph(run: Run) -> None:
+    """The radiograph's pixels are the display image exactly; the table is in a band added
+    below it, naming findings as the SR does, with the disclaimer."""
+    for path, name in zip(run.files[1:], SOURCES, strict=True):
+        sc = pydicom.dcmread(path)
+        plain = load_radiograph(instance(shared_file(f"cxr/{name}"))).display
+        rows = plain.shape[0]
+        assert sc.pixel_array.shape[0] > rows
+        np.testing.assert_array_equal(sc.pixel_array[:rows], plain)
+        band = sc.pixel_array[rows:]
+        assert (band == 0).mean() > 0.5 and (band == 255).any()  # white text on black
+    scores = run.result.findings["images"][run.sources[0].SOPInstanceUID]
+    texts = [text for row in table_rows(run.model, scores) for text in row]
+    assert DISCLAIMER == "AI result - not for diagnostic use" and DISCLAIMER in texts
+    top = max(scores, key=lambda finding: scores[finding])
+    assert FINDING_CODES[top].meaning in texts
+    sr_names = {str(i.ConceptNameCodeSequence[0].CodeMeaning) for i in sr_numbers(run)}
+    findings = [t for t in texts[texts.index("score") + 1 :: 2]]
+    assert findings and set(findings) <= sr_names
 
-    plain = load_radiograph(instance(shared_file(f"cxr/{SOURCES[0]}"))).display
-    box = sc.pixel_array[:300, :400]
-    assert not np.array_equal(box, plain[:300, :400])
-    assert (box == 0).mean() > 0.5 and (box == 255).any()  # white text on black
-    np.testing.assert_array_equal(sc.pixel_array[600:], plain[600:])
+
+def sr_numbers(run: Run) -> list[Dataset]:
+    return [i for i in content_items(pydicom.dcmread(run.files[0])) if i.ValueType == "NUM"]
+
+
+def test_summary_image_is_a_chest_without_empty_laterality(run: Run) -> None:
+    """BodyPartExamined CHEST; Laterality (Type 2C, paired body parts, PS3.3 C.7.3.1) is
+    absent: dciodvfy has no warning about either."""
+    for path in run.files[1:]:
+        sc = pydicom.dcmread(path)
+        assert sc.BodyPartExamined == "CHEST" and "Laterality" not in sc
+        report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+        assert "Laterality" not in report.stdout + report.stderr
+        assert "BodyPartExamined" not in report.stdout + report.stderr
 
 
 def test_output_uids_are_stable_for_a_rerun(run: Run) -> None:
