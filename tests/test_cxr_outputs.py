@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import html
+import re
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -202,3 +205,48 @@ def test_summary_image_stays_lossy_like_its_source(run: Run) -> None:
         assert sc.LossyImageCompression == "01"
         assert sc.LossyImageCompressionMethod == method
         assert sc.get("LossyImageCompressionRatio") == ratio
+
+
+def dsr2html_text(path: Path) -> str:
+    """dcmtk's dsr2html rendering of the SR, as plain text."""
+    exe = shutil.which("dsr2html")
+    assert exe, "dsr2html missing: run `make test-deps` (Debian package dcmtk)"
+    page = subprocess.run([exe, str(path)], capture_output=True, text=True, check=True).stdout
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", page)).split())
+
+
+def test_dsr2html_names_every_finding_beside_its_score(run: Run) -> None:
+    text = dsr2html_text(run.files[0])
+    for source in run.sources:
+        for finding, score in run.result.findings["images"][source.SOPInstanceUID].items():
+            name = FINDING_CODES[finding].meaning
+            shown = re.findall(rf"{re.escape(name)}: ([0-9.]+) ", text)
+            assert any(abs(float(v) - score) < 1e-6 for v in shown), name
+            assert f"{name}: {'Present' if score >= 0.5 else 'Absent'}" in text, name
+
+
+def test_sr_has_the_tid1500_structure_viewers_need(run: Run) -> None:
+    """Image Library (TID 1600) with every source image; per measurement group a Tracking
+    Identifier, a Tracking Unique Identifier and a NUM per finding; separate items."""
+    sr = pydicom.dcmread(run.files[0])
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    library = next(i for i in sr.ContentSequence if concept(i) == ("DCM", "111028"))
+    images = [i for i in content_items(library) if i.ValueType == "IMAGE"]
+    assert [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in images] == [
+        s.SOPInstanceUID for s in run.sources
+    ]
+    measurements = next(i for i in sr.ContentSequence if concept(i) == ("DCM", "126010"))
+    groups = measurements.ContentSequence
+    assert len(groups) == len(SOURCES)
+    for group in groups:
+        assert concept(group) == ("DCM", "125007")  # Measurement Group
+        children = {concept(i): i for i in group.ContentSequence}
+        assert children[("DCM", "112039")].ValueType == "TEXT"  # Tracking Identifier
+        assert children[("DCM", "112040")].ValueType == "UIDREF"  # Tracking Unique Identifier
+        numbers = [i for i in group.ContentSequence if i.ValueType == "NUM"]
+        assert sorted(concept(i) for i in numbers) == sorted(
+            (c.scheme_designator, c.value) for c in FINDING_CODES.values()
+        )
+    containers = [i for i in content_items(sr) if i.ValueType == "CONTAINER"]
+    assert sr.ContinuityOfContent == "SEPARATE"
+    assert {i.ContinuityOfContent for i in containers} == {"SEPARATE"}

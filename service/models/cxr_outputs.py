@@ -167,6 +167,25 @@ def evidence(source: Dataset) -> Dataset:
     return header
 
 
+def library_entry(source: Dataset) -> Dataset:
+    """What highdicom's TID 1600 Image Library entry of ``source`` is built from: its UIDs
+    and size, and the TID 1602 projection radiography descriptors (Patient Orientation,
+    Imager Pixel Spacing) when the source has both. Without them the entry has the
+    modality (from the SOP class), rows and columns only, rather than no library."""
+    entry = Dataset()
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "FrameOfReferenceUID"):
+        if keyword in source:
+            setattr(entry, keyword, source[keyword].value)
+    orientation = [str(v) for v in source.get("PatientOrientation", []) or []]
+    spacing = list(source.get("ImagerPixelSpacing", []) or [])
+    entry.Modality = ""
+    if len(orientation) == 2 and all(orientation) and len(spacing) == 2:
+        entry.Modality = source.Modality
+        entry.PatientOrientation = orientation
+        entry.ImagerPixelSpacing = spacing
+    return entry
+
+
 def build_sr(
     model: CxrModel,
     results: Sequence[tuple[Radiograph, dict[str, float]]],
@@ -217,6 +236,7 @@ def build_sr(
         ),
         procedure_reported=codes.SCT.ImagingProcedure,
         imaging_measurements=groups,
+        referenced_images=[library_entry(r.dataset) for r, _ in results],
     )
     sr = hd.sr.Comprehensive3DSR(
         evidence=[evidence(r.dataset) for r, _ in results],
@@ -230,7 +250,19 @@ def build_sr(
         series_description=f"AI {model.name} findings",
     )
     sr.CodingSchemeIdentificationSequence = [_coding_scheme_identification()]
+    separate_containers(sr)
     return sr
+
+
+def separate_containers(item: Dataset) -> None:
+    """Every CONTAINER's items as separate statements (Continuity Of Content SEPARATE,
+    PS3.3 C.18.8.1.1): viewers then show each item with its concept name, e.g.
+    "Pleural effusion = 0.12"; CONTINUOUS (highdicom's default) tells them to run the
+    values together as one text, without the names."""
+    if item.get("ValueType") == "CONTAINER":
+        item.ContinuityOfContent = "SEPARATE"
+    for child in item.get("ContentSequence", []):
+        separate_containers(child)
 
 
 def display_image(image: np.ndarray) -> np.ndarray:
