@@ -18,6 +18,9 @@ import pydicom
 import pytest
 import torch
 import torchxrayvision as xrv
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import ImplicitVRLittleEndian
 
 from service.config import CxrConfig
@@ -280,3 +283,58 @@ def test_loading_leaves_the_openmp_team_to_the_forward_thread(checkpoint: Path) 
     )
     started_by_forward = int(probe.stdout.splitlines()[-1])
     assert started_by_forward == 1  # threads=2: the calling thread and one worker
+
+
+def chest_of(tmp_path: Path, name: str, **attributes: object) -> Path:
+    """The real JPEG chest radiograph as a DX "CHEST AP" with ``attributes`` set."""
+    ds = pydicom.dcmread(shared_file("cxr/siim-cr-pa-jpeg.dcm"))
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "DX", "CHEST", "AP"
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds.save_as(tmp_path / name)
+    return tmp_path / name
+
+
+def species_code(code: Code) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator = code.value, code.scheme_designator
+    item.CodeMeaning = code.meaning
+    return item
+
+
+def test_an_animal_is_not_run_through_the_human_chest_model(
+    tmp_path: Path, model: CxrModel
+) -> None:
+    """Patient Species (PS3.3 C.7.1.1) other than Homo sapiens: not applicable, with why."""
+    feline = chest_of(tmp_path, "cat.dcm", PatientSpeciesDescription="Feline")
+    verdict = model.applies(study_of(feline))
+    assert not verdict.ok and "PatientSpeciesDescription is 'Feline', not human" in verdict.reason
+    coded = chest_of(
+        tmp_path, "coded.dcm", PatientSpeciesCodeSequence=[species_code(codes.SCT.FelisCatus)]
+    )
+    verdict = model.applies(study_of(coded))
+    assert not verdict.ok and "Felis catus (SCT 448169003), not human" in verdict.reason
+    human = chest_of(
+        tmp_path,
+        "human.dcm",
+        PatientSpeciesDescription="Homo sapiens",
+        PatientSpeciesCodeSequence=[species_code(codes.SCT.HomoSapiens)],
+    )
+    assert model.applies(study_of(human)).ok
+    assert model.applies(study_of(chest_of(tmp_path, "unstated.dcm"))).ok
+
+
+def test_one_shot_run_on_an_animal_is_skipped_with_exit_3(tmp_path: Path, checkpoint: Path) -> None:
+    from tests.helpers import run_cli, write_config
+
+    config = write_config(
+        tmp_path,
+        extra=f'[models.cxr]\nweights = "{checkpoint}"\ndevice = "cpu"\n',
+        rules='[{ model = "cxr-densenet121", modality = ["CR", "DX"] }]',
+    )
+    (tmp_path / "in").mkdir()
+    chest_of(tmp_path / "in", "cat.dcm", PatientSpeciesDescription="Feline")
+    proc = run_cli("--config", str(config), "run", str(tmp_path / "in"), str(tmp_path / "out"))
+    assert proc.returncode == 3, proc.stderr
+    assert "skipped:" in proc.stderr and "'Feline', not human" in proc.stderr
+    assert not any((tmp_path / "out").glob("*.dcm"))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import html
+import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,13 +17,13 @@ from pydicom import Dataset
 
 from service.config import CxrConfig
 from service.models.base import ModelResult, RunContext
-from service.models.cxr import CxrModel
-from service.models.cxr_outputs import FINDING_CODES, LOCAL_SCHEME
+from service.models.cxr import CxrModel, load_radiograph
+from service.models.cxr_outputs import DISCLAIMER, FINDING_CODES, LOCAL_SCHEME, table_rows
 from service.uids import UidFactory
 from service.values import Study
 from service.writers import write_dataset
 from tests.conftest import dciodvfy, shared_file
-from tests.test_cxr import ROOT, study_of, write_checkpoint
+from tests.test_cxr import ROOT, instance, study_of, write_checkpoint
 
 SOURCES = ("siim-cr-pa-jpeg.dcm", "nema-rg1-pa-j2k.dcm")
 
@@ -144,16 +148,40 @@ def test_summary_image_references_its_source(run: Run) -> None:
         assert sc.pixel_array.shape[1] == 1024
 
 
-def test_summary_image_has_the_table_burned_in(run: Run) -> None:
-    sc = pydicom.dcmread(run.files[1])
-    from service.models.cxr import load_radiograph
-    from tests.test_cxr import instance
+def test_summary_text_is_in_a_band_below_the_untouched_radiograph(run: Run) -> None:
+    """The radiograph's pixels are the display image exactly; the table is in a band added
+    below it, naming findings as the SR does, with the disclaimer."""
+    for path, name in zip(run.files[1:], SOURCES, strict=True):
+        sc = pydicom.dcmread(path)
+        plain = load_radiograph(instance(shared_file(f"cxr/{name}"))).display
+        rows = plain.shape[0]
+        assert sc.pixel_array.shape[0] > rows
+        np.testing.assert_array_equal(sc.pixel_array[:rows], plain)
+        band = sc.pixel_array[rows:]
+        assert (band == 0).mean() > 0.5 and (band == 255).any()  # white text on black
+    scores = run.result.findings["images"][run.sources[0].SOPInstanceUID]
+    texts = [text for row in table_rows(run.model, scores) for text in row]
+    assert DISCLAIMER == "AI result - not for diagnostic use" and DISCLAIMER in texts
+    top = max(scores, key=lambda finding: scores[finding])
+    assert FINDING_CODES[top].meaning in texts
+    sr_names = {str(i.ConceptNameCodeSequence[0].CodeMeaning) for i in sr_numbers(run)}
+    findings = [t for t in texts[texts.index("score") + 1 :: 2]]
+    assert findings and set(findings) <= sr_names
 
-    plain = load_radiograph(instance(shared_file(f"cxr/{SOURCES[0]}"))).display
-    box = sc.pixel_array[:300, :400]
-    assert not np.array_equal(box, plain[:300, :400])
-    assert (box == 0).mean() > 0.5 and (box == 255).any()  # white text on black
-    np.testing.assert_array_equal(sc.pixel_array[600:], plain[600:])
+
+def sr_numbers(run: Run) -> list[Dataset]:
+    return [i for i in content_items(pydicom.dcmread(run.files[0])) if i.ValueType == "NUM"]
+
+
+def test_summary_image_is_a_chest_without_empty_laterality(run: Run) -> None:
+    """BodyPartExamined CHEST; Laterality (Type 2C, paired body parts, PS3.3 C.7.3.1) is
+    absent: dciodvfy has no warning about either."""
+    for path in run.files[1:]:
+        sc = pydicom.dcmread(path)
+        assert sc.BodyPartExamined == "CHEST" and "Laterality" not in sc
+        report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+        assert "Laterality" not in report.stdout + report.stderr
+        assert "BodyPartExamined" not in report.stdout + report.stderr
 
 
 def test_output_uids_are_stable_for_a_rerun(run: Run) -> None:
@@ -162,3 +190,63 @@ def test_output_uids_are_stable_for_a_rerun(run: Run) -> None:
     again = [str(ds.SOPInstanceUID) for ds in run.model.run(run.study, run.ctx).datasets]
     assert again == first and len(set(first)) == len(first)
     assert all(uid.startswith(ROOT) for uid in first)
+
+
+def test_summary_image_stays_lossy_like_its_source(run: Run) -> None:
+    """PS3.3 C.7.6.1.1.5: an image derived from lossy pixels is "01", with the method and
+    ratio of each step (JPEG Baseline; lossy JPEG 2000 at the ratio its header records)."""
+    expected = {
+        "siim-cr-pa-jpeg.dcm": ("ISO_10918_1", None),
+        "nema-rg1-pa-j2k.dcm": ("ISO_15444_1", "10"),
+    }
+    for path, name in zip(run.files[1:], SOURCES, strict=True):
+        sc = pydicom.dcmread(path)
+        method, ratio = expected[name]
+        assert sc.LossyImageCompression == "01"
+        assert sc.LossyImageCompressionMethod == method
+        assert sc.get("LossyImageCompressionRatio") == ratio
+
+
+def dsr2html_text(path: Path) -> str:
+    """dcmtk's dsr2html rendering of the SR, as plain text."""
+    exe = shutil.which("dsr2html")
+    assert exe, "dsr2html missing: run `make test-deps` (Debian package dcmtk)"
+    page = subprocess.run([exe, str(path)], capture_output=True, text=True, check=True).stdout
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", page)).split())
+
+
+def test_dsr2html_names_every_finding_beside_its_score(run: Run) -> None:
+    text = dsr2html_text(run.files[0])
+    for source in run.sources:
+        for finding, score in run.result.findings["images"][source.SOPInstanceUID].items():
+            name = FINDING_CODES[finding].meaning
+            shown = re.findall(rf"{re.escape(name)}: ([0-9.]+) ", text)
+            assert any(abs(float(v) - score) < 1e-6 for v in shown), name
+            assert f"{name}: {'Present' if score >= 0.5 else 'Absent'}" in text, name
+
+
+def test_sr_has_the_tid1500_structure_viewers_need(run: Run) -> None:
+    """Image Library (TID 1600) with every source image; per measurement group a Tracking
+    Identifier, a Tracking Unique Identifier and a NUM per finding; separate items."""
+    sr = pydicom.dcmread(run.files[0])
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    library = next(i for i in sr.ContentSequence if concept(i) == ("DCM", "111028"))
+    images = [i for i in content_items(library) if i.ValueType == "IMAGE"]
+    assert [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in images] == [
+        s.SOPInstanceUID for s in run.sources
+    ]
+    measurements = next(i for i in sr.ContentSequence if concept(i) == ("DCM", "126010"))
+    groups = measurements.ContentSequence
+    assert len(groups) == len(SOURCES)
+    for group in groups:
+        assert concept(group) == ("DCM", "125007")  # Measurement Group
+        children = {concept(i): i for i in group.ContentSequence}
+        assert children[("DCM", "112039")].ValueType == "TEXT"  # Tracking Identifier
+        assert children[("DCM", "112040")].ValueType == "UIDREF"  # Tracking Unique Identifier
+        numbers = [i for i in group.ContentSequence if i.ValueType == "NUM"]
+        assert sorted(concept(i) for i in numbers) == sorted(
+            (c.scheme_designator, c.value) for c in FINDING_CODES.values()
+        )
+    containers = [i for i in content_items(sr) if i.ValueType == "CONTAINER"]
+    assert sr.ContinuityOfContent == "SEPARATE"
+    assert {i.ContinuityOfContent for i in containers} == {"SEPARATE"}

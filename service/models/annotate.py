@@ -31,18 +31,15 @@ from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import (
-    UID,
     ExplicitVRLittleEndian,
-    JPEG2000TransferSyntaxes,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLSNearLossless,
 )
 
 from service.dicomrules import iod_of, uses_functional_groups
 from service.errors import InputError, ModelError
 from service.models.base import Applicability, ModelResult, RunContext, nothing_produced
+from service.models.derived import lossy_history, mark_lossy
 from service.models.dicomio import read_dicom
+from service.models.pixels import undecodable_reason
 from service.models.repair import repair_copied_attributes
 from service.values import Instance, Study
 
@@ -54,13 +51,6 @@ SERIES_NUMBER_OFFSET = 1000
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 #: Colour interpretations pydicom decodes to RGB (PS3.3 C.7.6.3.1.2).
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
-#: Lossy transfer syntaxes and their Lossy Image Compression Method (PS3.3 C.7.6.1.1.5).
-LOSSY_METHODS: dict[str, str] = {
-    JPEGBaseline8Bit: "ISO_10918_1",
-    JPEGExtended12Bit: "ISO_10918_1",
-    JPEGLSNearLossless: "ISO_14495_1",
-    **{uid: "ISO_15444_1" for uid in JPEG2000TransferSyntaxes if "Lossless" not in uid.name},
-}
 #: Elements that no longer describe the derived object.
 DROPPED = (
     "IconImageSequence",
@@ -111,7 +101,7 @@ def unsupported_reason(ds: Dataset) -> str | None:
         return f"unsupported Bits Allocated {bits!r}"
     if not ds.get("Rows") or not ds.get("Columns"):
         return "no Rows/Columns"
-    return None
+    return undecodable_reason(ds) or None
 
 
 def _frames(ds: Dataset, arr: Pixels) -> Pixels:
@@ -163,18 +153,6 @@ def burn_in(ds: Dataset, frames: Pixels) -> Pixels:
     return out
 
 
-def _lossy_attributes(ds: Dataset, tsyntax: UID) -> None:
-    """Record lossy compression of the source once decoded (PS3.3 C.7.6.1.1.5)."""
-    method = LOSSY_METHODS.get(tsyntax)
-    if method is None or "LossyImageCompressionMethod" in ds:
-        return
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    raw = int(ds.Rows) * int(ds.Columns) * int(ds.SamplesPerPixel) * int(ds.BitsAllocated) // 8
-    ds.LossyImageCompression = "01"
-    ds.LossyImageCompressionMethod = method
-    ds.LossyImageCompressionRatio = f"{raw * frames / max(1, len(ds.PixelData)):.2f}"
-
-
 #: SOP classes whose IOD requires the Frame of Reference module (PS3.3 A.3 CT, A.4 MR).
 FRAME_OF_REFERENCE_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"})
 
@@ -198,9 +176,8 @@ def _mark_enhanced_derived(ds: Dataset) -> None:
 def derive(source: Dataset, ctx: RunContext, now: datetime) -> Dataset:
     """The annotated derived copy of ``source`` (which is modified in place and returned)."""
     ds = source
-    tsyntax = UID(ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian))
     frames = burn_in(ds, _frames(ds, ds.pixel_array))
-    _lossy_attributes(ds, tsyntax)
+    mark_lossy(ds, lossy_history(ds))  # PS3.3 C.7.6.1.1.5, before the pixels are replaced
     src_class, src_sop = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
     src_series = str(ds.SeriesInstanceUID)
 

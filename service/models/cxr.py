@@ -24,13 +24,16 @@ import torch
 import torchxrayvision as xrv
 from pydicom import Dataset
 from pydicom.pixels.processing import apply_modality_lut
+from pydicom.sr.codedict import codes
 from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit
 from scipy import sparse
 
 from service.config import CxrConfig
 from service.errors import InputError, ModelError, ModelNotReady
 from service.models.base import Applicability, ModelResult, Prepared, RunContext
+from service.models.derived import LossyHistory, lossy_history
 from service.models.dicomio import read_dicom
+from service.models.pixels import decode_pixels, undecodable_reason
 from service.values import Instance, Study
 
 logger = logging.getLogger(__name__)
@@ -132,8 +135,32 @@ def pick_device(setting: str) -> torch.device:
 # -- DICOM in ------------------------------------------------------------------------------
 
 
+#: Homo sapiens in CID 7454 "Animal Taxonomic Rank Values" (PS3.16), from pydicom's tables.
+HUMAN = codes.cid7454.HomoSapiens
+#: Patient Species Description (0010,2201) values meaning a human subject (case ignored).
+HUMAN_DESCRIPTIONS = {HUMAN.meaning.lower(), "human"}
+
+
+def species_reason(ds: Dataset) -> str:
+    """Why the patient of ``ds`` is not known to be human; "" when human or unstated.
+
+    Patient Species Description (0010,2201) and Patient Species Code Sequence (0010,2202)
+    are Type 1C, required when the patient is an animal (PS3.3 C.7.1.1); absent, the
+    patient is human. The model was trained on human chest radiographs only.
+    """
+    for item in ds.get("PatientSpeciesCodeSequence", []) or []:
+        scheme, value = str(item.get("CodingSchemeDesignator", "")), str(item.get("CodeValue", ""))
+        if (scheme, value) != (HUMAN.scheme_designator, HUMAN.value):
+            meaning = str(item.get("CodeMeaning", "") or value)
+            return f"PatientSpeciesCodeSequence is {meaning} ({scheme} {value}), not human"
+    description = " ".join(str(ds.get("PatientSpeciesDescription", "") or "").split())
+    if description and description.lower() not in HUMAN_DESCRIPTIONS:
+        return f"PatientSpeciesDescription is {description!r}, not human"
+    return ""
+
+
 def check_header(ds: Dataset) -> str:
-    """Why ``ds`` is not a single-frame PA/AP chest radiograph; "" when it is."""
+    """Why ``ds`` is not a single-frame PA/AP chest radiograph of a human; "" when it is."""
     sop_class = str(ds.get("SOPClassUID", ""))
     modality = str(ds.get("Modality", "")).upper()
     body_part = str(ds.get("BodyPartExamined", "") or "").upper().strip()
@@ -141,6 +168,9 @@ def check_header(ds: Dataset) -> str:
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     if sop_class not in SOP_CLASSES:
         return f"SOP class {sop_class} is not CR, DX for presentation or secondary capture"
+    species = species_reason(ds)
+    if species:
+        return species
     if modality not in MODALITIES:
         return f"Modality {modality or '(none)'} is not CR or DX"
     if body_part not in BODY_PARTS:
@@ -156,7 +186,7 @@ def check_header(ds: Dataset) -> str:
         return f"PhotometricInterpretation {photometric or '(none)'} is not MONOCHROME1/2"
     if "BitsStored" not in ds:
         return "no BitsStored in the header: not an image"
-    return ""
+    return undecodable_reason(ds)
 
 
 def check_instance(inst: Instance) -> str:
@@ -184,6 +214,9 @@ PREFERRED_DECODERS: dict[str, str] = {
 
 def decode(ds: Dataset) -> np.ndarray:
     """The stored pixel values of ``ds``, with the preferred decoder where there is one."""
+    reason = undecodable_reason(ds)
+    if reason:
+        raise InputError(reason)
     plugin = PREFERRED_DECODERS.get(str(ds.file_meta.get("TransferSyntaxUID", "")))
     if plugin:
         try:
@@ -192,10 +225,7 @@ def decode(ds: Dataset) -> np.ndarray:
         except Exception as exc:
             logger.debug("%s decoder failed (%s); trying every decoder", plugin, exc)
             ds.pixel_array_options()
-    try:
-        return np.asarray(ds.pixel_array)
-    except Exception as exc:
-        raise InputError(f"cannot decode pixel data: {type(exc).__name__}: {exc}") from exc
+    return decode_pixels(ds)
 
 
 def stored_range(ds: Dataset) -> tuple[float, float]:
@@ -312,6 +342,8 @@ class Radiograph:
     dataset: Dataset  # the header, without Pixel Data
     display: np.ndarray  # 8-bit MONOCHROME2, DISPLAY_WIDTH wide: the summary image's base
     input: np.ndarray  # (1, 224, 224)
+    #: the source's lossy compression, carried to the summary image (PS3.3 C.7.6.1.1.5)
+    lossy: LossyHistory | None = None
 
     @property
     def view_position(self) -> str:
@@ -326,8 +358,9 @@ def load_radiograph(inst: Instance) -> Radiograph:
     if reason:
         raise InputError(reason)
     image = to_xrv_range(ds)
+    lossy = lossy_history(ds)
     del ds.PixelData
-    return Radiograph(inst, ds, display_image(image), model_input(image))
+    return Radiograph(inst, ds, display_image(image), model_input(image), lossy)
 
 
 # -- the model -----------------------------------------------------------------------------

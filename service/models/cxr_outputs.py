@@ -3,8 +3,8 @@
 Both are new series in the source study, with UIDs from the run's :class:`UidFactory`.
 The SR (PS3.16 TID 1500 Measurement Report) holds one measurement group per radiograph:
 for each finding a NUM score and a present/absent evaluation at the model's operating
-threshold. The summary image (PS3.3 A.8.1 Secondary Capture) is the radiograph with the
-findings table burned in.
+threshold. The summary image (PS3.3 A.8.1 Secondary Capture) is the radiograph with a
+band added below it holding the findings table: the radiograph itself is not drawn on.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from highdicom.sr import CodedConcept
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
+from service.models.derived import mark_lossy
 from service.uids import UidFactory
 
 if TYPE_CHECKING:
@@ -166,6 +167,25 @@ def evidence(source: Dataset) -> Dataset:
     return header
 
 
+def library_entry(source: Dataset) -> Dataset:
+    """What highdicom's TID 1600 Image Library entry of ``source`` is built from: its UIDs
+    and size, and the TID 1602 projection radiography descriptors (Patient Orientation,
+    Imager Pixel Spacing) when the source has both. Without them the entry has the
+    modality (from the SOP class), rows and columns only, rather than no library."""
+    entry = Dataset()
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "FrameOfReferenceUID"):
+        if keyword in source:
+            setattr(entry, keyword, source[keyword].value)
+    orientation = [str(v) for v in source.get("PatientOrientation", []) or []]
+    spacing = list(source.get("ImagerPixelSpacing", []) or [])
+    entry.Modality = ""
+    if len(orientation) == 2 and all(orientation) and len(spacing) == 2:
+        entry.Modality = source.Modality
+        entry.PatientOrientation = orientation
+        entry.ImagerPixelSpacing = spacing
+    return entry
+
+
 def build_sr(
     model: CxrModel,
     results: Sequence[tuple[Radiograph, dict[str, float]]],
@@ -216,6 +236,7 @@ def build_sr(
         ),
         procedure_reported=codes.SCT.ImagingProcedure,
         imaging_measurements=groups,
+        referenced_images=[library_entry(r.dataset) for r, _ in results],
     )
     sr = hd.sr.Comprehensive3DSR(
         evidence=[evidence(r.dataset) for r, _ in results],
@@ -229,7 +250,19 @@ def build_sr(
         series_description=f"AI {model.name} findings",
     )
     sr.CodingSchemeIdentificationSequence = [_coding_scheme_identification()]
+    separate_containers(sr)
     return sr
+
+
+def separate_containers(item: Dataset) -> None:
+    """Every CONTAINER's items as separate statements (Continuity Of Content SEPARATE,
+    PS3.3 C.18.8.1.1): viewers then show each item with its concept name, e.g.
+    "Pleural effusion = 0.12"; CONTINUOUS (highdicom's default) tells them to run the
+    values together as one text, without the names."""
+    if item.get("ValueType") == "CONTAINER":
+        item.ContinuityOfContent = "SEPARATE"
+    for child in item.get("ContentSequence", []):
+        separate_containers(child)
 
 
 def display_image(image: np.ndarray) -> np.ndarray:
@@ -247,32 +280,52 @@ def display_image(image: np.ndarray) -> np.ndarray:
     return np.asarray(scaled.astype(np.uint8))
 
 
-def burn_in_table(pixels: np.ndarray, rows: Sequence[tuple[str, str]]) -> np.ndarray:
-    """Draw a two-column table white on a black box in the top-left corner."""
-    out = pixels.copy()
-    font, scale, thickness = cv2.FONT_HERSHEY_SIMPLEX, 0.8, 2
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+FONT_SCALE = 0.8
+FONT_THICKNESS = 2
+MARGIN = 12
 
-    def width(text: str) -> int:
-        return int(cv2.getTextSize(text, font, scale, thickness)[0][0])
 
-    line_h = int(cv2.getTextSize("Ag", font, scale, thickness)[0][1]) + 14
-    column = max(width(left) for left, right in rows if right) + 30
-    box_w = max(max(width(left) for left, _ in rows), column + max(width(r) for _, r in rows))
-    out[: min(out.shape[0], line_h * len(rows) + 10), : min(out.shape[1], box_w + 20)] = 0
+def _text_width(text: str) -> int:
+    return int(cv2.getTextSize(text, FONT, FONT_SCALE, FONT_THICKNESS)[0][0])
+
+
+def with_text_band(pixels: np.ndarray, rows: Sequence[tuple[str, str]]) -> np.ndarray:
+    """``pixels`` above a black band holding a two-column table in white: the text is
+    added below the radiograph, never drawn over it (its pixels are kept unchanged)."""
+    width = pixels.shape[1]
+    line_h = int(cv2.getTextSize("Ag", FONT, FONT_SCALE, FONT_THICKNESS)[0][1]) + 14
+    band = np.zeros((line_h * len(rows) + 2 * MARGIN, width), dtype=pixels.dtype)
+    column = max(_text_width(left) for left, right in rows if right) + 30
     for index, (left, right) in enumerate(rows):
-        y = line_h * (index + 1)
-        cv2.putText(out, left, (10, y), font, scale, 255, thickness, cv2.LINE_AA)
-        cv2.putText(out, right, (10 + column, y), font, scale, 255, thickness, cv2.LINE_AA)
-    return out
+        y = MARGIN + line_h * (index + 1) - 7
+        cv2.putText(band, left, (MARGIN, y), FONT, FONT_SCALE, 255, FONT_THICKNESS, cv2.LINE_AA)
+        if right:
+            cv2.putText(
+                band,
+                right,
+                (MARGIN + column, y),
+                FONT,
+                FONT_SCALE,
+                255,
+                FONT_THICKNESS,
+                cv2.LINE_AA,
+            )
+    return np.concatenate([pixels, band], axis=0)
+
+
+def finding_name(finding: str) -> str:
+    """The finding's name as the SR gives it (its concept's meaning)."""
+    return str(FINDING_CODES[finding].meaning)
 
 
 def table_rows(model: CxrModel, scores: dict[str, float]) -> list[tuple[str, str]]:
-    """The disclaimer, the model, then the top findings with their scores."""
+    """The disclaimer, the model, then the top findings (SR names) with their scores."""
     top = sorted(scores.items(), key=lambda item: item[1], reverse=True)[:TOP_N]
     rows = [(DISCLAIMER, ""), (f"{model.name} {model.version}", ""), ("finding", "score")]
     for finding, score in top:
         mark = "  positive" if score >= THRESHOLD else ""
-        rows.append((finding.replace("_", " "), f"{score:.3f}{mark}"))
+        rows.append((finding_name(finding), f"{score:.3f}{mark}"))
     return rows
 
 
@@ -283,10 +336,10 @@ def build_summary_image(
     uids: UidFactory,
     instance_number: int,
 ) -> hd.sc.SCImage:
-    """A Secondary Capture of the radiograph with the findings burned in (PS3.3 A.8.1)."""
+    """A Secondary Capture of the radiograph above a band with the findings (PS3.3 A.8.1)."""
     source = radiograph.dataset
     sop_uid = str(source.SOPInstanceUID)
-    pixels = burn_in_table(radiograph.display, table_rows(model, scores))
+    pixels = with_text_band(radiograph.display, table_rows(model, scores))
     orientation = [str(v) for v in source.get("PatientOrientation", []) or []]
     known = len(orientation) == 2 and all(orientation)
     sc = hd.sc.SCImage.from_ref_dataset(
@@ -306,9 +359,18 @@ def build_summary_image(
     )
     if not known:
         sc["PatientOrientation"].value = ""  # Type 2C, unknown in the source (PS3.3 C.7.6.1)
-    sc.Laterality = str(source.get("Laterality", "") or "")  # Type 2C (PS3.3 C.7.3.1)
+    # The model reads chest radiographs only (PS3.16 Annex L: CHEST). Laterality is Type 2C,
+    # for paired body parts (PS3.3 C.7.3.1): the chest is not one, so it is absent unless the
+    # source states one.
+    sc.BodyPartExamined = "CHEST"
+    laterality = str(source.get("Laterality", "") or "").strip()
+    if laterality:
+        sc.Laterality = laterality
+    elif "Laterality" in sc:
+        del sc.Laterality
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
+    mark_lossy(sc, radiograph.lossy)  # never "00" when derived from lossy pixels
     sc.DerivationDescription = f"{DISCLAIMER}; {model.name} {model.version}"
     reference = Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID

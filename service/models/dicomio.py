@@ -9,6 +9,9 @@ from pydicom import Dataset, FileMetaDataset, dcmread
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from service.errors import InputError, TransientError
+from service.models.pixels import register
+
+register()  # the 12-bit JPEG Extended decoder, for every model that reads through here
 
 logger = logging.getLogger(__name__)
 
