@@ -16,12 +16,15 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 from devtools.standard_tables import main as standard_tables_main
+from service.config import CxrConfig
 from service.conformance import check_file
 from service.dicomrules import iod_of, requirements, uses_functional_groups
 from service.models.annotate import AnnotateModel
+from service.models.cxr import CxrModel
 from service.writers import output_path, write_dataset
 from tests.conftest import dciodvfy, shared_file
 from tests.test_annotate import _ctx, _study
+from tests.test_cxr import study_of, write_checkpoint
 
 #: pydicom's own test files (installed with pydicom).
 BUNDLED = [
@@ -162,3 +165,33 @@ def test_tables_are_generated_from_the_pinned_standard_data() -> None:
     assert ct[((), "KVP")] == "2"  # CT Image Module, PS3.3 C.8.2.1
     assert ct[((), "ImageType")] == "1"  # Type 3 in General Image, 1 in CT Image
     assert ct[((), "FrameOfReferenceUID")] == "1"  # PS3.3 C.7.4.1
+
+
+#: Every real chest radiograph of the shared data (JPEG Baseline, MONOCHROME1, lossy JPEG 2000,
+#: a stream without File Meta) through the CXR model.
+CHEST = (
+    "cxr/siim-cr-pa-jpeg.dcm",
+    "cxr/siim-cr-pa-monochrome1.dcm",
+    "cxr/nema-rg1-pa-j2k.dcm",
+    "cxr/cr-mono1-chest-nometa",
+)
+
+
+@pytest.fixture(scope="module")
+def cxr_model(tmp_path_factory: pytest.TempPathFactory) -> CxrModel:
+    weights = write_checkpoint(tmp_path_factory.mktemp("weights") / "weights")
+    return CxrModel(CxrConfig(weights=str(weights), device="cpu"))
+
+
+@pytest.mark.parametrize("name", CHEST)
+def test_cxr_outputs_add_no_dciodvfy_error(name: str, cxr_model: CxrModel, tmp_path: Path) -> None:
+    source = shared_file(name)
+    study = study_of(source)
+    assert cxr_model.applies(study).ok
+    result = cxr_model.run(study, _ctx(study))
+    assert len(result.datasets) == 2  # the SR and the summary image
+    for ds in result.datasets:
+        target = output_path(tmp_path, "1", "study", ds)
+        write_dataset(ds, target)
+        assert _new_errors(source, target) == [], (name, ds.Modality)
+        assert check_file(target, source_sop_uids=study.sop_uids) == []
