@@ -101,6 +101,7 @@ class Config:
     shutdown_seconds: float = 30.0
     max_file_bytes: int = 2 * 1024**3
     max_pixels: int = 512 * 1024 * 1024  # Rows x Columns x frames
+    max_elements: int = 1_000_000  # data elements per file, items and nested ones included
     log_level: str = "INFO"
     workers: int = field(default_factory=lambda: auto_workers())
     max_batch: int = 8
@@ -293,7 +294,7 @@ def _service(table: dict[str, Any], out: dict[str, Any]) -> None:
             out[key] = _as_choice(value, name, WATCH_MODES)
         elif key in ("rescan_seconds", "poll_seconds", "shutdown_seconds"):
             out[key] = _as_float(value, name, 0.05)
-        elif key in ("max_file_bytes", "max_pixels"):
+        elif key in ("max_file_bytes", "max_pixels", "max_elements"):
             out[key] = _as_int(value, name, 1)
         elif key == "workers":
             out[key] = auto_workers() if value == "auto" else _as_int(value, name, 0, 64)

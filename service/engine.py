@@ -357,6 +357,7 @@ class Engine:
             snap,
             max_file_bytes=self.config.max_file_bytes,
             max_pixels=self.config.max_pixels,
+            max_elements=self.config.max_elements,
         )
         if study.unreadable:
             first = study.unreadable[0]

@@ -192,7 +192,10 @@ def _assemble(
     inspected: list[tuple[str, Instance | Rejected | None]] = []
     for rel in sorted(snapshot(dicom_in, dicom_in)):
         found = inspect_file(
-            dicom_in / rel, max_file_bytes=config.max_file_bytes, max_pixels=config.max_pixels
+            dicom_in / rel,
+            max_file_bytes=config.max_file_bytes,
+            max_pixels=config.max_pixels,
+            max_elements=config.max_elements,
         )
         inspected.append((rel, found))
     by_study: dict[str, list[tuple[str, Instance | Rejected | None]]] = {}

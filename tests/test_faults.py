@@ -31,6 +31,7 @@ from service.ledger import StudyState
 from service.values import Instance, Rejected
 from tests.conftest import free_port, shared_file
 from tests.helpers import copy_series, stored_uid, temp_files, tree_digest, write_config
+from tests.hostile import many_items, nested_sequences, splice
 from tests.test_engine import make_engine, scan
 
 REPORT_ENV = "FAULTS_REPORT"
@@ -348,6 +349,45 @@ def test_too_deep_zero_byte_and_ten_thousand_junk_files(tmp_path: Path) -> None:
     (deep_row,) = deep_rows
     assert "deeper than" in deep_row["reason"]
     assert lost == 0
+
+
+def test_hostile_structures_are_rejected_at_intake_and_the_rest_runs(tmp_path: Path) -> None:
+    """Sequences nested 1000 deep (defined and undefined length) and a file of 120 000
+    elements are refused from their structure before pydicom or a model reads them."""
+    gw = tmp_path / "INPUT" / "gateway_1"
+    study_uid, files = copy_series(shared_file("series/ct-4-noise"), gw, limit=2)
+    folder = gw / study_uid
+    splice(files[1], folder / "deep-defined", nested_sequences(1000))
+    splice(files[1], folder / "deep-undefined", nested_sequences(1000, undefined=True))
+    splice(files[1], folder / "many-elements", many_items(60_000))
+    os.remove(files[1])
+    before = tree_digest(tmp_path / "INPUT")
+    config_path = write_config(tmp_path, max_elements=100_000)
+    engine = make_engine_from(config_path)
+    try:
+        scan(engine)
+        assert engine.drain(60)
+        rows = engine.ledger.query("SELECT path, state, reason FROM instances")
+        (run,) = engine.ledger.runs()
+    finally:
+        engine.close()
+    by_name = {Path(r["path"]).name: (r["state"], r["reason"]) for r in rows}
+    lost = lost_count(before, tmp_path / "STATE", tmp_path / "INPUT")
+    hostile = ("deep-defined", "deep-undefined", "many-elements")
+    record(
+        "7d hostile structure",
+        "1 CT + sequences nested 1000 deep (defined / undefined length) + 120 000 elements",
+        "written with 1; the three rejected at intake with the reason",
+        f"{run.state} with {run.findings.get('instances')} output(s); "
+        + ", ".join(f"{name} {by_name[name][0]}" for name in hostile),
+        lost,
+    )
+    deep = "malformed DICOM: sequences nested deeper than 64 levels"
+    assert by_name["deep-defined"] == ("rejected", deep)
+    assert by_name["deep-undefined"] == ("rejected", deep)
+    many = "malformed DICOM: more than 100000 data elements"
+    assert by_name["many-elements"] == ("rejected", many)
+    assert str(run.state) == "written" and run.findings["instances"] == 1 and lost == 0
 
 
 class VanishingAssembler(Assembler):
