@@ -463,6 +463,7 @@ def _check_header(path: Path, ds: Dataset, walk: _Walk, max_pixels: int) -> Inst
             f"{rows} x {columns} x {frames} frames = {rows * columns * frames} pixels "
             f"exceeds the limit of {max_pixels}",
         )
+    issuer = _text(ds, "IssuerOfPatientID")
     if rows and columns:
         if walk.pixel_tag is None:
             raise _Incomplete("image attributes present but the file ends before Pixel Data")
@@ -486,6 +487,37 @@ def _check_header(path: Path, ds: Dataset, walk: _Walk, max_pixels: int) -> Inst
         rows=rows,
         columns=columns,
         frames=max(frames, 1),
+        patient_key=_identity_key(_text(ds, "PatientID")),
+        issuer_key=_identity_key(issuer) if issuer else "",
+    )
+
+
+#: Salt of the patient identity digests: drawn per process, never stored or logged, so a
+#: digest cannot be looked up against a list of identifiers.
+_IDENTITY_SALT = os.urandom(16)
+
+
+def _identity_key(value: str) -> str:
+    return hashlib.sha256(_IDENTITY_SALT + value.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def patient_conflict(instances: Iterable[Instance]) -> str:
+    """Why ``instances`` cannot be one study's, or "": every instance of a study must be of
+    one patient (PS3.3 C.7.1.1: PatientID, with IssuerOfPatientID where present, identifies
+    the patient; a study belongs to one patient, PS3.3 A.1.2.2). The reason names what
+    differs, never the identifiers."""
+    instances = list(instances)
+    ids = {i.patient_key for i in instances}
+    issuers = {i.issuer_key for i in instances if i.issuer_key}
+    differ = [
+        name for name, keys in (("PatientID", ids), ("IssuerOfPatientID", issuers)) if len(keys) > 1
+    ]
+    if not differ:
+        return ""
+    patients = max(len(ids), len(issuers))
+    return (
+        f"instances of {patients} different patients ({'/'.join(differ)} differ) in one "
+        "study: refused"
     )
 
 
@@ -607,7 +639,8 @@ def collate(
     such; a file of another study is rejected; of several files with one SOP Instance UID
     the one with the lowest relative path is used when all have identical bytes (the others
     are rejected as duplicates, ``quarantine=False``), and all are rejected when their
-    contents differ."""
+    contents differ. Instances of more than one patient make the whole study ``refused``
+    (:func:`patient_conflict`)."""
     study = Study(gateway_id, study_uid, folder)
     by_uid: dict[str, list[tuple[str, Instance]]] = {}
     for rel, result in sorted(inspected, key=lambda item: item[0]):
@@ -651,4 +684,5 @@ def collate(
             Rejected(inst.path, f"duplicate of {keep_rel}, identical bytes", quarantine=False)
             for _rel, inst in copies[1:]
         )
+    study.refused = patient_conflict(study.instances)
     return study

@@ -389,6 +389,21 @@ class Engine:
             )
             self._finished[key] = listing
             return True
+        if study.refused:  # a verdict on the study's content: permanent, nothing runs
+            logger.error("gateway=%s study=%s %s", gateway_id, study_uid, study.refused)
+            self.ledger.apply(
+                Transition(
+                    gateway_id,
+                    study_uid,
+                    StudyState.FAILED,
+                    study.refused,
+                    instances=records,
+                    events=[("ERROR", study.refused)],
+                    listing=listing,
+                )
+            )
+            self._finished[key] = listing
+            return True
         self.ledger.apply(Transition(gateway_id, study_uid, instances=records))
         imagedb = ImageDb(gateway_dir / "image.db")
         expected = imagedb.expected_instances(study_uid)

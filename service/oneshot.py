@@ -251,6 +251,9 @@ def _assemble(
             f"were rejected; first: {report.rejected[0].reason}",
         )
         return None
+    if study.refused:
+        _fail(report, EXIT_FAILED, study.refused)
+        return None
     if series_uid and not any(i.series_instance_uid == series_uid for i in study.instances):
         _fail(
             report,

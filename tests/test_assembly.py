@@ -358,6 +358,37 @@ def test_assemble_rejects_foreign_study_and_handles_duplicates(tmp_path: Path) -
     assert {p.name: sha(p) for p in folder.iterdir()} == hashes  # inputs untouched
 
 
+@pytest.mark.parametrize(
+    ("first", "second", "refused"),
+    [
+        ({}, {"PatientID": "OTHER-4711"}, "instances of 2 different patients (PatientID differ)"),
+        (
+            {"IssuerOfPatientID": "HOSP-A"},
+            {"IssuerOfPatientID": "HOSP-B"},
+            "instances of 2 different patients (IssuerOfPatientID differ)",
+        ),
+        ({"IssuerOfPatientID": "HOSP-A"}, {}, ""),  # compared only where present
+    ],
+    ids=["patient-id", "issuer", "issuer-in-one-only"],
+)
+def test_a_study_holding_two_patients_is_refused_without_naming_them(
+    tmp_path: Path, first: dict[str, str], second: dict[str, str], refused: str
+) -> None:
+    ct = sorted(shared_file(CT_NOISE).iterdir())[:3]
+    study_uid = study_of(ct[0])
+    root = tmp_path / "INPUT"
+    folder = root / "gateway_1" / study_uid
+    folder.mkdir(parents=True)
+    shutil.copyfile(ct[2], folder / "ct2")
+    _rewrite(ct[0], folder / "ct0", **first)
+    _rewrite(ct[1], folder / "ct1", **second)
+    study = Assembler().assemble("1", study_uid, folder, snapshot(folder, root), **_BUDGET)
+    assert len(study.instances) == 3 and not study.rejected
+    assert study.refused == (f"{refused} in one study: refused" if refused else "")
+    identifiers = ("OTHER-4711", "HOSP-A", "HOSP-B", "dicom2nifti")
+    assert not any(value in repr(study) for value in identifiers)
+
+
 def test_assemble_lists_incomplete_files(tmp_path: Path) -> None:
     ct = sorted(shared_file(CT_NOISE).iterdir())
     study_uid = study_of(ct[0])

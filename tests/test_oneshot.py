@@ -258,6 +258,25 @@ def test_file_budget_and_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixt
     assert not inside.exists()
 
 
+def test_a_study_of_two_patients_exits_1_with_the_reason_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path, rules=ANNOTATE)
+    dicom_in, dicom_out = tmp_path / "in", tmp_path / "out"
+    _, files = copy_series(shared_file("series/ct-4-noise"), dicom_in, limit=2)
+    other = pydicom.dcmread(files[1])
+    other.PatientID = "OTHER-4711"
+    other.IssuerOfPatientID = "HOSP-B"
+    other.save_as(files[1])
+    code, out, err = cli("--config", str(config), "run", str(dicom_in), str(dicom_out))
+    assert code == 1, out + err
+    assert (
+        "error: instances of 2 different patients (PatientID differ) in one study: refused" in err
+    )
+    assert results(dicom_out) == []
+    assert "OTHER-4711" not in out + err and "dicom2nifti" not in out + err
+
+
 def test_an_unwritable_dicom_out_fails_with_the_reason(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
