@@ -536,6 +536,9 @@ def inspect_file(
     at most ``max_elements`` elements, a deflated data set's inflated size) before pydicom
     parses it, and the pixel budget before pixel data is read; the file is only ever read.
     """
+    undecodable = _undecodable_name(path)
+    if undecodable is not None:
+        return Rejected(path, f"file name is not valid UTF-8: {undecodable}")
     try:
         return _inspect(path, max_file_bytes, max_pixels, max_elements)
     except _Incomplete:
@@ -546,6 +549,18 @@ def inspect_file(
         logger.debug("cannot read %s: %s", path, exc.strerror)
         transient = exc.errno not in PERMANENT_ERRNOS
         return Rejected(path, f"file cannot be read: {exc.strerror or exc}", transient=transient)
+
+
+def _undecodable_name(path: Path) -> str | None:
+    """The last component of ``path`` that is not valid UTF-8, its bytes escaped (``\\xff``),
+    or None when every component is. Such a name cannot be recorded or shown faithfully,
+    so the file is refused rather than counted as a duplicate of its UTF-8 twin."""
+    for part in reversed(path.parts):
+        try:
+            part.encode("utf-8")
+        except UnicodeEncodeError:
+            return os.fsencode(part).decode("utf-8", "backslashreplace")
+    return None
 
 
 def incomplete_reason(path: Path, prefix: str = INCOMPLETE_REASON) -> str:

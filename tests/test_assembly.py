@@ -150,6 +150,15 @@ def test_zero_byte_file_is_rejected(tmp_path: Path) -> None:
     assert isinstance(result, Rejected) and "empty" in result.reason
 
 
+def test_a_file_name_that_is_not_utf8_is_rejected_with_its_bytes_escaped(tmp_path: Path) -> None:
+    source = shared_file("series/ct-4-noise/IM-0001-0001.dcm")
+    odd = os.fsencode(tmp_path) + b"/copy-\xff.dcm"
+    shutil.copyfile(source, odd)
+    result = inspect(Path(os.fsdecode(odd)))
+    assert isinstance(result, Rejected)
+    assert result.reason == "file name is not valid UTF-8: copy-\\xff.dcm"
+
+
 def test_over_size_budget_rejected_without_opening(tmp_path: Path, opened: list[str]) -> None:
     target = tmp_path / "big"
     shutil.copyfile(shared_file("series/ct-4-noise/IM-0001-0001.dcm"), target)
