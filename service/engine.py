@@ -118,6 +118,8 @@ class Engine:
             self.config.max_batch,
             self.config.batch_wait_seconds,
             tuple(sorted({type(model).__module__ for model in self.models.values()})),
+            memory_mb=self.config.worker_memory_mb,
+            run_timeout=self.config.run_timeout_seconds,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -125,6 +125,8 @@ def test_bad_environment_value_names_the_key(env: dict[str, str], key: str) -> N
         ({"extra": {}}, "extra"),
         ({"service": {"max_batch": 0}}, "service.max_batch"),
         ({"service": {"max_elements": 0}}, "service.max_elements"),
+        ({"service": {"worker_memory_mb": 10}}, "service.worker_memory_mb"),
+        ({"service": {"run_timeout_seconds": -1}}, "service.run_timeout_seconds"),
         ({"service": {"batch_wait_seconds": -0.1}}, "service.batch_wait_seconds"),
         ({"pacs": {"max_associations": 0}}, "pacs.max_associations"),
         ({"pacs": {"max_associations": "four"}}, "pacs.max_associations"),

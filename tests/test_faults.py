@@ -390,6 +390,54 @@ def test_hostile_structures_are_rejected_at_intake_and_the_rest_runs(tmp_path: P
     assert str(run.state) == "written" and run.findings["instances"] == 1 and lost == 0
 
 
+@pytest.mark.parametrize(
+    ("limit", "reason"),
+    [
+        ("worker_memory_mb = 350", "worker exceeded worker_memory_mb=350"),
+        ("run_timeout_seconds = 3", "run exceeded run_timeout_seconds=3"),
+    ],
+    ids=["memory", "deadline"],
+)
+def test_a_run_over_its_memory_or_deadline_fails_and_the_service_goes_on(
+    tmp_path: Path, limit: str, reason: str
+) -> None:
+    """800 000 elements pass intake (under max_elements) but annotate needs about a minute
+    and 600 MiB for them: the worker is killed, replaced, the study failed with the reason
+    (not retried), and the next study is served by the new worker."""
+    gw = tmp_path / "INPUT" / "gateway_1"
+    study_uid, files = copy_series(shared_file("series/ct-4-noise"), gw, limit=2)
+    splice(files[1], gw / study_uid / "many", many_items(400_000))
+    os.remove(files[1])
+    config_path = write_config(tmp_path, workers=1)
+    config_path.write_text(config_path.read_text().replace("[service]\n", f"[service]\n{limit}\n"))
+    engine = make_engine_from(config_path)
+    try:
+        scan(engine)
+        t0 = time.monotonic()
+        assert engine.drain(120)
+        took = time.monotonic() - t0
+        state = engine.ledger.study_state("1", study_uid)
+        (run,) = engine.ledger.runs()
+        other_uid, _ = copy_series(shared_file("series/mr-phantom-63"), gw, limit=2)
+        scan(engine)
+        assert engine.drain(120)
+        other = engine.ledger.study_state("1", other_uid)
+    finally:
+        engine.close()
+    record(
+        f"12 worker bound ({limit.split()[0]})",
+        "CT + 800 000-element file (passes intake), then an MR study",
+        "failed with the reason, not retried; the MR study written",
+        f"{state[0] if state else None} in {took:.0f} s; next study {other[0] if other else None}",
+        0,
+    )
+    assert state is not None and state[0] == StudyState.FAILED
+    assert state[1].startswith(reason) and "not retried" in state[1]
+    assert str(run.state) == "failed"
+    assert other is not None and other[0] == StudyState.WRITTEN
+    assert took < 60  # annotate alone takes about a minute on this file
+
+
 class VanishingAssembler(Assembler):
     """The gateway app moves a file away between the engine's listing and its reading."""
 
