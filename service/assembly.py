@@ -14,13 +14,15 @@ import math
 import os
 import stat
 import struct
+import tempfile
 import zlib
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from pydicom import Dataset, dcmread
+from pydicom.datadict import dictionary_VR
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -129,7 +131,12 @@ _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 #: Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 §7.1.2).
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
-_MAX_NESTING = 64
+#: Deepest nesting of sequences accepted, defined or undefined length: pydicom and the
+#: models walk sequences recursively, so a deeper file could exhaust the stack (PS3.5 §7.5
+#: sets no limit; real objects nest a few levels, SR content trees a few tens at most).
+MAX_NESTING = 64
+#: Default most data elements (items and their elements included) in one file.
+DEFAULT_MAX_ELEMENTS = 1_000_000
 
 
 class _Incomplete(Exception):
@@ -146,12 +153,38 @@ class _Walk:
     pixel_length: int | None  # None: undefined length (encapsulated, PS3.5 §A.4)
 
 
-class _Reader:
-    """Walks DICOM element structure (PS3.5 §7) by seeking, without reading values."""
+def _is_sequence_tag(tag: int) -> bool | None:
+    """Whether the data dictionary gives ``tag`` the VR SQ; None when it does not know it
+    (private and unknown tags)."""
+    if tag >> 16 & 1:
+        return None
+    try:
+        return "SQ" in dictionary_VR(tag)
+    except KeyError:
+        return None
 
-    def __init__(self, fh: BinaryIO, size: int, implicit: bool, little: bool) -> None:
+
+class _Reader:
+    """Walks DICOM element structure (PS3.5 §7) by seeking, without reading values.
+
+    Every sequence is entered, of defined or undefined length (PS3.5 §7.5), so that the
+    nesting depth and the number of elements are bounded before pydicom or a model
+    reads the file: deeper than :data:`MAX_NESTING` or more than ``max_elements``
+    elements is :class:`_Malformed`.
+    """
+
+    def __init__(
+        self,
+        fh: BinaryIO,
+        size: int,
+        implicit: bool,
+        little: bool,
+        max_elements: int = DEFAULT_MAX_ELEMENTS,
+    ) -> None:
         self.fh, self.size, self.implicit = fh, size, implicit
         self.e = "<" if little else ">"
+        self.max_elements = max_elements
+        self.elements = 0
 
     def read(self, n: int, what: str) -> bytes:
         data = self.fh.read(n)
@@ -169,6 +202,9 @@ class _Reader:
 
     def element(self, implicit: bool) -> tuple[int, bytes, int]:
         """Tag, VR (b"" when implicit or an item tag) and length of the next element."""
+        self.elements += 1
+        if self.elements > self.max_elements:
+            raise _Malformed(f"more than {self.max_elements} data elements")
         group, elem = struct.unpack(self.e + "HH", self.read(4, "an element tag"))
         tag = group << 16 | elem
         if group == 0xFFFE or implicit:
@@ -179,15 +215,43 @@ class _Reader:
             return tag, vr, struct.unpack(self.e + "L", self.read(4, "an element length"))[0]
         return tag, vr, struct.unpack(self.e + "H", self.read(2, "an element length"))[0]
 
-    def dataset(self, implicit: bool, nested: bool, depth: int = 0) -> _Walk:
-        """Walk a data set to EOF (top level) or to its Item Delimitation Item (nested)."""
-        if depth > _MAX_NESTING:
-            raise _Malformed(f"sequences nested deeper than {_MAX_NESTING} levels")
+    def _starts_with_item(self, length: int) -> bool:
+        """Whether a value of ``length`` bytes here begins with an Item (a sequence)."""
+        if length < 8:
+            return False
+        pos = self.fh.tell()
+        head = self.fh.read(8)
+        self.fh.seek(pos)
+        if len(head) < 8:
+            return False
+        group, elem, item_length = struct.unpack(self.e + "HHL", head)
+        fits = bool(item_length == _UNDEFINED or item_length <= length - 8)
+        return (group << 16 | elem) == _ITEM and fits
+
+    def _holds_sequence(self, tag: int, vr: bytes, implicit: bool, length: int) -> bool:
+        """Whether a defined-length value is a sequence that pydicom would parse: SQ, or an
+        implicit / UN value the dictionary calls SQ (PS3.5 §6.2.2), or a private or
+        unknown one that starts with an Item."""
+        if vr == b"SQ":
+            return True
+        if not (implicit or vr == b"UN") or tag in _PIXEL_TAGS:
+            return False
+        known = _is_sequence_tag(tag)
+        return known if known is not None else self._starts_with_item(length)
+
+    def dataset(
+        self, implicit: bool, nested: bool, depth: int = 0, end: int | None = None
+    ) -> _Walk:
+        """Walk a data set to EOF (top level), to ``end`` (an item of defined length) or to
+        its Item Delimitation Item (an item of undefined length)."""
+        if depth > MAX_NESTING:
+            raise _Malformed(f"sequences nested deeper than {MAX_NESTING} levels")
         pixel_tag = pixel_length = None
-        while nested or self.fh.tell() < self.size:
+        limit = self.size if end is None else end
+        while (nested and end is None) or self.fh.tell() < limit:
             tag, vr, length = self.element(implicit)
             name = f"element ({tag >> 16:04X},{tag & 0xFFFF:04X})"
-            if tag == _ITEM_END and nested:
+            if tag == _ITEM_END and nested and end is None:
                 return _Walk(None, None)
             if tag >> 16 == 0xFFFE:
                 raise _Malformed(f"unexpected item tag {name} in a data set")
@@ -196,22 +260,41 @@ class _Reader:
             if length == _UNDEFINED:
                 # SQ, UN holding an implicit little endian SQ (PS3.5 §6.2.2), or
                 # encapsulated Pixel Data: a series of items up to a delimiter.
-                self.items(implicit or vr == b"UN", depth + 1, name)
+                fragments = tag in _PIXEL_TAGS or vr in (b"OB", b"OW")
+                self.items(implicit or vr == b"UN", depth + 1, name, fragments)
+            elif self._holds_sequence(tag, vr, implicit, length):
+                self.skip(length, name)  # the whole value is there: then walk it
+                self.fh.seek(self.fh.tell() - length)
+                self.items(implicit or vr == b"UN", depth + 1, name, False, self.fh.tell() + length)
             else:
                 self.skip(length, name)
+        if end is not None and self.fh.tell() != end:
+            raise _Malformed(f"an element overruns its item by {self.fh.tell() - end} bytes")
         return _Walk(pixel_tag, pixel_length)
 
-    def items(self, implicit: bool, depth: int, name: str) -> None:
-        while True:
+    def items(
+        self, implicit: bool, depth: int, name: str, fragments: bool, end: int | None = None
+    ) -> None:
+        """The items of a sequence (or the fragments of encapsulated pixel data, which are
+        skipped), up to its Sequence Delimitation Item or to ``end`` (defined length)."""
+        if depth > MAX_NESTING:
+            raise _Malformed(f"sequences nested deeper than {MAX_NESTING} levels")
+        while end is None or self.fh.tell() < end:
             tag, _vr, length = self.element(True)
-            if tag == _SEQ_END:
+            if tag == _SEQ_END and end is None:
                 return
             if tag != _ITEM:
                 raise _Malformed(f"{name} holds a non-item tag {tag:08X}")
             if length == _UNDEFINED:
                 self.dataset(implicit, nested=True, depth=depth)
+            elif fragments:
+                self.skip(length, f"an item of {name}")
             else:
                 self.skip(length, f"an item of {name}")
+                self.fh.seek(self.fh.tell() - length)
+                self.dataset(implicit, nested=True, depth=depth, end=self.fh.tell() + length)
+        if self.fh.tell() != end:
+            raise _Malformed(f"an item overruns {name} by {self.fh.tell() - end} bytes")
 
 
 def _dataset_start(fh: BinaryIO, size: int) -> tuple[int, str]:
@@ -236,14 +319,12 @@ def _dataset_start(fh: BinaryIO, size: int) -> tuple[int, str]:
     return fh.tell(), ts
 
 
-def _encoding(fh: BinaryIO, start: int, ts: str, ds: Dataset | None) -> tuple[bool, bool]:
-    """(implicit VR, little endian) of the data set: as pydicom read it, else guessed."""
+def _encoding(fh: BinaryIO, start: int, ts: str) -> tuple[bool, bool]:
+    """(implicit VR, little endian) of the data set, guessed before pydicom reads it."""
     fh.seek(start)
     head = fh.read(6)
     # Like pydicom, trust the bytes over the Transfer Syntax: some writers disagree.
     implicit = not (len(head) == 6 and head[4:6].isalpha() and head[4:6].isupper())
-    if ds is not None and ds.original_encoding[1] is not None:
-        return implicit, bool(ds.original_encoding[1])
     if ts:
         return implicit, ts != ExplicitVRBigEndian
     return implicit, not (len(head) >= 2 and head[0] == 0)
@@ -277,7 +358,9 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(value).strip() if value is not None else ""
 
 
-def _inspect(path: Path, max_file_bytes: int, max_pixels: int) -> Instance | Rejected:
+def _inspect(
+    path: Path, max_file_bytes: int, max_pixels: int, max_elements: int = DEFAULT_MAX_ELEMENTS
+) -> Instance | Rejected:
     """Like :func:`inspect_file`, but an incomplete file raises :class:`_Incomplete`."""
     try:
         st = os.stat(path)
@@ -296,28 +379,26 @@ def _inspect(path: Path, max_file_bytes: int, max_pixels: int) -> Instance | Rej
     with open(path, "rb") as fh:
         if not _looks_like_dicom(fh.read(136)):
             return Rejected(path, "not a DICOM file: no DICM prefix (PS3.10 §7.1) and no data set")
+        # The structure is walked (depth, element count, inflated size) before pydicom
+        # parses anything: a hostile file is refused here and never reaches a model.
+        try:
+            start, ts = _dataset_start(fh, st.st_size)
+            implicit, little = _encoding(fh, start, ts)
+            fh.seek(start)
+            if ts == DeflatedExplicitVRLittleEndian:
+                walk = _check_deflated(fh, max_file_bytes, max_elements)
+            else:
+                reader = _Reader(fh, st.st_size, implicit, little, max_elements)
+                walk = reader.dataset(implicit, nested=False)
+        except _Malformed as exc:
+            return Rejected(path, f"malformed DICOM: {exc}")
         fh.seek(0)
         try:
-            ds: Dataset | None = dcmread(fh, stop_before_pixels=True, force=True)
+            ds = dcmread(fh, stop_before_pixels=True, force=True)
         except OSError:
             raise  # an I/O error is not a verdict on the content
         except Exception as exc:  # pydicom raises many types on broken input
-            parse_error = type(exc).__name__
-            ds = None
-        try:
-            start, ts = _dataset_start(fh, st.st_size)
-            implicit, little = _encoding(fh, start, ts, ds)
-            fh.seek(start)
-            if ts == DeflatedExplicitVRLittleEndian:
-                walk = _check_deflated(fh)
-            else:
-                walk = _Reader(fh, st.st_size, bool(implicit), bool(little)).dataset(
-                    bool(implicit), nested=False
-                )
-        except _Malformed as exc:
-            return Rejected(path, f"malformed DICOM: {exc}")
-        if ds is None:
-            return Rejected(path, f"cannot parse the DICOM header ({parse_error})")
+            return Rejected(path, f"cannot parse the DICOM header ({type(exc).__name__})")
         result = _check_header(path, ds, walk, max_pixels)
         if isinstance(result, Rejected):
             return result
@@ -329,19 +410,37 @@ def _inspect(path: Path, max_file_bytes: int, max_pixels: int) -> Instance | Rej
     return dataclasses.replace(result, size=st.st_size, sha256=digest)
 
 
-def _check_deflated(fh: BinaryIO) -> _Walk:
-    """A Deflated data set (PS3.5 §A.5) is complete when its deflate stream ends."""
+def _check_deflated(fh: BinaryIO, max_bytes: int, max_elements: int) -> _Walk:
+    """A Deflated data set (PS3.5 §A.5) is complete when its deflate stream ends; it is
+    inflated (at most ``max_bytes``, in bounded chunks: a zip bomb is refused) into a
+    temporary file and walked like any other."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    try:
-        while not inflater.eof and (chunk := fh.read(1 << 20)):
-            inflater.decompress(chunk, 1 << 20)  # output bounded: a zip bomb costs no memory
-            while inflater.unconsumed_tail and not inflater.eof:
-                inflater.decompress(inflater.unconsumed_tail, 1 << 20)
-    except zlib.error as exc:
-        raise _Malformed(f"broken deflate stream: {exc}") from None
-    if not inflater.eof:
-        raise _Incomplete("the deflated data set ends early")
-    return _Walk(0x7FE00010, None)  # not walked: accept whatever pixel data it holds
+    with tempfile.SpooledTemporaryFile(max_size=64 << 20) as out:
+        total = 0
+
+        def keep(data: bytes) -> None:
+            nonlocal total
+            total += len(data)
+            if total > max_bytes:
+                raise _Malformed(f"the deflated data set inflates to more than {max_bytes} bytes")
+            out.write(data)
+
+        try:
+            while not inflater.eof and (chunk := fh.read(1 << 20)):
+                keep(inflater.decompress(chunk, 1 << 20))
+                while inflater.unconsumed_tail and not inflater.eof:
+                    keep(inflater.decompress(inflater.unconsumed_tail, 1 << 20))
+        except zlib.error as exc:
+            raise _Malformed(f"broken deflate stream: {exc}") from None
+        if not inflater.eof:
+            raise _Incomplete("the deflated data set ends early")
+        out.seek(0)
+        try:
+            walker = _Reader(cast(BinaryIO, out), total, False, True, max_elements)
+            walker.dataset(False, nested=False)
+        except _Incomplete as exc:  # the stream is whole: its data set cannot grow
+            raise _Malformed(f"the inflated data set is cut short: {exc}") from None
+    return _Walk(0x7FE00010, None)  # accept whatever pixel data it holds
 
 
 def _check_header(path: Path, ds: Dataset, walk: _Walk, max_pixels: int) -> Instance | Rejected:
@@ -364,6 +463,7 @@ def _check_header(path: Path, ds: Dataset, walk: _Walk, max_pixels: int) -> Inst
             f"{rows} x {columns} x {frames} frames = {rows * columns * frames} pixels "
             f"exceeds the limit of {max_pixels}",
         )
+    issuer = _text(ds, "IssuerOfPatientID")
     if rows and columns:
         if walk.pixel_tag is None:
             raise _Incomplete("image attributes present but the file ends before Pixel Data")
@@ -387,18 +487,60 @@ def _check_header(path: Path, ds: Dataset, walk: _Walk, max_pixels: int) -> Inst
         rows=rows,
         columns=columns,
         frames=max(frames, 1),
+        patient_key=_identity_key(_text(ds, "PatientID")),
+        issuer_key=_identity_key(issuer) if issuer else "",
     )
 
 
-def inspect_file(path: Path, *, max_file_bytes: int, max_pixels: int) -> Instance | Rejected | None:
+#: Salt of the patient identity digests: drawn per process, never stored or logged, so a
+#: digest cannot be looked up against a list of identifiers.
+_IDENTITY_SALT = os.urandom(16)
+
+
+def _identity_key(value: str) -> str:
+    return hashlib.sha256(_IDENTITY_SALT + value.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def patient_conflict(instances: Iterable[Instance]) -> str:
+    """Why ``instances`` cannot be one study's, or "": every instance of a study must be of
+    one patient (PS3.3 C.7.1.1: PatientID, with IssuerOfPatientID where present, identifies
+    the patient; a study belongs to one patient, PS3.3 A.1.2.2). The reason names what
+    differs, never the identifiers."""
+    instances = list(instances)
+    ids = {i.patient_key for i in instances}
+    issuers = {i.issuer_key for i in instances if i.issuer_key}
+    differ = [
+        name for name, keys in (("PatientID", ids), ("IssuerOfPatientID", issuers)) if len(keys) > 1
+    ]
+    if not differ:
+        return ""
+    patients = max(len(ids), len(issuers))
+    return (
+        f"instances of {patients} different patients ({'/'.join(differ)} differ) in one "
+        "study: refused"
+    )
+
+
+def inspect_file(
+    path: Path,
+    *,
+    max_file_bytes: int,
+    max_pixels: int,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> Instance | Rejected | None:
     """Parse one file's header: an :class:`Instance`, a :class:`Rejected`, or None.
 
     None means the file looks incomplete (still being copied): the caller waits, and once the
-    study is stable records it as rejected with :func:`incomplete_reason`. Size and pixel
-    budgets are checked before reading pixel data; the file is only ever read.
+    study is stable records it as rejected with :func:`incomplete_reason`. The size budget
+    is checked before opening, the structure (sequence depth at most :data:`MAX_NESTING`,
+    at most ``max_elements`` elements, a deflated data set's inflated size) before pydicom
+    parses it, and the pixel budget before pixel data is read; the file is only ever read.
     """
+    undecodable = _undecodable_name(path)
+    if undecodable is not None:
+        return Rejected(path, f"file name is not valid UTF-8: {undecodable}")
     try:
-        return _inspect(path, max_file_bytes, max_pixels)
+        return _inspect(path, max_file_bytes, max_pixels, max_elements)
     except _Incomplete:
         return None
     except FileNotFoundError:
@@ -407,6 +549,18 @@ def inspect_file(path: Path, *, max_file_bytes: int, max_pixels: int) -> Instanc
         logger.debug("cannot read %s: %s", path, exc.strerror)
         transient = exc.errno not in PERMANENT_ERRNOS
         return Rejected(path, f"file cannot be read: {exc.strerror or exc}", transient=transient)
+
+
+def _undecodable_name(path: Path) -> str | None:
+    """The last component of ``path`` that is not valid UTF-8, its bytes escaped (``\\xff``),
+    or None when every component is. Such a name cannot be recorded or shown faithfully,
+    so the file is refused rather than counted as a duplicate of its UTF-8 twin."""
+    for part in reversed(path.parts):
+        try:
+            part.encode("utf-8")
+        except UnicodeEncodeError:
+            return os.fsencode(part).decode("utf-8", "backslashreplace")
+    return None
 
 
 def incomplete_reason(path: Path, prefix: str = INCOMPLETE_REASON) -> str:
@@ -464,6 +618,7 @@ class Assembler:
         *,
         max_file_bytes: int,
         max_pixels: int,
+        max_elements: int = DEFAULT_MAX_ELEMENTS,
     ) -> Study:
         """The instances, rejections and incomplete files of the study folder listed in ``snap``."""
         old = self._cache.get((gateway_id, study_uid), {})
@@ -475,7 +630,10 @@ class Assembler:
                 result = cached[1]
             else:
                 result = inspect_file(
-                    folder / rel, max_file_bytes=max_file_bytes, max_pixels=max_pixels
+                    folder / rel,
+                    max_file_bytes=max_file_bytes,
+                    max_pixels=max_pixels,
+                    max_elements=max_elements,
                 )
             new[rel] = (state, result)
         self._cache[(gateway_id, study_uid)] = {  # an I/O error is read again next time
@@ -496,7 +654,8 @@ def collate(
     such; a file of another study is rejected; of several files with one SOP Instance UID
     the one with the lowest relative path is used when all have identical bytes (the others
     are rejected as duplicates, ``quarantine=False``), and all are rejected when their
-    contents differ."""
+    contents differ. Instances of more than one patient make the whole study ``refused``
+    (:func:`patient_conflict`)."""
     study = Study(gateway_id, study_uid, folder)
     by_uid: dict[str, list[tuple[str, Instance]]] = {}
     for rel, result in sorted(inspected, key=lambda item: item[0]):
@@ -540,4 +699,5 @@ def collate(
             Rejected(inst.path, f"duplicate of {keep_rel}, identical bytes", quarantine=False)
             for _rel, inst in copies[1:]
         )
+    study.refused = patient_conflict(study.instances)
     return study

@@ -101,10 +101,15 @@ class Config:
     shutdown_seconds: float = 30.0
     max_file_bytes: int = 2 * 1024**3
     max_pixels: int = 512 * 1024 * 1024  # Rows x Columns x frames
+    max_elements: int = 1_000_000  # data elements per file, items and nested ones included
     log_level: str = "INFO"
     workers: int = field(default_factory=lambda: auto_workers())
     max_batch: int = 8
     batch_wait_seconds: float = 0.2
+    #: how much a worker process may grow beyond its size after start-up (0: no limit)
+    worker_memory_mb: int = 4096
+    #: longest a run may take in the worker processes before its worker is killed (0: none)
+    run_timeout_seconds: float = 600.0
     #: recorded with every run (``runs.node``), shown by ``studies``; default the host name
     node_name: str = field(default_factory=lambda: default_node_name())
     defaults: GatewayConfig = field(default_factory=GatewayConfig)
@@ -293,13 +298,19 @@ def _service(table: dict[str, Any], out: dict[str, Any]) -> None:
             out[key] = _as_choice(value, name, WATCH_MODES)
         elif key in ("rescan_seconds", "poll_seconds", "shutdown_seconds"):
             out[key] = _as_float(value, name, 0.05)
-        elif key in ("max_file_bytes", "max_pixels"):
+        elif key in ("max_file_bytes", "max_pixels", "max_elements"):
             out[key] = _as_int(value, name, 1)
         elif key == "workers":
             out[key] = auto_workers() if value == "auto" else _as_int(value, name, 0, 64)
         elif key == "max_batch":
             out[key] = _as_int(value, name, 1, 256)
         elif key == "batch_wait_seconds":
+            out[key] = _as_float(value, name)
+        elif key == "worker_memory_mb":
+            out[key] = _as_int(value, name, 0)
+            if 0 < out[key] < 64:
+                raise ConfigError(name, f"must be 0 (no limit) or at least 64; got {value!r}")
+        elif key == "run_timeout_seconds":
             out[key] = _as_float(value, name)
         elif key == "log_level":
             out[key] = _as_choice(str(value).upper(), name, ("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -342,6 +353,8 @@ ENV_KEYS: dict[str, str] = {
     "GATEWAY_POLL_SECONDS": "service.poll_seconds",
     "GATEWAY_LOG_LEVEL": "service.log_level",
     "GATEWAY_WORKERS": "service.workers",
+    "GATEWAY_WORKER_MEMORY_MB": "service.worker_memory_mb",
+    "GATEWAY_RUN_TIMEOUT_SECONDS": "service.run_timeout_seconds",
     "GATEWAY_NODE_NAME": "service.node_name",
     "GATEWAY_STABLE_SECONDS": "defaults.stable_seconds",
     "GATEWAY_MAX_WAIT_SECONDS": "defaults.max_wait_seconds",

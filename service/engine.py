@@ -42,6 +42,7 @@ from service.readiness import (
     Later,
     Readiness,
     Receiving,
+    Refuse,
     Skip,
     Transient,
     Watch,
@@ -98,6 +99,8 @@ class Engine:
             self.config.max_batch,
             self.config.batch_wait_seconds,
             tuple(sorted({type(model).__module__ for model in self.models.values()})),
+            memory_mb=self.config.worker_memory_mb,
+            run_timeout=self.config.run_timeout_seconds,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -311,6 +314,21 @@ class Engine:
                     StudyState.SKIPPED,
                     verdict.reason,
                     instances=verdict.records,
+                    listing=verdict.listing,
+                )
+            )
+            self._readiness.finished(key, verdict.listing)
+            return True
+        if isinstance(verdict, Refuse):  # a verdict on the study's content: nothing runs
+            logger.error("gateway=%s study=%s %s", gateway_id, study_name, verdict.reason)
+            self.ledger.apply(
+                Transition(
+                    gateway_id,
+                    study_name,
+                    StudyState.FAILED,
+                    verdict.reason,
+                    instances=verdict.records,
+                    events=[("ERROR", verdict.reason)],
                     listing=verdict.listing,
                 )
             )

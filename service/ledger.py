@@ -160,8 +160,13 @@ class IllegalTransition(GatewayError):
 
 def printable(text: str) -> str:
     """``text`` with what UTF-8 cannot hold (undecodable file names) escaped, for the
-    ledger and the log."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    ledger and the log: the name's undecodable bytes as ``\\xff``, as
+    ``os.fsencode(name).decode("utf-8", "backslashreplace")`` shows them."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True)

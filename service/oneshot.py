@@ -10,8 +10,9 @@ service on one study, without watching, ledger or sending:
    rejected with the reason. Nothing waits: a file still incomplete is rejected.
 2. *routing*: ``--model NAME``, else :func:`service.models.base.select_model` with the
    ``[defaults]`` rules.
-3. *prepare / forward / finish*: :class:`service.pipeline.Pipeline` with ``workers = 0``,
-   so the write (atomic) and the conformance gate are the service's.
+3. *prepare / forward / finish*: :class:`service.pipeline.Pipeline` with one worker
+   process, so the write (atomic), the conformance gate and the bounds on a run (the
+   worker's ``worker_memory_mb``, ``run_timeout_seconds``) are the service's.
 4. *publish*: the pipeline writes into a hidden staging folder inside DICOM_OUT; only when
    every object of the run passed the gate are they moved (hard link, so an existing file
    is never replaced) to ``DICOM_OUT/<SOPInstanceUID>.dcm``. An object that fails the gate
@@ -64,7 +65,7 @@ STAGING_PREFIX = ".staging-"
 INCOMPLETE = "file is incomplete (truncated) at the start of the run"
 #: Files not used that :meth:`Report.details` names one by one.
 MAX_DETAIL_LINES = 20
-#: Longest a run may stay in the pipeline (``workers = 0``: it never waits on anything).
+#: Longest a run may stay in the pipeline (the worker's own deadline ends it sooner).
 RUN_TIMEOUT_SECONDS = 24 * 3600.0
 
 
@@ -192,7 +193,10 @@ def _assemble(
     inspected: list[tuple[str, Instance | Rejected | None]] = []
     for rel in sorted(snapshot(dicom_in, dicom_in)):
         found = inspect_file(
-            dicom_in / rel, max_file_bytes=config.max_file_bytes, max_pixels=config.max_pixels
+            dicom_in / rel,
+            max_file_bytes=config.max_file_bytes,
+            max_pixels=config.max_pixels,
+            max_elements=config.max_elements,
         )
         inspected.append((rel, found))
     by_study: dict[str, list[tuple[str, Instance | Rejected | None]]] = {}
@@ -248,6 +252,9 @@ def _assemble(
             f"were rejected; first: {report.rejected[0].reason}",
         )
         return None
+    if study.refused:
+        _fail(report, EXIT_FAILED, study.refused)
+        return None
     if series_uid and not any(i.series_instance_uid == series_uid for i in study.instances):
         _fail(
             report,
@@ -273,8 +280,14 @@ def _run(
         config.uid_root, GATEWAY_ID, study.study_uid, digest, model.name, model.version
     )
     ctx = RunContext(uids, run_id=0, trigger_series_uid=series_uid, started=datetime.now())
+    # one guarded worker process: the memory limit and the deadline hold as in the service
     pipeline = Pipeline(
-        0, staging, max_batch=config.max_batch, batch_wait=config.batch_wait_seconds
+        1,
+        staging,
+        max_batch=config.max_batch,
+        batch_wait=config.batch_wait_seconds,
+        memory_mb=config.worker_memory_mb,
+        run_timeout=config.run_timeout_seconds,
     )
     try:
         pipeline.submit(Job(0, study, model, ctx, "flat"))
@@ -283,7 +296,7 @@ def _run(
             outcomes = pipeline.pump()
             if outcomes:
                 return outcomes[0].finished
-            if time.monotonic() > deadline:  # pragma: no cover - workers = 0 never waits
+            if time.monotonic() > deadline:  # pragma: no cover - the worker's deadline ends it
                 return Finished(error="run did not finish")
             pipeline.wait(0.1)
     finally:

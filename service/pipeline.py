@@ -20,10 +20,13 @@ hence processes rather than threads.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import multiprocessing
 import os
+import queue
+import resource
 import signal
 import sys
 import threading
@@ -81,6 +84,8 @@ class Finished:
     skipped: dict[str, str] = field(default_factory=dict)  # SOP Instance UID -> reason
     #: the error may pass by itself (I/O error, full disk): the run is tried again later
     transient: bool = False
+    #: the worker ran out of its memory limit: it is replaced before it takes another task
+    recycle: bool = False
 
 
 @dataclass
@@ -97,6 +102,8 @@ class Job:
     ready_at: float = 0.0  # monotonic time the prepared rows became ready for the forward
     pool: int = 0  # the worker pool generation its current task went to
     retried: bool = False  # resubmitted once after a worker process died
+    started: float = 0.0  # monotonic time its first task started in a worker (deadline)
+    killed: str = ""  # why its worker was killed (deadline, memory): fails, not retried
 
 
 @dataclass
@@ -120,6 +127,10 @@ def _value(future: Future[Any]) -> Any:
 
 
 def _failure(exc: BaseException) -> Finished:
+    if isinstance(exc, MemoryError) and _MEMORY_MB:
+        reason = f"run exceeded worker_memory_mb={_MEMORY_MB} (MemoryError): worker replaced"
+        logger.error("%s", reason)
+        return Finished(error=reason, recycle=True)
     if not isinstance(exc, EXPECTED_ERRORS):
         logger.error("unexpected error in a run stage", exc_info=exc)
     transient = isinstance(exc, TransientError | OSError)
@@ -236,6 +247,49 @@ def finish(
         return _failure(exc)
 
 
+#: In a worker: the memory limit it runs under (MiB above its size after warm-up; 0 none)
+#: and the queue on which each task reports its start.
+_MEMORY_MB = 0
+_STARTS: Any = None
+
+
+def _task(token: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run one stage task in a worker, first telling the service which process runs it
+    (so that it can kill that worker at the run's deadline)."""
+    if _STARTS is not None:
+        _STARTS.put((token, os.getpid()))
+    return fn(*args)
+
+
+def _address_space() -> int:
+    """This process's virtual memory size in bytes (``/proc/self/statm``)."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _limit_memory(megabytes: int) -> None:
+    """A backstop under the service's watchdog on the worker's resident memory
+    (:meth:`Pipeline._police`): the worker's address space may grow by at most twice
+    ``megabytes`` beyond its size now (RLIMIT_AS), so that a growth faster than the
+    watchdog's polling still ends in a failed allocation, not in the machine's OOM killer."""
+    global _MEMORY_MB
+    if megabytes <= 0:
+        return
+    limit = _address_space() + 2 * megabytes * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    _MEMORY_MB = megabytes
+
+
+def _resident_mb(pid: int) -> float:
+    """Resident memory (RSS) of process ``pid`` in MiB; 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/statm") as fh:
+            pages = int(fh.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+
+
 def _exit_with_parent(parent: int) -> None:
     """A worker of a killed service would wait for tasks forever: exit when it is gone."""
     while os.getppid() == parent:
@@ -243,11 +297,20 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _init_worker(parent: int, modules: tuple[str, ...], log: tuple[int, str | None]) -> None:
+def _init_worker(
+    parent: int,
+    modules: tuple[str, ...],
+    log: tuple[int, str | None],
+    memory_mb: int = 0,
+    starts: Any = None,
+) -> None:
     """Workers log like the service, leave signals to it (it drains them on SIGTERM and
     SIGINT), end with it even when it is killed, use one torch thread (they never run the
     network) and import the models' modules, calling their ``warm_up()``, before the first
-    study."""
+    study; then their memory is limited to ``memory_mb`` more (RLIMIT_AS) and each task
+    reports its start on ``starts``."""
+    global _STARTS
+    _STARTS = starts
     level, fmt = log
     logging.basicConfig(level=level, format=fmt or logging.BASIC_FORMAT, stream=sys.stderr)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -258,6 +321,7 @@ def _init_worker(parent: int, modules: tuple[str, ...], log: tuple[int, str | No
         warm_up = getattr(importlib.import_module(name), "warm_up", None)
         if callable(warm_up):
             warm_up()
+    _limit_memory(memory_mb)
 
 
 def _log_settings() -> tuple[int, str | None]:
@@ -294,12 +358,20 @@ class Pipeline:
         max_batch: int = 8,
         batch_wait: float = 0.2,
         modules: tuple[str, ...] = (),
+        memory_mb: int = 0,
+        run_timeout: float = 0.0,
     ) -> None:
         self.workers = workers
         self.output_dir = output_dir
         self.max_batch = max_batch
         self.batch_wait = batch_wait
         self.modules = modules  # imported by each worker at its start
+        self.memory_mb = memory_mb  # each worker's memory limit (MiB beyond warm-up; 0 none)
+        self.run_timeout = run_timeout  # seconds a run may take in the workers (0 none)
+        self._starts: Any = None  # the workers report each task's start here
+        self._tasks: dict[int, tuple[Job, Future[Any], int]] = {}  # token -> job, task, pid
+        self._tokens = 0
+        self._killed: set[int] = set()  # pool generations whose worker we killed ourselves
         self._pool: Executor | None = None  # started by start() or the first submit
         self._generation = 0  # worker pools started so far, minus one
         self._preparing: list[tuple[Job, Future[Any]]] = []
@@ -324,11 +396,14 @@ class Pipeline:
         if self.workers == 0:
             return _Inline()
         t0 = time.monotonic()
+        context = multiprocessing.get_context("spawn")
+        self._starts = context.Queue()
+        self._tasks.clear()
         pool = ProcessPoolExecutor(
             self.workers,
-            mp_context=multiprocessing.get_context("spawn"),
+            mp_context=context,
             initializer=_init_worker,
-            initargs=(os.getpid(), self.modules, _log_settings()),
+            initargs=(os.getpid(), self.modules, _log_settings(), self.memory_mb, self._starts),
         )
         for future in [pool.submit(_ready) for _ in range(self.workers)]:
             future.result()
@@ -348,26 +423,77 @@ class Pipeline:
             return self.in_flight < self.max_batch  # all finish within the engine's tick
         return self.in_flight <= min(self.max_batch, 2 * self.workers)
 
+    def _submit(self, job: Job, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Submit one stage task of ``job``; in workers, it reports which process runs it."""
+        if self.workers == 0:
+            return self._executor.submit(fn, *args)
+        self._tokens += 1
+        future = self._executor.submit(_task, self._tokens, fn, *args)
+        self._tasks[self._tokens] = (job, future, 0)
+        return future
+
     def submit(self, job: Job) -> None:
         model = job.model
         job.pool = self._generation
         if isinstance(model, BatchedModel):
-            future = self._executor.submit(prepare, model, job.study, job.ctx)
+            future = self._submit(job, prepare, model, job.study, job.ctx)
             self._preparing.append((job, future))
         elif isinstance(model, SplitModel) and self.workers > 1 and len(job.study.instances) > 1:
             parts = [
-                self._executor.submit(run_part, model, part, job.ctx, self.output_dir, job.layout)
+                self._submit(job, run_part, model, part, job.ctx, self.output_dir, job.layout)
                 for part in split_study(job.study, self.workers)
             ]
             self._parts.append((job, parts))
         else:
-            future = self._executor.submit(
-                run_whole, model, job.study, job.ctx, self.output_dir, job.layout
+            future = self._submit(
+                job, run_whole, model, job.study, job.ctx, self.output_dir, job.layout
             )
             self._finishing.append((job, future))
 
+    def _police(self) -> None:
+        """Kill the worker of a run past its deadline (``run_timeout`` from its first task's
+        start) and a worker that ran out of memory (it reported ``recycle``); the pool is
+        then replaced (:meth:`_worker_died`) and such a run fails without a retry."""
+        if self.workers == 0 or self._starts is None:
+            return
+        now = time.monotonic()
+        while True:
+            try:
+                token, pid = self._starts.get_nowait()
+            except (queue.Empty, OSError, ValueError):
+                break
+            if token in self._tasks:
+                job, future, _ = self._tasks[token]
+                self._tasks[token] = (job, future, pid)
+                job.started = job.started or now
+        for token, (job, future, pid) in list(self._tasks.items()):
+            if future.done():
+                del self._tasks[token]
+                result = None if future.exception() else future.result()
+                if isinstance(result, Finished) and result.recycle and pid:
+                    self._kill(pid, job.pool)
+                continue
+            if not pid or job.killed:
+                continue
+            rss = _resident_mb(pid) if self.memory_mb else 0.0
+            if self.run_timeout and job.started and now - job.started > self.run_timeout:
+                job.killed = f"run exceeded run_timeout_seconds={self.run_timeout:g}"
+            elif rss > self.memory_mb > 0:
+                job.killed = f"worker exceeded worker_memory_mb={self.memory_mb} ({rss:.0f} MiB)"
+            else:
+                continue
+            job.killed += ": worker killed and replaced; not retried"
+            logger.error("run %d: %s", job.run_id, job.killed)
+            self._kill(pid, job.pool)
+
+    def _kill(self, pid: int, generation: int) -> None:
+        self._killed.add(generation)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
     def pump(self) -> list[Outcome]:
         """Advance every stage without blocking (except for the forward pass itself)."""
+        self._police()
         outcomes: list[Outcome] = []
         for job, result in self._collect("_preparing"):
             if isinstance(result, tuple):
@@ -427,10 +553,16 @@ class Pipeline:
             self._generation += 1
         failed = []
         for job in jobs:
-            if job.retried:
+            if job.killed:  # over its deadline or memory: the content's fault, not retried
+                failed.append((job, Finished(error=job.killed)))
+                continue
+            if job.pool in self._killed:
+                pass  # a bystander of a worker we killed: tried again, not counted
+            elif job.retried:
                 failed.append((job, Finished(error="worker process exited unexpectedly twice")))
                 continue
-            job.retried = True
+            else:
+                job.retried = True
             if job.prepared is not None and isinstance(job.model, BatchedModel):
                 self._ready.append(job)  # only its finish was lost: forward it again
             else:
@@ -473,7 +605,8 @@ class Pipeline:
         for job, rows in zip(batch, inputs, strict=True):
             job.timings.update(forward_s=forward_s, batch=float(len(batch)))
             assert job.prepared is not None
-            future = self._executor.submit(
+            future = self._submit(
+                job,
                 finish,
                 model,
                 job.study,
@@ -491,6 +624,8 @@ class Pipeline:
     def wait(self, timeout: float, others: Sequence[Future[Any]] = ()) -> None:
         """Sleep until some worker task (or one of ``others``) completes, a batch falls
         due, or ``timeout``."""
+        if self._tasks and (self.memory_mb or self.run_timeout):
+            timeout = min(timeout, 0.25)  # the watchdog (_police) runs at each pump
         futures = [f for _, f in (*self._preparing, *self._finishing)] + list(others)
         futures += [f for _, parts in self._parts for f in parts if not f.done()]
         if self._ready:

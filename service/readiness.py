@@ -4,9 +4,10 @@ look again.
 :meth:`Readiness.look` takes one study folder and its :class:`Watch` (what the scheduler
 knows of it) and returns a verdict, a value: :class:`Drop` (nothing to do until touched
 again), :class:`Receiving`, :class:`Later` (queued, or waiting for image.db's instances or
-its lock), :class:`Transient` (a condition that may pass), :class:`Skip` (nothing usable)
-or :class:`Ready` with the assembled :class:`~service.values.Study`. It never writes the
-ledger: the engine records each verdict.
+its lock), :class:`Transient` (a condition that may pass), :class:`Skip` (nothing usable),
+:class:`Refuse` (content that must not run, e.g. two patients) or :class:`Ready` with the
+assembled :class:`~service.values.Study`. It never writes the ledger: the engine records
+each verdict.
 
 The rule: no file added or changed for ``stable_seconds`` (monotonic clock; file mtimes are
 only compared with themselves), every file complete DICOM, and image.db's instances present
@@ -97,6 +98,15 @@ class Skip:
 
 
 @dataclass(frozen=True)
+class Refuse:
+    """The study's content cannot be run (e.g. instances of two patients): ``failed``."""
+
+    reason: str
+    records: list[InstanceRecord]
+    listing: bytes
+
+
+@dataclass(frozen=True)
 class Ready:
     """Complete and stable: run it. ``events`` are warnings to record with it."""
 
@@ -106,7 +116,7 @@ class Ready:
     events: list[tuple[str, str]] = field(default_factory=list)
 
 
-Verdict = Drop | Receiving | Later | Transient | Skip | Ready
+Verdict = Drop | Receiving | Later | Transient | Skip | Refuse | Ready
 
 
 class Readiness:
@@ -185,6 +195,7 @@ class Readiness:
             snap,
             max_file_bytes=self.config.max_file_bytes,
             max_pixels=self.config.max_pixels,
+            max_elements=self.config.max_elements,
         )
         if study.unreadable:
             first_bad = study.unreadable[0]
@@ -205,6 +216,8 @@ class Readiness:
         records = instance_records(study, snap)
         if not study.instances:
             return Skip("no usable DICOM instance in the study", records, listing)
+        if study.refused:  # e.g. instances of two patients: a verdict on the content
+            return Refuse(study.refused, records, listing)
         imagedb = ImageDb(gateway_dir / "image.db")
         expected = imagedb.expected_instances(study_uid)
         waited = now - watch.stable_since

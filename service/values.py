@@ -29,7 +29,9 @@ Snapshot = dict[str, FileState]
 
 @dataclass(frozen=True)
 class Instance:
-    """One parsed, complete DICOM instance. Holds no patient identifiers."""
+    """One parsed, complete DICOM instance. Holds no patient identifiers: ``patient_key``
+    and ``issuer_key`` are salted digests of PatientID and IssuerOfPatientID (the salt is
+    drawn per process and never stored), only to compare instances of one study."""
 
     path: Path
     size: int
@@ -43,6 +45,8 @@ class Instance:
     rows: int = 0
     columns: int = 0
     frames: int = 1
+    patient_key: str = field(default="", repr=False)
+    issuer_key: str = field(default="", repr=False)  # "": no IssuerOfPatientID
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,8 @@ class Study:
     incomplete: list[Path] = field(default_factory=list)  # still being written: wait
     #: files that could not be read for a reason that may pass (I/O error, mount away)
     unreadable: list[Rejected] = field(default_factory=list)
+    #: why the study as a whole is refused (e.g. instances of several patients); "" if not
+    refused: str = ""
 
     @property
     def sop_uids(self) -> set[str]:

@@ -16,6 +16,7 @@ from pydicom import dcmread
 from devtools.sample import pydicom_file
 from service.assembly import (
     INCOMPLETE_REASON,
+    MAX_NESTING,
     Assembler,
     Stability,
     incomplete_reason,
@@ -26,6 +27,7 @@ from service.assembly import (
 )
 from service.values import FileState, Instance, Rejected
 from tests.conftest import shared_file
+from tests.hostile import many_items, nested_sequences, splice
 
 BIG = 2**40
 _OPENED: list[str] = []
@@ -148,6 +150,15 @@ def test_zero_byte_file_is_rejected(tmp_path: Path) -> None:
     assert isinstance(result, Rejected) and "empty" in result.reason
 
 
+def test_a_file_name_that_is_not_utf8_is_rejected_with_its_bytes_escaped(tmp_path: Path) -> None:
+    source = shared_file("series/ct-4-noise/IM-0001-0001.dcm")
+    odd = os.fsencode(tmp_path) + b"/copy-\xff.dcm"
+    shutil.copyfile(source, odd)
+    result = inspect(Path(os.fsdecode(odd)))
+    assert isinstance(result, Rejected)
+    assert result.reason == "file name is not valid UTF-8: copy-\\xff.dcm"
+
+
 def test_over_size_budget_rejected_without_opening(tmp_path: Path, opened: list[str]) -> None:
     target = tmp_path / "big"
     shutil.copyfile(shared_file("series/ct-4-noise/IM-0001-0001.dcm"), target)
@@ -171,6 +182,39 @@ def test_over_pixel_budget_rejected() -> None:
     result = inspect(path, max_pixels=512 * 512 - 1)
     assert isinstance(result, Rejected) and "pixels" in result.reason
     assert isinstance(inspect(path, max_pixels=512 * 512), Instance)
+
+
+@pytest.mark.parametrize("undefined", [False, True], ids=["defined-length", "undefined-length"])
+def test_sequences_nested_1000_deep_are_rejected_at_intake(tmp_path: Path, undefined: bool) -> None:
+    """Every sequence counts towards the depth bound, whatever its length encoding: a
+    33 KB file nesting defined-length sequences 1000 deep used to pass and send a
+    worker into endless recursion."""
+    source = shared_file("series/ct-4-noise/IM-0001-0001.dcm")
+    deep = splice(source, tmp_path / "deep.dcm", nested_sequences(1000, undefined))
+    result = inspect(deep)
+    assert isinstance(result, Rejected)
+    assert result.reason == f"malformed DICOM: sequences nested deeper than {MAX_NESTING} levels"
+    ok = splice(source, tmp_path / "ok.dcm", nested_sequences(MAX_NESTING, undefined))
+    assert isinstance(inspect(ok), Instance)
+
+
+def test_element_count_over_the_limit_is_rejected(tmp_path: Path) -> None:
+    source = shared_file("series/ct-4-noise/IM-0001-0001.dcm")
+    many = splice(source, tmp_path / "many.dcm", many_items(5000))  # 10 000 elements in it
+    result = inspect_file(many, max_file_bytes=BIG, max_pixels=BIG, max_elements=10_000)
+    assert isinstance(result, Rejected)
+    assert result.reason == "malformed DICOM: more than 10000 data elements"
+    fewer = inspect_file(many, max_file_bytes=BIG, max_pixels=BIG, max_elements=11_000)
+    assert isinstance(fewer, Instance)
+
+
+def test_deflated_data_set_inflating_past_the_size_budget_is_rejected(tmp_path: Path) -> None:
+    path = pydicom_file("image_dfl.dcm")
+    size = path.stat().st_size
+    result = inspect(path, max_file_bytes=size + 1000)  # the file fits, inflated it does not
+    assert isinstance(result, Rejected)
+    assert "the deflated data set inflates to more than" in result.reason
+    assert isinstance(inspect(path, max_file_bytes=300_000), Instance)  # 262 144 pixel bytes
 
 
 def _rewrite(source: Path, target: Path, **changes: str) -> None:
@@ -321,6 +365,37 @@ def test_assemble_rejects_foreign_study_and_handles_duplicates(tmp_path: Path) -
     assert "conflicting content" in reasons["ct1-edited"].reason
     assert "differs from the study folder name" in reasons["foreign"].reason
     assert {p.name: sha(p) for p in folder.iterdir()} == hashes  # inputs untouched
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "refused"),
+    [
+        ({}, {"PatientID": "OTHER-4711"}, "instances of 2 different patients (PatientID differ)"),
+        (
+            {"IssuerOfPatientID": "HOSP-A"},
+            {"IssuerOfPatientID": "HOSP-B"},
+            "instances of 2 different patients (IssuerOfPatientID differ)",
+        ),
+        ({"IssuerOfPatientID": "HOSP-A"}, {}, ""),  # compared only where present
+    ],
+    ids=["patient-id", "issuer", "issuer-in-one-only"],
+)
+def test_a_study_holding_two_patients_is_refused_without_naming_them(
+    tmp_path: Path, first: dict[str, str], second: dict[str, str], refused: str
+) -> None:
+    ct = sorted(shared_file(CT_NOISE).iterdir())[:3]
+    study_uid = study_of(ct[0])
+    root = tmp_path / "INPUT"
+    folder = root / "gateway_1" / study_uid
+    folder.mkdir(parents=True)
+    shutil.copyfile(ct[2], folder / "ct2")
+    _rewrite(ct[0], folder / "ct0", **first)
+    _rewrite(ct[1], folder / "ct1", **second)
+    study = Assembler().assemble("1", study_uid, folder, snapshot(folder, root), **_BUDGET)
+    assert len(study.instances) == 3 and not study.rejected
+    assert study.refused == (f"{refused} in one study: refused" if refused else "")
+    identifiers = ("OTHER-4711", "HOSP-A", "HOSP-B", "dicom2nifti")
+    assert not any(value in repr(study) for value in identifiers)
 
 
 def test_assemble_lists_incomplete_files(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from service.ledger import RunState, StudyState
 from service.models import build_models
 from service.watcher import StudyWatcher
 from tests.conftest import free_port, shared_file
-from tests.helpers import copy_series, temp_files, tree_digest, write_config
+from tests.helpers import copy_series, run_cli, temp_files, tree_digest, write_config
 
 
 @pytest.fixture
@@ -212,6 +212,33 @@ def test_junk_truncated_and_empty_files_are_recorded_and_the_rest_runs(
     assert set(rejected) == {"junk", "empty", "truncated"}
     assert all(rejected.values())
     assert tree_digest(tmp_path / "INPUT") == before
+
+
+def test_a_study_of_two_patients_is_failed_with_the_reason_and_nothing_runs(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """Two PatientIDs under one StudyInstanceUID: refused as a whole (no run, no output,
+    no send), an ERROR event, the reason shown by ``study``; no identifier recorded."""
+    gw = tmp_path / "INPUT" / "gateway_1"
+    study_uid, files = copy_series(shared_file("series/ct-4-noise"), gw, limit=2)
+    other = dcmread(files[1])
+    other.PatientID, other.PatientName = "OTHER-4711", "Other^Patient"
+    other.save_as(files[1])
+    scan(engine)
+    assert engine.drain(60)
+    reason = "instances of 2 different patients (PatientID differ) in one study: refused"
+    assert engine.ledger.study_state("1", study_uid) == (StudyState.FAILED, reason)
+    assert engine.ledger.runs() == []
+    assert not (tmp_path / "OUTPUT").exists() or not any((tmp_path / "OUTPUT").rglob("*.dcm"))
+    events = engine.ledger.query(
+        "SELECT level, message FROM events WHERE study_uid = ?", (study_uid,)
+    )
+    assert ("ERROR", reason) in [(e["level"], e["message"]) for e in events]
+    engine.close()
+    shown = run_cli("--config", str(tmp_path / "gateway.toml"), "study", "1", study_uid)
+    assert shown.returncode == 0 and reason in shown.stdout, shown.stdout + shown.stderr
+    dump = "\n".join(sqlite3.connect(tmp_path / "STATE" / "ledger.sqlite3").iterdump())
+    assert "OTHER-4711" not in dump and "dicom2nifti" not in dump
 
 
 def test_hostile_names_and_symlinks_never_leave_the_folders(engine: Engine, tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from service.ledger import StudyState
 from service.values import Instance, Rejected
 from tests.conftest import free_port, shared_file
 from tests.helpers import copy_series, stored_uid, temp_files, tree_digest, write_config
+from tests.hostile import many_items, nested_sequences, splice
 from tests.test_engine import make_engine, scan
 
 REPORT_ENV = "FAULTS_REPORT"
@@ -348,6 +349,93 @@ def test_too_deep_zero_byte_and_ten_thousand_junk_files(tmp_path: Path) -> None:
     (deep_row,) = deep_rows
     assert "deeper than" in deep_row["reason"]
     assert lost == 0
+
+
+def test_hostile_structures_are_rejected_at_intake_and_the_rest_runs(tmp_path: Path) -> None:
+    """Sequences nested 1000 deep (defined and undefined length) and a file of 120 000
+    elements are refused from their structure before pydicom or a model reads them."""
+    gw = tmp_path / "INPUT" / "gateway_1"
+    study_uid, files = copy_series(shared_file("series/ct-4-noise"), gw, limit=2)
+    folder = gw / study_uid
+    splice(files[1], folder / "deep-defined", nested_sequences(1000))
+    splice(files[1], folder / "deep-undefined", nested_sequences(1000, undefined=True))
+    splice(files[1], folder / "many-elements", many_items(60_000))
+    os.remove(files[1])
+    before = tree_digest(tmp_path / "INPUT")
+    config_path = write_config(tmp_path, max_elements=100_000)
+    engine = make_engine_from(config_path)
+    try:
+        scan(engine)
+        assert engine.drain(60)
+        rows = engine.ledger.query("SELECT path, state, reason FROM instances")
+        (run,) = engine.ledger.runs()
+    finally:
+        engine.close()
+    by_name = {Path(r["path"]).name: (r["state"], r["reason"]) for r in rows}
+    lost = lost_count(before, tmp_path / "STATE", tmp_path / "INPUT")
+    hostile = ("deep-defined", "deep-undefined", "many-elements")
+    record(
+        "7d hostile structure",
+        "1 CT + sequences nested 1000 deep (defined / undefined length) + 120 000 elements",
+        "written with 1; the three rejected at intake with the reason",
+        f"{run.state} with {run.findings.get('instances')} output(s); "
+        + ", ".join(f"{name} {by_name[name][0]}" for name in hostile),
+        lost,
+    )
+    deep = "malformed DICOM: sequences nested deeper than 64 levels"
+    assert by_name["deep-defined"] == ("rejected", deep)
+    assert by_name["deep-undefined"] == ("rejected", deep)
+    many = "malformed DICOM: more than 100000 data elements"
+    assert by_name["many-elements"] == ("rejected", many)
+    assert str(run.state) == "written" and run.findings["instances"] == 1 and lost == 0
+
+
+@pytest.mark.parametrize(
+    ("limit", "reason"),
+    [
+        ("worker_memory_mb = 350", "worker exceeded worker_memory_mb=350"),
+        ("run_timeout_seconds = 3", "run exceeded run_timeout_seconds=3"),
+    ],
+    ids=["memory", "deadline"],
+)
+def test_a_run_over_its_memory_or_deadline_fails_and_the_service_goes_on(
+    tmp_path: Path, limit: str, reason: str
+) -> None:
+    """800 000 elements pass intake (under max_elements) but annotate needs about a minute
+    and 600 MiB for them: the worker is killed, replaced, the study failed with the reason
+    (not retried), and the next study is served by the new worker."""
+    gw = tmp_path / "INPUT" / "gateway_1"
+    study_uid, files = copy_series(shared_file("series/ct-4-noise"), gw, limit=2)
+    splice(files[1], gw / study_uid / "many", many_items(400_000))
+    os.remove(files[1])
+    config_path = write_config(tmp_path, workers=1)
+    config_path.write_text(config_path.read_text().replace("[service]\n", f"[service]\n{limit}\n"))
+    engine = make_engine_from(config_path)
+    try:
+        scan(engine)
+        t0 = time.monotonic()
+        assert engine.drain(120)
+        took = time.monotonic() - t0
+        state = engine.ledger.study_state("1", study_uid)
+        (run,) = engine.ledger.runs()
+        other_uid, _ = copy_series(shared_file("series/mr-phantom-63"), gw, limit=2)
+        scan(engine)
+        assert engine.drain(120)
+        other = engine.ledger.study_state("1", other_uid)
+    finally:
+        engine.close()
+    record(
+        f"12 worker bound ({limit.split()[0]})",
+        "CT + 800 000-element file (passes intake), then an MR study",
+        "failed with the reason, not retried; the MR study written",
+        f"{state[0] if state else None} in {took:.0f} s; next study {other[0] if other else None}",
+        0,
+    )
+    assert state is not None and state[0] == StudyState.FAILED
+    assert state[1].startswith(reason) and "not retried" in state[1]
+    assert str(run.state) == "failed"
+    assert other is not None and other[0] == StudyState.WRITTEN
+    assert took < 60  # annotate alone takes about a minute on this file
 
 
 class VanishingAssembler(Assembler):

@@ -212,7 +212,7 @@ def test_names_that_are_not_utf8_are_recorded_escaped(ledger: Ledger) -> None:
         )
     )
     (row,) = ledger.query("SELECT study_uid FROM studies")
-    assert row["study_uid"] == "1.2.\\udcff\\udcfe"
+    assert row["study_uid"] == "1.2.\\xff\\xfe"
     assert ledger.study_state("1", name) == (StudyState.RECEIVING, "")
 
 

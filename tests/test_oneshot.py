@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pydicom
@@ -17,6 +18,7 @@ from service.cli import main
 from service.oneshot import QUARANTINE_NAME
 from tests.conftest import dciodvfy, shared_file
 from tests.helpers import copy_series, run_cli, tree_digest, write_config
+from tests.hostile import many_items, splice
 from tests.test_cxr import write_checkpoint
 
 ANNOTATE = '[{ model = "annotate" }]'
@@ -256,6 +258,41 @@ def test_file_budget_and_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["--config", str(config), "run", str(dicom_in), str(inside)]) == 2
     assert "is inside" in capsys.readouterr().err
     assert not inside.exists()
+
+
+def test_a_study_of_two_patients_exits_1_with_the_reason_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path, rules=ANNOTATE)
+    dicom_in, dicom_out = tmp_path / "in", tmp_path / "out"
+    _, files = copy_series(shared_file("series/ct-4-noise"), dicom_in, limit=2)
+    other = pydicom.dcmread(files[1])
+    other.PatientID = "OTHER-4711"
+    other.IssuerOfPatientID = "HOSP-B"
+    other.save_as(files[1])
+    code, out, err = cli("--config", str(config), "run", str(dicom_in), str(dicom_out))
+    assert code == 1, out + err
+    assert (
+        "error: instances of 2 different patients (PatientID differ) in one study: refused" in err
+    )
+    assert results(dicom_out) == []
+    assert "OTHER-4711" not in out + err and "dicom2nifti" not in out + err
+
+
+def test_a_run_past_its_deadline_exits_1_within_a_bound(tmp_path: Path) -> None:
+    """A file that passes intake but keeps annotate busy for a minute: the guarded worker
+    is killed at ``run_timeout_seconds`` and ``run`` exits 1 with the reason."""
+    config = write_config(tmp_path, rules=ANNOTATE, run_timeout_seconds=3)
+    dicom_in, dicom_out = tmp_path / "in", tmp_path / "out"
+    _, (_ct, other) = copy_series(shared_file("series/ct-4-noise"), dicom_in, limit=2)
+    splice(other, dicom_in / "many", many_items(400_000))
+    os.remove(other)
+    t0 = time.monotonic()
+    code, out, err = cli("--config", str(config), "run", str(dicom_in), str(dicom_out))
+    assert code == 1, out + err
+    assert "error: run failed: run exceeded run_timeout_seconds=3" in err
+    assert time.monotonic() - t0 < 50  # annotate alone takes about a minute on this file
+    assert results(dicom_out) == []
 
 
 def test_an_unwritable_dicom_out_fails_with_the_reason(

@@ -248,3 +248,7 @@ def test_study_file_name_not_utf8_does_not_block_its_study(tmp_path: Path) -> No
     instances = ledger_rows(tmp_path / "STATE", "SELECT path, state, reason FROM instances")
     assert len(instances) == 3
     assert sum(1 for r in instances if r["state"] == "ok") == 2
+    (odd_row,) = [r for r in instances if r["state"] != "ok"]
+    assert odd_row["state"] == "rejected"
+    assert odd_row["reason"] == "file name is not valid UTF-8: copy-\\xff.dcm"
+    assert odd_row["path"].endswith("copy-\\xff.dcm")
