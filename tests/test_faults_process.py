@@ -134,10 +134,10 @@ def test_disk_full_waits_and_the_same_run_completes_when_space_returns(
     state = tmp_path / "STATE"
     service = start_service(config)
     try:
+        sql = "SELECT reason FROM studies WHERE study_uid=?"  # [] until the ledger is made
         wait_for(
-            lambda: (
-                (state / "ledger.sqlite3").exists()
-                and "No space left" in study_states(state).get(("1", study_uid), ("", ""))[1]
+            lambda: any(
+                "No space left" in r["reason"] for r in ledger_rows(state, sql, (study_uid,))
             ),
             60,
             "the study waiting on the full disk",
