@@ -256,6 +256,11 @@ def serve(config: Config, *, once: bool = False, timeout: float = 3600.0) -> int
             config.watch,
             ",".join(engine.discover()) or "none yet",
         )
+        if config.workers == 0:
+            logger.warning(
+                "workers = 0: every stage runs in the service process; the bounds on a run "
+                "(worker_memory_mb, run_timeout_seconds) need workers >= 1"
+            )
         heartbeat.start()
         if once:
             drained = engine.drain(timeout, stop=stop)

@@ -138,13 +138,14 @@ class Config:
 
 
 def auto_workers() -> int:
-    """``workers = "auto"``: one worker process per core, at most 8; none on one core.
+    """``workers = "auto"``: one worker process per core, at least 1, at most 8.
 
-    On the 2-core bench machine (``bench/pipeline.py``, README Performance) 2 workers
-    doubled the ``annotate`` series rate (1.93x in-process) and kept the CXR flood rate
-    (1.03x; 1 worker 0.92x); on one core workers only add copying."""
+    At least one, so that the bounds on a run (``worker_memory_mb``, ``run_timeout_seconds``)
+    hold by default: they need a worker process to kill. On the 2-core bench machine
+    (``bench/pipeline.py``, README Performance) 2 workers doubled the ``annotate`` series rate
+    (1.93x in-process) and kept the CXR flood rate (1.03x; 1 worker 0.92x)."""
     cores = os.cpu_count() or 1
-    return 0 if cores == 1 else min(8, cores)
+    return max(1, min(8, cores))
 
 
 def default_node_name() -> str:

@@ -30,10 +30,10 @@ def test_defaults_without_file_or_env() -> None:
     assert config.defaults.rules == (Rule(model="cxr-densenet121", modality=("CR", "DX")),)
 
 
-def test_workers_auto_is_one_per_core_at_most_8_and_none_on_one_core(
+def test_workers_auto_is_one_per_core_at_least_1_at_most_8(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    counts = {1: 0, 2: 2, 6: 6, 64: 8}
+    counts = {1: 1, 2: 2, 6: 6, 64: 8}  # at least one: the run bounds need a worker
     for cores, workers in counts.items():
         monkeypatch.setattr("os.cpu_count", lambda cores=cores: cores)
         assert load_config(None, environ={}).workers == workers
