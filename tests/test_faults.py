@@ -27,7 +27,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 
 from service.assembly import Assembler, inspect_file, snapshot
 from service.engine import Engine
-from service.ledger import StudyState
+from service.ledger import RunRow, StudyState
 from service.values import Instance, Rejected
 from tests.conftest import free_port, shared_file
 from tests.helpers import copy_series, stored_uid, temp_files, tree_digest, write_config
@@ -248,6 +248,20 @@ def test_imagedb_corrupt_or_for_another_study_never_stops_the_service(tmp_path: 
     assert lost == 0
 
 
+def _drain_one_run(config_path: Path) -> tuple[RunRow, dict[str, tuple[str, str]]]:
+    """Drain a fresh engine on ``config_path``: its one run, and each file's (state, reason)
+    by file name."""
+    engine = make_engine_from(config_path)
+    try:
+        scan(engine)
+        assert engine.drain(60)
+        rows = engine.ledger.query("SELECT path, state, reason FROM instances")
+        (run,) = engine.ledger.runs()
+    finally:
+        engine.close()
+    return run, {Path(r["path"]).name: (r["state"], r["reason"]) for r in rows}
+
+
 # -- 7. huge or hostile input -----------------------------------------------------------------
 
 
@@ -272,15 +286,7 @@ def test_size_and_pixel_budgets_refuse_before_decoding(tmp_path: Path) -> None:
     config_path = write_config(tmp_path)
     text = config_path.read_text().replace("[service]\n", "[service]\nmax_file_bytes = 2000000\n")
     config_path.write_text(text)
-    engine = make_engine_from(config_path)
-    try:
-        scan(engine)
-        assert engine.drain(60)
-        rows = engine.ledger.query("SELECT path, state, reason FROM instances")
-        (run,) = engine.ledger.runs()
-    finally:
-        engine.close()
-    by_name = {Path(r["path"]).name: (r["state"], r["reason"]) for r in rows}
+    run, by_name = _drain_one_run(config_path)
     lost = lost_count(before, tmp_path / "STATE", tmp_path / "INPUT")
     record(
         "7a file/pixel budget",
@@ -363,15 +369,7 @@ def test_hostile_structures_are_rejected_at_intake_and_the_rest_runs(tmp_path: P
     os.remove(files[1])
     before = tree_digest(tmp_path / "INPUT")
     config_path = write_config(tmp_path, max_elements=100_000)
-    engine = make_engine_from(config_path)
-    try:
-        scan(engine)
-        assert engine.drain(60)
-        rows = engine.ledger.query("SELECT path, state, reason FROM instances")
-        (run,) = engine.ledger.runs()
-    finally:
-        engine.close()
-    by_name = {Path(r["path"]).name: (r["state"], r["reason"]) for r in rows}
+    run, by_name = _drain_one_run(config_path)
     lost = lost_count(before, tmp_path / "STATE", tmp_path / "INPUT")
     hostile = ("deep-defined", "deep-undefined", "many-elements")
     record(
