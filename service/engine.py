@@ -592,11 +592,10 @@ class Engine:
         A run still unfinished at ``timeout`` stays ``running`` and resumes at the next start.
         Sends still open are aborted and recorded ``interrupted``; queued ones stay queued."""
         deadline = time.monotonic() + timeout
+        self.outbox.stop_opening()
         while self._pipeline.in_flight and time.monotonic() < deadline:
             self._pipeline.wait(max(0.0, min(0.5, deadline - time.monotonic())))
-            for outcome in self._pipeline.pump():
-                key = (outcome.job.study.gateway_id, outcome.job.study.folder.name)
-                self._complete(outcome, key, self._in_flight.pop(key, b""))
+            self._complete_finished()
         self.outbox.cancel_all(max(1.0, deadline - time.monotonic()))
         return not self._pipeline.in_flight
 

@@ -57,7 +57,7 @@ class Outbox:
         self._lanes: dict[str, _Lane] = {}
         self._open: list[_Open] = []
         self._send_lanes = SendLanes()  # the associations, each bounded by timeout_seconds
-        self._stopping = False  # after cancel_all: no association opens any more
+        self._stopping = False  # stopping: no association opens any more
         #: called with (send, result) when a send ends (resend requests wait for it)
         self.on_done: Callable[[QueuedSend, SendState, str], None] | None = None
 
@@ -192,10 +192,14 @@ class Outbox:
         if self.on_done is not None:
             self.on_done(send, state, reason)
 
+    def stop_opening(self) -> None:
+        """Open no more associations (the service is stopping); queued sends stay queued."""
+        self._stopping = True
+
     def cancel_all(self, timeout: float) -> None:
         """Abort every open association and record it (``interrupted``); queued sends stay
         queued in the ledger and start at the next start."""
-        self._stopping = True
+        self.stop_opening()
         for item in self._open:
             item.handle.cancel()
         deadline = time.monotonic() + timeout
