@@ -156,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(config.log_level)
+    for warning in config.warnings:
+        logger.warning("configuration: %s", warning)
     try:
         if command == "serve":
             return serve(
