@@ -165,6 +165,42 @@ def test_env_keys_documented_in_readme() -> None:
     assert not missing, f"README does not document {missing}"
 
 
+def readme_config_block() -> dict[str, Any]:
+    """The TOML example of README's Configuration section, parsed."""
+    import tomllib
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    return tomllib.loads(block)
+
+
+def test_every_toml_key_of_the_dataclasses_is_in_the_readme_block() -> None:
+    """Only documented keys exist: each field of each config dataclass is a key of the
+    README's example, in its table, and the example itself loads."""
+    from service.config import NOT_SERVICE_KEYS, Config, CxrConfig, GatewayConfig
+
+    block = readme_config_block()
+    gateway_keys = set(block["defaults"]) | set(block["gateways"]["7"])
+    rules = block["defaults"]["rules"] + block["gateways"]["7"]["rules"]
+    tables: list[tuple[str, type, set[str]]] = [
+        ("service", Config, set(block["service"])),
+        ("defaults / gateways.7", GatewayConfig, gateway_keys),
+        ("pacs", PacsConfig, set(block["pacs"])),
+        ("models.cxr", CxrConfig, set(block["models"]["cxr"])),
+        ("rules", Rule, {key for rule in rules for key in rule}),
+    ]
+    missing = [
+        f"{table}.{f.name}"
+        for table, cls, keys in tables
+        for f in dataclasses.fields(cls)
+        if f.name not in keys and not (cls is Config and f.name in NOT_SERVICE_KEYS)
+    ]
+    assert not missing, f"README's Configuration block does not show {missing}"
+    config = from_mapping(block)
+    assert config.destination("7").host == "pacs7.example"
+
+
 def test_max_associations_default_toml_and_per_gateway() -> None:
     """[pacs] max_associations (default 4) and a gateway's own pacs table; errors name it."""
     assert from_mapping({}).pacs.max_associations == 4
