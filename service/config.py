@@ -20,12 +20,13 @@ from the file's folder; those from the environment from the current directory.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import socket
 import ssl
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -636,3 +637,140 @@ def from_mapping(
     out["sources"] = dict.fromkeys(_leaf_keys(data), "file") if sources is None else sources
     out["config_file"] = config_file
     return Config(**out)
+
+
+# -- the effective configuration, for ``config --show`` -----------------------------------
+
+#: Keys whose values are never shown: masked whatever their value (none exist yet).
+SECRET_KEY_RE = re.compile(r"password|token|secret", re.IGNORECASE)
+MASK = "********"
+#: ``effective_settings``' name for the gateways without a table of their own.
+OTHER_GATEWAYS = "*"
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON types (paths as strings, rules as tables)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Rule):
+        table: dict[str, Any] = {"model": value.model}
+        table.update(
+            {k: list(v) for k, v in dataclasses.asdict(value).items() if k != "model" and v}
+        )
+        return table
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _setting(name: str, value: Any, chain: list[str], sources: Mapping[str, str]) -> dict[str, Any]:
+    """``{"value", "source", "from"}``: the first key of ``chain`` (own key, then the key it
+    inherits) that a file or a variable set; ``default`` when none did."""
+    source, origin = "default", ""
+    for key in chain:
+        if key in sources:
+            source, origin = ("file", key) if sources[key] == "file" else ("env", sources[key])
+            break
+    shown = MASK if SECRET_KEY_RE.search(name) else _plain(value)
+    return {"value": shown, "source": source, "from": origin}
+
+
+def _gateway_order(gateway_id: str) -> tuple[int, int, str]:
+    return (0, int(gateway_id), "") if gateway_id.isdigit() else (1, 0, gateway_id)
+
+
+def effective_settings(config: Config, gateway_ids: Iterable[str] = ()) -> dict[str, Any]:
+    """What each gateway runs with, each value with its source (``file`` and the key that
+    set it, ``env`` and the variable, or ``default``); secret-named keys masked.
+
+    ``gateways`` has the configured gateways, ``gateway_ids`` (those found in INPUT) and
+    ``"*"`` for every gateway without a table of its own."""
+    sources = config.sources
+    service = {
+        f.name: _setting(f.name, getattr(config, f.name), [f"service.{f.name}"], sources)
+        for f in dataclasses.fields(Config)
+        if f.name not in NOT_SERVICE_KEYS
+    }
+    cxr = {
+        f.name: _setting(f.name, getattr(config.cxr, f.name), [f"models.cxr.{f.name}"], sources)
+        for f in dataclasses.fields(CxrConfig)
+    }
+    gateways: dict[str, Any] = {}
+    ids = sorted(set(config.gateways) | set(gateway_ids), key=_gateway_order)
+    for gateway_id in [*ids, OTHER_GATEWAYS]:
+        own = [] if gateway_id == OTHER_GATEWAYS else [f"gateways.{gateway_id}."]
+        gateway = config.gateway(gateway_id)
+        destination = config.destination(gateway_id)
+        entry: dict[str, Any] = {
+            f.name: _setting(
+                f.name,
+                getattr(gateway, f.name),
+                [p + f.name for p in own] + [f"defaults.{f.name}"],
+                sources,
+            )
+            for f in dataclasses.fields(GatewayConfig)
+            if f.name != "pacs"
+        }
+        entry["pacs"] = {
+            f.name: _setting(
+                f.name,
+                getattr(destination, f.name),
+                [f"{p}pacs.{f.name}" for p in own] + [f"pacs.{f.name}"],
+                sources,
+            )
+            for f in dataclasses.fields(destination)
+        }
+        gateways[gateway_id] = entry
+    return {
+        "config_file": None if config.config_file is None else str(config.config_file),
+        "warnings": list(config.warnings),
+        "service": service,
+        "models": {"cxr": cxr},
+        "gateways": gateways,
+    }
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    return json.dumps(str(value))
+
+
+def render_settings(settings: Mapping[str, Any]) -> str:
+    """:func:`effective_settings` as TOML-like text, each value's source in a comment."""
+    lines = [
+        f"# effective configuration; config file: {settings['config_file'] or 'none'}",
+        "# after each value its source: file KEY, env VARIABLE or default",
+    ]
+    lines += [f"# warning: {warning}" for warning in settings["warnings"]]
+
+    def table(header: str, values: Mapping[str, Any]) -> None:
+        lines.append("")
+        lines.append(header)
+        for key, item in values.items():
+            if "source" not in item:  # a nested table (a gateway's pacs)
+                continue
+            text = f"{key} = {_toml(item['value'])}"
+            origin = f"{item['source']} {item['from']}".strip()
+            lines.append(f"{text:<44} # {origin}")
+        for key, item in values.items():
+            if "source" not in item:
+                for sub, entry in item.items():
+                    text = f"{key}.{sub} = {_toml(entry['value'])}"
+                    origin = f"{entry['source']} {entry['from']}".strip()
+                    lines.append(f"{text:<44} # {origin}")
+
+    table("[service]", settings["service"])
+    table("[models.cxr]", settings["models"]["cxr"])
+    for gateway_id, values in settings["gateways"].items():
+        if gateway_id == OTHER_GATEWAYS:
+            table('[gateways."*"]  # every gateway without a [gateways.<id>] table', values)
+        else:
+            table(f"[gateways.{gateway_id}]", values)
+    return "\n".join(lines) + "\n"

@@ -257,3 +257,29 @@ def test_unknown_gateway_variable_is_logged_not_an_exit(
     assert any("GATEWAY_PORT" in w for w in warnings), warnings
     assert not any("8080" in w for w in warnings)
     assert json.loads(capsys.readouterr().out)["service"] == "not run yet"
+
+
+def test_config_show_prints_the_effective_configuration_per_gateway(
+    tmp_path: Path, clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import main
+
+    config = tmp_path / "gateway.toml"
+    config.write_text('[service]\ninput_dir = "IN"\n[gateways.7]\nlayout = "flat"\n')
+    (tmp_path / "IN" / "gateway_3").mkdir(parents=True)
+    clean_env.setenv("GATEWAY_PACS_HOST", "orthanc")
+    clean_env.chdir(tmp_path / "IN")
+    assert main(["--config", str(config), "config", "--show", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert list(shown["gateways"]) == ["3", "7", "*"]
+    assert shown["gateways"]["7"]["pacs"]["host"] == {
+        "value": "orthanc",
+        "source": "env",
+        "from": "GATEWAY_PACS_HOST",
+    }
+    assert main(["config", "--config", str(config), "--show"]) == 0
+    text = capsys.readouterr().out
+    assert f'input_dir = "{tmp_path / "IN"}"' in text and "# file service.input_dir" in text
+    with pytest.raises(SystemExit) as exit_:
+        main(["config"])
+    assert exit_.value.code == 2

@@ -405,3 +405,80 @@ def test_unknown_gateway_variables_warn_naming_them_and_do_not_stop() -> None:
     assert "GATEWAY_FAILPOINTS" not in config.warnings[0]  # read by service/failpoints.py
     assert "8080" not in config.warnings[0] and "s3cr3t" not in config.warnings[0]
     assert load_config(None, environ={"GATEWAY_FAILPOINTS": ""}).warnings == ()
+
+
+def test_effective_settings_name_each_source_and_inheritance(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    from service.config import effective_settings, render_settings
+
+    path = write(
+        tmp_path,
+        f"""
+[service]
+input_dir = "in"
+[defaults]
+layout = "flat"
+[pacs]
+host = "pacs.example"
+tls_ca = "{pki["ca.pem"]}"
+[gateways.7]
+stable_seconds = 5
+pacs = {{ host = "pacs7.example" }}
+""",
+    )
+    env = {"GATEWAY_PACS_CALLING_AE_TITLE": "HOSP_AI", "GATEWAY_PORT": "1"}
+    settings = effective_settings(load_config(path, environ=env), ["2"])
+    assert settings["config_file"] == str(path)
+    assert settings["service"]["input_dir"] == {
+        "value": str(tmp_path / "in"),
+        "source": "file",
+        "from": "service.input_dir",
+    }
+    assert settings["service"]["state_dir"]["source"] == "default"
+    assert list(settings["gateways"]) == ["2", "7", "*"]
+    seven = settings["gateways"]["7"]
+    assert seven["stable_seconds"] == {
+        "value": 5.0,
+        "source": "file",
+        "from": "gateways.7.stable_seconds",
+    }
+    assert seven["layout"]["from"] == "defaults.layout"
+    assert seven["max_wait_seconds"] == {"value": 600.0, "source": "default", "from": ""}
+    assert seven["pacs"]["host"]["from"] == "gateways.7.pacs.host"
+    assert seven["pacs"]["tls_ca"] == {
+        "value": str(pki["ca.pem"]),
+        "source": "file",
+        "from": "pacs.tls_ca",
+    }
+    assert seven["pacs"]["calling_ae_title"] == {
+        "value": "HOSP_AI",
+        "source": "env",
+        "from": "GATEWAY_PACS_CALLING_AE_TITLE",
+    }
+    assert settings["gateways"]["2"]["pacs"]["host"]["value"] == "pacs.example"
+    assert settings["gateways"]["*"]["layout"]["value"] == "flat"
+    assert "GATEWAY_PORT" in settings["warnings"][0]
+    text = render_settings(settings)
+    assert "\n[gateways.7]\n" in text
+    assert f'pacs.tls_ca = "{pki["ca.pem"]}"' in text
+    line = next(x for x in text.splitlines() if x.startswith("pacs.calling_ae_title"))
+    assert line.endswith("# env GATEWAY_PACS_CALLING_AE_TITLE")
+
+
+def test_effective_settings_mask_secret_named_keys() -> None:
+    """Any key named *password*, *token* or *secret* is masked, whatever its value."""
+    from service.config import MASK, effective_settings, render_settings
+
+    fields = [("password", str, ""), ("api_token", str, ""), ("client_secret", str, "")]
+    with_secrets = dataclasses.make_dataclass(
+        "SecretPacs", fields, bases=(PacsConfig,), frozen=True
+    )
+    pacs = with_secrets(host="pacs", password="hunter2", api_token="tok3n", client_secret="v4lu3")
+    config = dataclasses.replace(from_mapping({}), pacs=pacs)
+    settings = effective_settings(config)
+    shown = settings["gateways"]["*"]["pacs"]
+    assert shown["password"]["value"] == shown["api_token"]["value"] == MASK
+    assert shown["client_secret"]["value"] == MASK and shown["host"]["value"] == "pacs"
+    for text in (render_settings(settings), str(settings)):
+        assert "hunter2" not in text and "tok3n" not in text and "v4lu3" not in text
