@@ -253,6 +253,13 @@ def _fields(cls: type, table: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 
 def _pacs(table: Any, prefix: str, base: PacsConfig) -> PacsConfig:
+    """``table``'s keys, validated, over ``base``: every key it does not set is ``base``'s.
+
+    A gateway's table is parsed over the effective ``[pacs]``, so a field added to
+    :class:`PacsConfig` is inherited without more code. Another destination kind (DICOMweb)
+    follows the same pattern: a frozen dataclass, a service-wide table, a per-gateway table
+    parsed over it, its own start-up check like :func:`check_tls`; ``effective_settings``
+    lists a destination's fields from the instance."""
     if not isinstance(table, dict):
         raise ConfigError(prefix.rstrip("."), "expected a table")
     values = _fields(PacsConfig, table, prefix)
