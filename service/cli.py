@@ -1,5 +1,5 @@
 """Command line: ``python main.py [serve|run|status|studies|study|reprocess|resend|receiver|models
-fetch]``.
+fetch|config --show]``.
 
 Exit codes: 0 success; 1 processing failed; 2 bad usage or configuration; 3 (``run``) no
 model applies to the input, nothing written.
@@ -129,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     receiver.add_argument("--ae-title", default="DEVRECEIVER")
     receiver.add_argument("--host", default="127.0.0.1")
 
+    config_cmd = sub.add_parser(
+        "config", parents=[common], help="the effective configuration per gateway"
+    )
+    config_cmd.add_argument(
+        "--show",
+        action="store_true",
+        required=True,
+        help="print every value per gateway with its source (file, env, default)",
+    )
+    config_cmd.add_argument("--json", action="store_true", help="machine-readable output")
+
     models = sub.add_parser("models", parents=[common], help="model weights")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     models_sub.add_parser(
@@ -147,6 +158,25 @@ def configure_logging(level: str) -> None:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
+def show_config(config: Config, *, as_json: bool) -> int:
+    """``config --show``: the configured gateways, those found in INPUT and ``*``."""
+    from service.config import effective_settings, render_settings
+    from service.watcher import gateway_id_from_folder
+
+    found: list[str] = []
+    with contextlib.suppress(OSError):
+        found = [
+            gateway_id
+            for entry in config.input_dir.iterdir()
+            if entry.is_dir() and (gateway_id := gateway_id_from_folder(entry.name))
+        ]
+    settings = effective_settings(config, found)
+    print(json.dumps(settings, indent=2) if as_json else render_settings(settings), end="")
+    if as_json:
+        print()
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = args.command or "serve"
@@ -156,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(config.log_level)
+    for warning in config.warnings:
+        logger.warning("configuration: %s", warning)
     try:
         if command == "serve":
             return serve(
@@ -175,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return request(
                 config, command, args.gateway_id, args.study_uid, wait=args.wait, queue=args.queue
             )
+        if command == "config":
+            return show_config(config, as_json=args.json)
         if command == "receiver":
             from devtools.receiver import serve_receiver
 

@@ -6,20 +6,27 @@ environment variables with the prefix ``GATEWAY_``. Every error names the bad ke
 TOML layout::
 
     [service]            # folders, watching, UID root, limits
-    [defaults]           # per-gateway settings applied to every gateway
-    [pacs]               # default destination for gateways that name none
+    [defaults]           # per-gateway settings applied to every gateway (no destination)
+    [pacs]               # the service-wide destination
     [models.cxr]         # chest X-ray model settings
     [gateways.<id>]      # per-gateway overrides (stable_seconds, layout, pacs, rules)
+
+A gateway's own destination table (``[gateways.<id>] pacs = {...}``) inherits every key it
+does not set from the effective ``[pacs]`` (file and environment), so it can never drop
+TLS, the calling AE title or a bound by leaving them out. Relative paths in a file resolve
+from the file's folder; those from the environment from the current directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import socket
+import ssl
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,13 +123,23 @@ class Config:
     pacs: PacsConfig = field(default_factory=PacsConfig)
     cxr: CxrConfig = field(default_factory=CxrConfig)
     gateways: Mapping[str, GatewayConfig] = field(default_factory=dict)
+    #: what the loader noticed but did not refuse (unknown ``GATEWAY_*`` variables); the
+    #: CLI logs them once logging is configured
+    warnings: tuple[str, ...] = ()
+    #: dotted key -> where its value came from: ``"file"`` or the ``GATEWAY_*`` variable;
+    #: keys not listed have their default (see :func:`effective_settings`)
+    sources: Mapping[str, str] = field(default_factory=dict)
+    config_file: Path | None = None
 
     def gateway(self, gateway_id: str) -> GatewayConfig:
         """The settings of ``gateway_id`` (``[defaults]`` when it has none of its own)."""
         return self.gateways.get(gateway_id, self.defaults)
 
     def destination(self, gateway_id: str) -> PacsConfig:
-        """Where results of ``gateway_id`` are sent; ``enabled`` is False for none."""
+        """Where results of ``gateway_id`` are sent; ``enabled`` is False for none.
+
+        A gateway's own ``pacs`` table was merged over ``[pacs]`` at load: every key it
+        does not set is ``[pacs]``'s."""
         return self.gateway(gateway_id).pacs or self.pacs
 
     @property
@@ -217,6 +234,16 @@ def validate_uid_root(value: Any, key: str = "service.uid_root") -> str:
     return text
 
 
+#: :class:`Config` fields that are not ``[service]`` keys.
+NOT_SERVICE_KEYS = frozenset(
+    {"defaults", "pacs", "cxr", "gateways", "warnings", "sources", "config_file"}
+)
+#: Keys that hold a path: relative ones in a config file resolve from the file's folder.
+SERVICE_PATH_KEYS = ("input_dir", "output_dir", "state_dir")
+PACS_PATH_KEYS = ("tls_ca", "tls_cert", "tls_key")
+CXR_PATH_KEYS = ("weights",)
+
+
 def _fields(cls: type, table: dict[str, Any], prefix: str) -> dict[str, Any]:
     known = {f.name for f in dataclasses.fields(cls)}
     for key in table:
@@ -226,6 +253,13 @@ def _fields(cls: type, table: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 
 def _pacs(table: Any, prefix: str, base: PacsConfig) -> PacsConfig:
+    """``table``'s keys, validated, over ``base``: every key it does not set is ``base``'s.
+
+    A gateway's table is parsed over the effective ``[pacs]``, so a field added to
+    :class:`PacsConfig` is inherited without more code. Another destination kind (DICOMweb)
+    follows the same pattern: a frozen dataclass, a service-wide table, a per-gateway table
+    parsed over it, its own start-up check like :func:`check_tls`; ``effective_settings``
+    lists a destination's fields from the instance."""
     if not isinstance(table, dict):
         raise ConfigError(prefix.rstrip("."), "expected a table")
     values = _fields(PacsConfig, table, prefix)
@@ -268,9 +302,20 @@ def _rules(value: Any, key: str) -> tuple[Rule, ...]:
     return tuple(rules)
 
 
-def _gateway(table: Any, prefix: str, base: GatewayConfig) -> GatewayConfig:
+def _gateway(
+    table: Any, prefix: str, base: GatewayConfig, pacs: PacsConfig | None
+) -> GatewayConfig:
+    """A gateway table over ``base``; its ``pacs`` table over ``pacs`` (the effective
+    ``[pacs]``), or refused when ``pacs`` is None (``[defaults]``: the default destination
+    is ``[pacs]``, so that ``GATEWAY_PACS_*`` always wins over the file)."""
     if not isinstance(table, dict):
         raise ConfigError(prefix.rstrip("."), "expected a table")
+    if pacs is None and "pacs" in table:
+        raise ConfigError(
+            f"{prefix}pacs",
+            "unknown key: the default destination is [pacs] (GATEWAY_PACS_*); a gateway"
+            " sets its own with [gateways.<id>] pacs",
+        )
     values = _fields(GatewayConfig, table, prefix)
     out: dict[str, Any] = {}
     for key, value in values.items():
@@ -282,14 +327,15 @@ def _gateway(table: Any, prefix: str, base: GatewayConfig) -> GatewayConfig:
         elif key == "rules":
             out[key] = _rules(value, name)
         elif key == "pacs":
-            out[key] = _pacs(value, f"{name}.", base.pacs or PacsConfig())
+            assert pacs is not None
+            out[key] = _pacs(value, f"{name}.", pacs)
     return dataclasses.replace(base, **out)
 
 
 def _service(table: dict[str, Any], out: dict[str, Any]) -> None:
     for key, value in _fields(Config, table, "service.").items():
         name = f"service.{key}"
-        if key in ("defaults", "pacs", "cxr", "gateways"):
+        if key in NOT_SERVICE_KEYS:
             raise ConfigError(name, "unknown key")
         if key in ("input_dir", "output_dir", "state_dir"):
             out[key] = Path(_as_str(value, name))
@@ -375,7 +421,12 @@ ENV_KEYS: dict[str, str] = {
 NOT_CONFIG_ENV = frozenset({"GATEWAY_FAILPOINTS"})
 
 
-def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+def _apply_env(
+    data: dict[str, Any], environ: Mapping[str, str]
+) -> tuple[dict[str, str], str | None]:
+    """Set the keys ``environ`` overrides in ``data``; returns ``{dotted key: variable}`` and
+    a warning naming the unknown ``GATEWAY_*`` variables (never their values)."""
+    sources: dict[str, str] = {}
     for var, dotted in ENV_KEYS.items():
         if var not in environ:
             continue
@@ -387,21 +438,136 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
                 raise ConfigError(".".join(parents), "expected a table")
             table = child
         table[leaf] = environ[var]
+        sources[dotted] = var
     unknown = sorted(
         k
         for k in environ
         if k.startswith("GATEWAY_") and k not in ENV_KEYS and k not in NOT_CONFIG_ENV
     )
+    warning = None
     if unknown:
-        raise ConfigError(unknown[0], f"unknown environment variable; known: {', '.join(ENV_KEYS)}")
+        warning = (
+            f"ignored unknown environment variable(s) {', '.join(unknown)}: not configuration"
+            " (README, Configuration, lists the GATEWAY_* variables)"
+        )
+    return sources, warning
+
+
+def _resolve(value: Any, base: Path) -> Any:
+    """A non-empty relative path string from a file, made absolute from ``base``."""
+    if not isinstance(value, str) or not value:
+        return value
+    path = Path(value).expanduser()
+    return os.path.normpath(path if path.is_absolute() else base / path)
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Resolve the relative paths a config file gives from its folder, ``base``."""
+
+    def table(parent: Any, name: str) -> dict[str, Any]:
+        child = parent.get(name) if isinstance(parent, dict) else None
+        return child if isinstance(child, dict) else {}
+
+    tables: list[tuple[dict[str, Any], tuple[str, ...]]] = [
+        (table(data, "service"), SERVICE_PATH_KEYS),
+        (table(table(data, "models"), "cxr"), CXR_PATH_KEYS),
+        (table(data, "pacs"), PACS_PATH_KEYS),
+    ]
+    gateways = table(data, "gateways")
+    tables += [(table(table(gateways, gid), "pacs"), PACS_PATH_KEYS) for gid in gateways]
+    for values, keys in tables:
+        for key in keys:
+            if key in values:
+                values[key] = _resolve(values[key], base)
+
+
+def _leaf_keys(data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the values in a parsed TOML document (tables flattened)."""
+    keys: list[str] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            keys += _leaf_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def _pem_has(path: str, label: str) -> bool:
+    try:
+        with open(path, encoding="ascii", errors="replace") as fh:
+            return f"-----BEGIN {label}-----" in fh.read(1_000_000)
+    except OSError:
+        return False
+
+
+def _refuse_password_prompt() -> bytes:
+    """``load_cert_chain``'s password: an encrypted key is refused, never prompted for."""
+    return b""
+
+
+def check_tls(destination: PacsConfig, name: Callable[[str], str]) -> None:
+    """Refuse TLS settings the sender could not apply; ``name(key)`` is the dotted key that
+    set ``key`` (``pacs.tls_ca`` or ``gateways.<id>.pacs.tls_ca``). Nothing is read back
+    into the message but the path and OpenSSL's reason."""
+    for key in PACS_PATH_KEYS:
+        path = getattr(destination, key)
+        if path and not os.path.isfile(path):
+            raise ConfigError(name(key), f"no such file: {path}")
+    if bool(destination.tls_cert) != bool(destination.tls_key):
+        given, missing = (
+            ("tls_cert", "tls_key") if destination.tls_cert else ("tls_key", "tls_cert")
+        )
+        where = name(given).rpartition(".")[0]  # the table that set one without the other
+        raise ConfigError(
+            f"{where}.{missing}", f"required with {given}: client authentication needs both files"
+        )
+    if not (destination.tls_ca or destination.tls_cert):
+        return
+    try:
+        context = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cafile=destination.tls_ca or None
+        )
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            name("tls_ca"), f"cannot load {destination.tls_ca} as CA certificates: {exc}"
+        ) from None
+    if destination.tls_cert:
+        try:
+            context.load_cert_chain(
+                destination.tls_cert, destination.tls_key, password=_refuse_password_prompt
+            )
+        except (ssl.SSLError, OSError) as exc:
+            if not _pem_has(destination.tls_cert, "CERTIFICATE"):
+                raise ConfigError(
+                    name("tls_cert"), f"no PEM certificate in {destination.tls_cert}"
+                ) from None
+            raise ConfigError(
+                name("tls_key"),
+                f"cannot load {destination.tls_key} as the unencrypted PEM private key of"
+                f" {destination.tls_cert}: {exc}",
+            ) from None
+
+
+def _key_namer(prefix: str, own: set[str]) -> Callable[[str], str]:
+    """Names a key of a gateway's destination where it was set: its own table, or ``[pacs]``."""
+
+    def name(key: str) -> str:
+        return f"{prefix}{key}" if key in own else f"pacs.{key}"
+
+    return name
 
 
 def load_config(
     path: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Config:
-    """Build the validated :class:`Config` from defaults, a TOML file and ``GATEWAY_*``."""
+    """Build the validated :class:`Config` from defaults, a TOML file and ``GATEWAY_*``.
+
+    Relative paths in the file resolve from the file's folder (so do the default folders
+    when a file is given); relative paths from the environment, or defaults without a
+    file, from the current directory."""
     data: dict[str, Any] = {}
+    base_dir: Path | None = None
     if path is not None:
         try:
             with open(path, "rb") as fh:
@@ -410,12 +576,32 @@ def load_config(
             raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
-    _apply_env(data, os.environ if environ is None else environ)
-    return from_mapping(data)
+        base_dir = Path(os.path.abspath(path)).parent
+        _resolve_paths(data, base_dir)
+    sources = dict.fromkeys(_leaf_keys(data), "file")
+    env_sources, warning = _apply_env(data, os.environ if environ is None else environ)
+    sources.update(env_sources)
+    return from_mapping(
+        data,
+        base_dir=base_dir,
+        sources=sources,
+        warnings=() if warning is None else (warning,),
+        config_file=None if path is None else Path(os.path.abspath(path)),
+    )
 
 
-def from_mapping(data: Mapping[str, Any]) -> Config:
-    """Validate a parsed TOML document into a :class:`Config`."""
+def from_mapping(
+    data: Mapping[str, Any],
+    *,
+    base_dir: Path | None = None,
+    sources: Mapping[str, str] | None = None,
+    warnings: tuple[str, ...] = (),
+    config_file: Path | None = None,
+) -> Config:
+    """Validate a parsed TOML document into a :class:`Config`.
+
+    ``base_dir``: the folder the default folders (INPUT, OUTPUT, STATE) resolve from;
+    ``sources``: see :attr:`Config.sources` (default: every key in ``data`` is ``"file"``)."""
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for key in data:
         if key not in ("service", "defaults", "pacs", "models", "gateways"):
@@ -425,9 +611,15 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     if not isinstance(service, dict):
         raise ConfigError("service", "expected a table")
     _service(service, out)
-    defaults = _gateway(data.get("defaults", {}), "defaults.", GatewayConfig())
+    if base_dir is not None:
+        defaults_of = {f.name: f.default for f in dataclasses.fields(Config)}
+        for key in SERVICE_PATH_KEYS:
+            out.setdefault(key, base_dir / Path(str(defaults_of[key])))
+    defaults = _gateway(data.get("defaults", {}), "defaults.", GatewayConfig(), None)
     out["defaults"] = defaults
-    out["pacs"] = _pacs(data.get("pacs", {}), "pacs.", PacsConfig())
+    pacs = _pacs(data.get("pacs", {}), "pacs.", PacsConfig())
+    check_tls(pacs, lambda key: f"pacs.{key}")
+    out["pacs"] = pacs
     models = data.get("models", {})
     if not isinstance(models, dict):
         raise ConfigError("models", "expected a table")
@@ -442,6 +634,150 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     for gateway_id, table in gateways.items():
         if not GATEWAY_ID_RE.match(str(gateway_id)):
             raise ConfigError(f"gateways.{gateway_id}", "gateway id must be [A-Za-z0-9_-]{1,64}")
-        parsed[str(gateway_id)] = _gateway(table, f"gateways.{gateway_id}.", defaults)
+        prefix = f"gateways.{gateway_id}."
+        gateway = _gateway(table, prefix, defaults, pacs)
+        if gateway.pacs is not None:
+            check_tls(gateway.pacs, _key_namer(f"{prefix}pacs.", set(table["pacs"])))
+        parsed[str(gateway_id)] = gateway
     out["gateways"] = parsed
+    out["warnings"] = warnings
+    out["sources"] = dict.fromkeys(_leaf_keys(data), "file") if sources is None else sources
+    out["config_file"] = config_file
     return Config(**out)
+
+
+# -- the effective configuration, for ``config --show`` -----------------------------------
+
+#: Keys whose values are never shown: masked whatever their value (none exist yet).
+SECRET_KEY_RE = re.compile(r"password|token|secret", re.IGNORECASE)
+MASK = "********"
+#: ``effective_settings``' name for the gateways without a table of their own.
+OTHER_GATEWAYS = "*"
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON types (paths as strings, rules as tables)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Rule):
+        table: dict[str, Any] = {"model": value.model}
+        table.update(
+            {k: list(v) for k, v in dataclasses.asdict(value).items() if k != "model" and v}
+        )
+        return table
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _setting(name: str, value: Any, chain: list[str], sources: Mapping[str, str]) -> dict[str, Any]:
+    """``{"value", "source", "from"}``: the first key of ``chain`` (own key, then the key it
+    inherits) that a file or a variable set; ``default`` when none did."""
+    source, origin = "default", ""
+    for key in chain:
+        if key in sources:
+            source, origin = ("file", key) if sources[key] == "file" else ("env", sources[key])
+            break
+    shown = MASK if SECRET_KEY_RE.search(name) else _plain(value)
+    return {"value": shown, "source": source, "from": origin}
+
+
+def _gateway_order(gateway_id: str) -> tuple[int, int, str]:
+    return (0, int(gateway_id), "") if gateway_id.isdigit() else (1, 0, gateway_id)
+
+
+def effective_settings(config: Config, gateway_ids: Iterable[str] = ()) -> dict[str, Any]:
+    """What each gateway runs with, each value with its source (``file`` and the key that
+    set it, ``env`` and the variable, or ``default``); secret-named keys masked.
+
+    ``gateways`` has the configured gateways, ``gateway_ids`` (those found in INPUT) and
+    ``"*"`` for every gateway without a table of its own."""
+    sources = config.sources
+    service = {
+        f.name: _setting(f.name, getattr(config, f.name), [f"service.{f.name}"], sources)
+        for f in dataclasses.fields(Config)
+        if f.name not in NOT_SERVICE_KEYS
+    }
+    cxr = {
+        f.name: _setting(f.name, getattr(config.cxr, f.name), [f"models.cxr.{f.name}"], sources)
+        for f in dataclasses.fields(CxrConfig)
+    }
+    gateways: dict[str, Any] = {}
+    ids = sorted(set(config.gateways) | set(gateway_ids), key=_gateway_order)
+    for gateway_id in [*ids, OTHER_GATEWAYS]:
+        own = [] if gateway_id == OTHER_GATEWAYS else [f"gateways.{gateway_id}."]
+        gateway = config.gateway(gateway_id)
+        destination = config.destination(gateway_id)
+        entry: dict[str, Any] = {
+            f.name: _setting(
+                f.name,
+                getattr(gateway, f.name),
+                [p + f.name for p in own] + [f"defaults.{f.name}"],
+                sources,
+            )
+            for f in dataclasses.fields(GatewayConfig)
+            if f.name != "pacs"
+        }
+        entry["pacs"] = {
+            f.name: _setting(
+                f.name,
+                getattr(destination, f.name),
+                [f"{p}pacs.{f.name}" for p in own] + [f"pacs.{f.name}"],
+                sources,
+            )
+            for f in dataclasses.fields(destination)
+        }
+        gateways[gateway_id] = entry
+    return {
+        "config_file": None if config.config_file is None else str(config.config_file),
+        "warnings": list(config.warnings),
+        "service": service,
+        "models": {"cxr": cxr},
+        "gateways": gateways,
+    }
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    return json.dumps(str(value))
+
+
+def render_settings(settings: Mapping[str, Any]) -> str:
+    """:func:`effective_settings` as TOML-like text, each value's source in a comment."""
+    lines = [
+        f"# effective configuration; config file: {settings['config_file'] or 'none'}",
+        "# after each value its source: file KEY, env VARIABLE or default",
+    ]
+    lines += [f"# warning: {warning}" for warning in settings["warnings"]]
+
+    def table(header: str, values: Mapping[str, Any]) -> None:
+        lines.append("")
+        lines.append(header)
+        for key, item in values.items():
+            if "source" not in item:  # a nested table (a gateway's pacs)
+                continue
+            text = f"{key} = {_toml(item['value'])}"
+            origin = f"{item['source']} {item['from']}".strip()
+            lines.append(f"{text:<44} # {origin}")
+        for key, item in values.items():
+            if "source" not in item:
+                for sub, entry in item.items():
+                    text = f"{key}.{sub} = {_toml(entry['value'])}"
+                    origin = f"{entry['source']} {entry['from']}".strip()
+                    lines.append(f"{text:<44} # {origin}")
+
+    table("[service]", settings["service"])
+    table("[models.cxr]", settings["models"]["cxr"])
+    for gateway_id, values in settings["gateways"].items():
+        if gateway_id == OTHER_GATEWAYS:
+            table('[gateways."*"]  # every gateway without a [gateways.<id>] table', values)
+        else:
+            table(f"[gateways.{gateway_id}]", values)
+    return "\n".join(lines) + "\n"

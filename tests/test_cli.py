@@ -213,3 +213,73 @@ def test_run_contract_exit_codes(tmp_path: Path) -> None:
     skipped = run_cli("--config", str(default), "run", str(ct), str(tmp_path / "o"))
     assert skipped.returncode == 3 and "no routing rule matches" in skipped.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No GATEWAY_* variables from the environment the tests run in."""
+    import os
+
+    for name in [k for k in os.environ if k.startswith("GATEWAY_")]:
+        monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_config_file_paths_do_not_depend_on_the_current_directory(
+    tmp_path: Path, clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--config <dir>/gateway.toml status` from another folder reads <dir>/STATE."""
+    from service.cli import main
+
+    folder = tmp_path / "site"
+    folder.mkdir()
+    (folder / "gateway.toml").write_text('[service]\nstate_dir = "STATE"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    clean_env.chdir(elsewhere)
+    assert main(["--config", str(folder / "gateway.toml"), "status", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["ledger"] == str(folder / "STATE" / "ledger.sqlite3")
+
+
+def test_unknown_gateway_variable_is_logged_not_an_exit(
+    tmp_path: Path,
+    clean_env: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from service.cli import main
+
+    clean_env.setenv("GATEWAY_PORT", "8080")
+    clean_env.setenv("GATEWAY_STATE_DIR", str(tmp_path / "STATE"))
+    assert main(["status", "--json"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("GATEWAY_PORT" in w for w in warnings), warnings
+    assert not any("8080" in w for w in warnings)
+    assert json.loads(capsys.readouterr().out)["service"] == "not run yet"
+
+
+def test_config_show_prints_the_effective_configuration_per_gateway(
+    tmp_path: Path, clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import main
+
+    config = tmp_path / "gateway.toml"
+    config.write_text('[service]\ninput_dir = "IN"\n[gateways.7]\nlayout = "flat"\n')
+    (tmp_path / "IN" / "gateway_3").mkdir(parents=True)
+    clean_env.setenv("GATEWAY_PACS_HOST", "orthanc")
+    clean_env.chdir(tmp_path / "IN")
+    assert main(["--config", str(config), "config", "--show", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert list(shown["gateways"]) == ["3", "7", "*"]
+    assert shown["gateways"]["7"]["pacs"]["host"] == {
+        "value": "orthanc",
+        "source": "env",
+        "from": "GATEWAY_PACS_HOST",
+    }
+    assert main(["config", "--config", str(config), "--show"]) == 0
+    text = capsys.readouterr().out
+    assert f'input_dir = "{tmp_path / "IN"}"' in text and "# file service.input_dir" in text
+    with pytest.raises(SystemExit) as exit_:
+        main(["config"])
+    assert exit_.value.code == 2

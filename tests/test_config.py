@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from service.config import DEFAULT_UID_ROOT, ENV_KEYS, Rule, from_mapping, load_config
+from service.config import (
+    DEFAULT_UID_ROOT,
+    ENV_KEYS,
+    PacsConfig,
+    Rule,
+    from_mapping,
+    load_config,
+)
 from service.errors import ConfigError
+from tests.test_sender_tls import make_pki, openssl
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,7 +113,6 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ({"GATEWAY_PACS_AE_TITLE": "A" * 17}, "pacs.ae_title"),
         ({"GATEWAY_CXR_DEVICE": "tpu"}, "models.cxr.device"),
         ({"GATEWAY_CXR_SHA256": "abc"}, "models.cxr.sha256"),
-        ({"GATEWAY_TYPO": "1"}, "GATEWAY_TYPO"),
         ({"GATEWAY_WORKERS": "many"}, "service.workers"),
         ({"GATEWAY_WORKERS": "-1"}, "service.workers"),
     ],
@@ -151,8 +161,46 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
 
 def test_env_keys_documented_in_readme() -> None:
     readme = (ROOT / "README.md").read_text()
-    missing = [var for var in ENV_KEYS if var not in readme]
+    from service.config import NOT_CONFIG_ENV  # known, so never warned about: documented too
+
+    missing = [var for var in [*ENV_KEYS, *NOT_CONFIG_ENV] if var not in readme]
     assert not missing, f"README does not document {missing}"
+
+
+def readme_config_block() -> dict[str, Any]:
+    """The TOML example of README's Configuration section, parsed."""
+    import tomllib
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    return tomllib.loads(block)
+
+
+def test_every_toml_key_of_the_dataclasses_is_in_the_readme_block() -> None:
+    """Only documented keys exist: each field of each config dataclass is a key of the
+    README's example, in its table, and the example itself loads."""
+    from service.config import NOT_SERVICE_KEYS, Config, CxrConfig, GatewayConfig
+
+    block = readme_config_block()
+    gateway_keys = set(block["defaults"]) | set(block["gateways"]["7"])
+    rules = block["defaults"]["rules"] + block["gateways"]["7"]["rules"]
+    tables: list[tuple[str, type, set[str]]] = [
+        ("service", Config, set(block["service"])),
+        ("defaults / gateways.7", GatewayConfig, gateway_keys),
+        ("pacs", PacsConfig, set(block["pacs"])),
+        ("models.cxr", CxrConfig, set(block["models"]["cxr"])),
+        ("rules", Rule, {key for rule in rules for key in rule}),
+    ]
+    missing = [
+        f"{table}.{f.name}"
+        for table, cls, keys in tables
+        for f in dataclasses.fields(cls)
+        if f.name not in keys and not (cls is Config and f.name in NOT_SERVICE_KEYS)
+    ]
+    assert not missing, f"README's Configuration block does not show {missing}"
+    config = from_mapping(block)
+    assert config.destination("7").host == "pacs7.example"
 
 
 def test_max_associations_default_toml_and_per_gateway() -> None:
@@ -183,3 +231,256 @@ def test_node_name_defaults_to_the_host_name_and_is_validated(tmp_path: Path) ->
         with pytest.raises(ConfigError) as err:
             from_mapping({"service": {"node_name": bad}})
         assert "service.node_name" in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA and a client certificate with its key; ``other.key``: a key of another pair;
+    ``encrypted.key``: the client key under a passphrase; ``junk.pem``: not PEM."""
+    folder = tmp_path_factory.mktemp("tls")
+    files = make_pki(folder / "site", "site")
+    other = make_pki(folder / "other", "other")
+    openssl("rsa", "-in", str(files["client.key"]), "-aes256", "-passout", "pass:secret",
+            "-out", "encrypted.key", cwd=folder)  # fmt: skip
+    (folder / "junk.pem").write_text("not a certificate\n")
+    return {
+        **files,
+        "other.key": other["client.key"],
+        "encrypted.key": folder / "encrypted.key",
+        "junk.pem": folder / "junk.pem",
+    }
+
+
+def non_default_pacs(pki: dict[str, Path]) -> dict[str, Any]:
+    """A value other than the default for every PacsConfig field (a new field must be added
+    here, so that its inheritance is tested)."""
+    values: dict[str, Any] = {
+        "host": "pacs.example",
+        "port": 11112,
+        "ae_title": "SITEPACS",
+        "calling_ae_title": "HOSP_AI",
+        "timeout_seconds": 5.0,
+        "max_associations": 2,
+        "tls_ca": str(pki["ca.pem"]),
+        "tls_cert": str(pki["client.pem"]),
+        "tls_key": str(pki["client.key"]),
+    }
+    assert set(values) == {f.name for f in dataclasses.fields(PacsConfig)}
+    return values
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(PacsConfig)])
+def test_gateway_destination_inherits_each_unset_pacs_field(
+    name: str, pki: dict[str, Path]
+) -> None:
+    """[gateways.<id>] pacs = {...} takes every key it does not set from [pacs]."""
+    values = non_default_pacs(pki)
+    pacs: dict[str, Any] = {name: values[name]}
+    if name in ("tls_cert", "tls_key"):  # one is refused without the other
+        pacs = {"tls_cert": values["tls_cert"], "tls_key": values["tls_key"]}
+    own = {"port": 4242} if name == "host" else {"host": "pacs7.example"}
+    config = from_mapping({"pacs": pacs, "gateways": {"7": {"pacs": own}}})
+    destination = config.destination("7")
+    assert getattr(destination, name) == values[name]
+    for key, value in own.items():  # and what it sets wins
+        assert getattr(destination, key) == value
+    assert getattr(config.destination("other"), name) == values[name]
+
+
+def test_gateway_destination_keeps_tls_calling_ae_and_timeout_of_pacs(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    """The case found: a gateway naming only host and port went out without TLS, with the
+    default calling AE and timeout. The environment's [pacs] values are inherited too."""
+    path = write(
+        tmp_path,
+        f"""
+[pacs]
+tls_ca = "{pki["ca.pem"]}"
+calling_ae_title = "HOSP_AI"
+timeout_seconds = 5
+[gateways.7]
+pacs = {{ host = "pacs7.example", port = 11112 }}
+""",
+    )
+    config = load_config(path, environ={"GATEWAY_PACS_AE_TITLE": "ENVPACS"})
+    destination = config.destination("7")
+    assert (destination.host, destination.port) == ("pacs7.example", 11112)
+    assert destination.tls_ca == str(pki["ca.pem"])
+    assert destination.calling_ae_title == "HOSP_AI"
+    assert destination.timeout_seconds == 5.0
+    assert destination.ae_title == "ENVPACS"
+
+
+@pytest.mark.parametrize(
+    ("pacs", "own", "key"),
+    [
+        ({"tls_ca": "missing.pem"}, None, "pacs.tls_ca"),
+        ({"tls_ca": "junk.pem"}, None, "pacs.tls_ca"),
+        ({"tls_ca": "ca.pem", "tls_cert": "client.pem"}, None, "pacs.tls_key"),
+        ({"tls_key": "client.key"}, None, "pacs.tls_cert"),
+        ({"tls_cert": "junk.pem", "tls_key": "client.key"}, None, "pacs.tls_cert"),
+        ({"tls_cert": "client.pem", "tls_key": "other.key"}, None, "pacs.tls_key"),
+        ({"tls_cert": "client.pem", "tls_key": "encrypted.key"}, None, "pacs.tls_key"),
+        ({"tls_cert": "client.pem", "tls_key": "missing.key"}, None, "pacs.tls_key"),
+        ({}, {"tls_ca": "missing.pem"}, "gateways.7.pacs.tls_ca"),
+        ({}, {"tls_cert": "client.pem"}, "gateways.7.pacs.tls_key"),
+        (
+            {"tls_cert": "client.pem", "tls_key": "client.key"},
+            {"tls_key": "other.key"},
+            "gateways.7.pacs.tls_key",
+        ),
+    ],
+)
+def test_tls_that_cannot_be_applied_is_refused_naming_the_key(
+    pacs: dict[str, str], own: dict[str, str] | None, key: str, pki: dict[str, Path]
+) -> None:
+    def files(table: dict[str, str]) -> dict[str, str]:
+        folder = pki["ca.pem"].parent
+        return {k: str(pki.get(v, folder / v)) for k, v in table.items()}
+
+    data: dict[str, Any] = {"pacs": files(pacs)}
+    if own is not None:
+        data["gateways"] = {"7": {"pacs": {"host": "pacs7", **files(own)}}}
+    with pytest.raises(ConfigError) as err:
+        from_mapping(data)
+    assert err.value.key == key
+    assert "secret" not in str(err.value)
+
+
+def test_defaults_pacs_is_refused_so_the_environment_always_wins() -> None:
+    """[defaults] pacs would have overridden GATEWAY_PACS_HOST: the default destination is
+    [pacs] only, and the environment wins over it."""
+    with pytest.raises(ConfigError) as err:
+        from_mapping({"defaults": {"pacs": {"host": "file-pacs"}}})
+    assert err.value.key == "defaults.pacs"
+    config = from_mapping({"pacs": {"host": "file-pacs"}})
+    assert config.destination("1").host == "file-pacs"
+
+
+def test_relative_paths_in_a_file_resolve_from_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pki: dict[str, Path]
+) -> None:
+    """Run from another folder, the file's relative paths are still the file's; the default
+    folders too when a file is given. Environment values keep the current directory."""
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    for name in ("ca.pem", "client.pem", "client.key"):
+        shutil.copy(pki[name], folder / name)
+    path = folder / "gateway.toml"
+    path.write_text(
+        """
+[service]
+input_dir = "in"
+state_dir = "../state"
+[models.cxr]
+weights = "weights/cxr.pt"
+[pacs]
+tls_ca = "ca.pem"
+[gateways.7]
+pacs = { host = "pacs7", tls_cert = "client.pem", tls_key = "client.key" }
+"""
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(path, environ={})
+    assert config.input_dir == folder / "in"
+    assert config.state_dir == tmp_path / "state"
+    assert config.output_dir == folder / "OUTPUT"  # a default, from the file's folder
+    assert config.cxr.weights == str(folder / "weights" / "cxr.pt")
+    assert config.pacs.tls_ca == str(folder / "ca.pem")
+    assert config.destination("7").tls_ca == str(folder / "ca.pem")
+    assert config.destination("7").tls_cert == str(folder / "client.pem")
+    assert config.destination("7").tls_key == str(folder / "client.key")
+    env = load_config(path, environ={"GATEWAY_INPUT_DIR": "mnt/in", "GATEWAY_CXR_WEIGHTS": ""})
+    assert env.input_dir == Path("mnt/in")  # from the current directory
+    assert env.cxr.weights == ""  # "" keeps its meaning: torchxrayvision's cache
+    assert load_config(None, environ={}).input_dir == Path("INPUT")
+
+
+def test_unknown_gateway_variables_warn_naming_them_and_do_not_stop() -> None:
+    env = {"GATEWAY_PORT": "8080", "GATEWAY_TOKEN_X": "s3cr3t", "GATEWAY_FAILPOINTS": ""}
+    config = load_config(None, environ=env)
+    assert len(config.warnings) == 1
+    assert "GATEWAY_PORT" in config.warnings[0] and "GATEWAY_TOKEN_X" in config.warnings[0]
+    assert "GATEWAY_FAILPOINTS" not in config.warnings[0]  # read by service/failpoints.py
+    assert "8080" not in config.warnings[0] and "s3cr3t" not in config.warnings[0]
+    assert load_config(None, environ={"GATEWAY_FAILPOINTS": ""}).warnings == ()
+
+
+def test_effective_settings_name_each_source_and_inheritance(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    from service.config import effective_settings, render_settings
+
+    path = write(
+        tmp_path,
+        f"""
+[service]
+input_dir = "in"
+[defaults]
+layout = "flat"
+[pacs]
+host = "pacs.example"
+tls_ca = "{pki["ca.pem"]}"
+[gateways.7]
+stable_seconds = 5
+pacs = {{ host = "pacs7.example" }}
+""",
+    )
+    env = {"GATEWAY_PACS_CALLING_AE_TITLE": "HOSP_AI", "GATEWAY_PORT": "1"}
+    settings = effective_settings(load_config(path, environ=env), ["2"])
+    assert settings["config_file"] == str(path)
+    assert settings["service"]["input_dir"] == {
+        "value": str(tmp_path / "in"),
+        "source": "file",
+        "from": "service.input_dir",
+    }
+    assert settings["service"]["state_dir"]["source"] == "default"
+    assert list(settings["gateways"]) == ["2", "7", "*"]
+    seven = settings["gateways"]["7"]
+    assert seven["stable_seconds"] == {
+        "value": 5.0,
+        "source": "file",
+        "from": "gateways.7.stable_seconds",
+    }
+    assert seven["layout"]["from"] == "defaults.layout"
+    assert seven["max_wait_seconds"] == {"value": 600.0, "source": "default", "from": ""}
+    assert seven["pacs"]["host"]["from"] == "gateways.7.pacs.host"
+    assert seven["pacs"]["tls_ca"] == {
+        "value": str(pki["ca.pem"]),
+        "source": "file",
+        "from": "pacs.tls_ca",
+    }
+    assert seven["pacs"]["calling_ae_title"] == {
+        "value": "HOSP_AI",
+        "source": "env",
+        "from": "GATEWAY_PACS_CALLING_AE_TITLE",
+    }
+    assert settings["gateways"]["2"]["pacs"]["host"]["value"] == "pacs.example"
+    assert settings["gateways"]["*"]["layout"]["value"] == "flat"
+    assert "GATEWAY_PORT" in settings["warnings"][0]
+    text = render_settings(settings)
+    assert "\n[gateways.7]\n" in text
+    assert f'pacs.tls_ca = "{pki["ca.pem"]}"' in text
+    line = next(x for x in text.splitlines() if x.startswith("pacs.calling_ae_title"))
+    assert line.endswith("# env GATEWAY_PACS_CALLING_AE_TITLE")
+
+
+def test_effective_settings_mask_secret_named_keys() -> None:
+    """Any key named *password*, *token* or *secret* is masked, whatever its value."""
+    from service.config import MASK, effective_settings, render_settings
+
+    fields = [("password", str, ""), ("api_token", str, ""), ("client_secret", str, "")]
+    with_secrets = dataclasses.make_dataclass(
+        "SecretPacs", fields, bases=(PacsConfig,), frozen=True
+    )
+    pacs = with_secrets(host="pacs", password="hunter2", api_token="tok3n", client_secret="v4lu3")
+    config = dataclasses.replace(from_mapping({}), pacs=pacs)
+    settings = effective_settings(config)
+    shown = settings["gateways"]["*"]["pacs"]
+    assert shown["password"]["value"] == shown["api_token"]["value"] == MASK
+    assert shown["client_secret"]["value"] == MASK and shown["host"]["value"] == "pacs"
+    for text in (render_settings(settings), str(settings)):
+        assert "hunter2" not in text and "tok3n" not in text and "v4lu3" not in text

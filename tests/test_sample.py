@@ -109,7 +109,7 @@ def test_sample_config_loads() -> None:
     assert config.defaults.stable_seconds == 2
     assert config.watch == "native"
     assert (config.input_dir, config.output_dir, config.state_dir) == (
-        Path("INPUT"),
-        Path("OUTPUT"),
-        Path("STATE"),
+        ROOT / "INPUT",
+        ROOT / "OUTPUT",
+        ROOT / "STATE",
     )
