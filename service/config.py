@@ -26,6 +26,7 @@ import re
 import socket
 import ssl
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +48,17 @@ NODE_NAME_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 @dataclass(frozen=True)
 class PacsConfig:
-    """A C-STORE destination (PS3.7 §9.1.1, PS3.8 association parameters)."""
+    """A destination: DIMSE C-STORE (``host``; PS3.7 §9.1.1, PS3.8 association parameters)
+    or DICOMweb STOW-RS (``url``; PS3.18 §10.5), never both.
 
+    ``timeout_seconds``, ``max_associations`` (concurrent requests for DICOMweb) and the TLS
+    files apply to both kinds; ``port`` and the AE titles only to DIMSE; ``username`` and
+    ``password`` (HTTP Basic) or ``token`` (Bearer) only to DICOMweb."""
+
+    url: str = ""  # DICOMweb service root, e.g. http://pacs:8042/dicom-web
+    username: str = ""
+    password: str = ""
+    token: str = ""
     host: str = ""
     port: int = 104
     ae_title: str = "ORTHANC"
@@ -61,7 +71,12 @@ class PacsConfig:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.host)
+        return bool(self.host or self.url)
+
+    @property
+    def dicomweb(self) -> bool:
+        """True for a DICOMweb (STOW-RS) destination, False for DIMSE C-STORE."""
+        return bool(self.url)
 
 
 @dataclass(frozen=True)
@@ -241,6 +256,10 @@ NOT_SERVICE_KEYS = frozenset(
 #: Keys that hold a path: relative ones in a config file resolve from the file's folder.
 SERVICE_PATH_KEYS = ("input_dir", "output_dir", "state_dir")
 PACS_PATH_KEYS = ("tls_ca", "tls_cert", "tls_key")
+#: Destination keys of one kind only: a table that sets the other kind's main key (``url``
+#: or ``host``) inherits none of these from its base.
+DIMSE_KEYS = ("host", "port", "ae_title", "calling_ae_title")
+DICOMWEB_KEYS = ("url", "username", "password", "token")
 CXR_PATH_KEYS = ("weights",)
 
 
@@ -274,9 +293,64 @@ def _pacs(table: Any, prefix: str, base: PacsConfig) -> PacsConfig:
             out[key] = _as_int(value, name, 1)
         elif key in ("ae_title", "calling_ae_title"):
             out[key] = _as_ae(value, name)
+        elif key == "url":
+            out[key] = _as_url(value, name)
         else:
             out[key] = _as_str(value, name)
-    return dataclasses.replace(base, **out)
+    # A table that names its kind inherits nothing of the other kind: a gateway that sets
+    # ``url`` over a DIMSE [pacs] (or ``host`` over a DICOMweb one) gets only shared keys.
+    blank = PacsConfig()
+    if out.get("url"):
+        base = dataclasses.replace(base, **{k: getattr(blank, k) for k in DIMSE_KEYS})
+    elif out.get("host"):
+        base = dataclasses.replace(base, **{k: getattr(blank, k) for k in DICOMWEB_KEYS})
+    result = dataclasses.replace(base, **out)
+    _check_kind(result, values, prefix)
+    return result
+
+
+def _as_url(value: Any, key: str) -> str:
+    """A DICOMweb service root: http(s)://host[:port]/path, no credentials, query or
+    fragment (credentials go in ``username``/``password`` or ``token``, never in a URL that
+    is logged and recorded)."""
+    text = _as_str(value, key).strip().rstrip("/")
+    if not text:
+        return ""
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(key, "must be an http:// or https:// URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(key, "must not hold credentials: set username/password or token")
+    if parts.query or parts.fragment:
+        raise ConfigError(key, "must not have a query or a fragment")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ConfigError(key, "has an invalid port") from None
+    return text
+
+
+def _check_kind(destination: PacsConfig, own: Mapping[str, Any], prefix: str) -> None:
+    """One kind per destination, and credentials that go together; names the key to fix
+    (this table's own when it set it)."""
+
+    def name(key: str) -> str:
+        return f"{prefix}{key}" if key in own or prefix == "pacs." else f"pacs.{key}"
+
+    d = destination
+    if d.url and d.host:
+        key = "url" if "url" in own else "host"
+        raise ConfigError(name(key), "a destination is DIMSE (host) or DICOMweb (url), not both")
+    for given, missing in (("username", "password"), ("password", "username")):
+        if getattr(d, given) and not getattr(d, missing):
+            # named in the table that set the one without the other
+            where = f"{prefix}{missing}" if given in own else f"pacs.{missing}"
+            raise ConfigError(where, f"required with {given} (HTTP Basic)")
+    if d.token and d.username:
+        raise ConfigError(name("token"), "set either token (Bearer) or username/password")
+    if not d.url and (d.username or d.token):
+        key = "token" if d.token else "username"
+        raise ConfigError(name(key), "only for a DICOMweb destination (url)")
 
 
 def _rules(value: Any, key: str) -> tuple[Rule, ...]:
@@ -410,6 +484,10 @@ ENV_KEYS: dict[str, str] = {
     "GATEWAY_PACS_PORT": "pacs.port",
     "GATEWAY_PACS_AE_TITLE": "pacs.ae_title",
     "GATEWAY_PACS_CALLING_AE_TITLE": "pacs.calling_ae_title",
+    "GATEWAY_PACS_URL": "pacs.url",
+    "GATEWAY_PACS_USERNAME": "pacs.username",
+    "GATEWAY_PACS_PASSWORD": "pacs.password",
+    "GATEWAY_PACS_TOKEN": "pacs.token",
     "GATEWAY_CXR_WEIGHTS": "models.cxr.weights",
     "GATEWAY_CXR_SHA256": "models.cxr.sha256",
     "GATEWAY_CXR_DEVICE": "models.cxr.device",
@@ -648,7 +726,7 @@ def from_mapping(
 
 # -- the effective configuration, for ``config --show`` -----------------------------------
 
-#: Keys whose values are never shown: masked whatever their value (none exist yet).
+#: Keys whose values are never shown: masked whatever their value (pacs password, token).
 SECRET_KEY_RE = re.compile(r"password|token|secret", re.IGNORECASE)
 MASK = "********"
 #: ``effective_settings``' name for the gateways without a table of their own.

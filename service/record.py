@@ -23,7 +23,9 @@ logger = logging.getLogger(__name__)
 
 
 def describe(destination: PacsConfig) -> str:
-    """A destination as recorded on its sends: ``AE@host:port``."""
+    """A destination as recorded on its sends: ``AE@host:port``, or the DICOMweb URL."""
+    if destination.dicomweb:
+        return destination.url
     return f"{destination.ae_title}@{destination.host}:{destination.port}"
 
 

@@ -169,13 +169,14 @@ class _Guard:
     """Ends one association at its deadline or on :meth:`SendHandle.cancel`, by closing
     its connection from outside the sending thread (which then sees it end)."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, what: str = "association") -> None:
         self._lock = threading.Lock()
+        self._what = what
         self._sock: socket.socket | None = None
         self._finished = False
         self.outcome: tuple[SendStatus, str] | None = None
         self.stage = "connecting"  # what the sending thread is doing, for the reason
-        reason = f"association exceeded timeout_seconds={timeout:g}"
+        reason = f"{what} exceeded timeout_seconds={timeout:g}"
         self._timer = threading.Timer(timeout, self.fire, (SendStatus.TIMED_OUT, reason))
         self._timer.daemon = True
 
@@ -197,7 +198,7 @@ class _Guard:
                 return
             self.outcome = (status, reason)
             sock = self._sock
-        logger.warning("ending the association: %s", reason)
+        logger.warning("ending the %s: %s", self._what, reason)
         if sock is not None:
             _shut(sock)
 

@@ -15,9 +15,10 @@ Public API::
 
 * ``submit(destination: PacsConfig, paths: Sequence[Path], handle: SendHandle | None = None)
   -> Future[SendResult]``: one :func:`service.sender.send_files` call (one association, no
-  retry) on the destination's lane. The future always ends with a :class:`SendResult`,
-  never an exception (a bug in the sender comes back as ``SendStatus.ERROR``). Raises
-  RuntimeError after :meth:`SendLanes.close`.
+  retry), or for a DICOMweb destination (``url``) one :func:`service.stow.send_files_stow`
+  call (one STOW-RS request, no retry), on the destination's lane. The future always ends
+  with a :class:`SendResult`, never an exception (a bug in the sender comes back as
+  ``SendStatus.ERROR``). Raises RuntimeError after :meth:`SendLanes.close`.
 * ``cancel_all() -> int``: cancels the handles of every send queued or running now: open
   associations are closed at once, queued sends return without connecting; all with
   ``SendStatus.INTERRUPTED``. Returns how many sends it cancelled.
@@ -44,17 +45,34 @@ from types import TracebackType
 
 from service.config import PacsConfig
 from service.sender import ItemResult, SendHandle, SendResult, SendStatus, send_files
+from service.stow import send_files_stow
 
 logger = logging.getLogger(__name__)
 
 #: What identifies a destination's lane.
-LaneKey = tuple[str, int, str, str, str, str, str]
+LaneKey = tuple[str, str, int, str, str, str, str, str]
 
 
 def lane_key(destination: PacsConfig) -> LaneKey:
-    """The destination's identity: where, who calls whom, and how (TLS)."""
+    """The destination's identity: where (URL, or host and port), who calls whom, and how
+    (TLS)."""
     d = destination
-    return (d.host, d.port, d.ae_title, d.calling_ae_title, d.tls_ca, d.tls_cert, d.tls_key)
+    return (
+        d.url,
+        d.host,
+        d.port,
+        d.ae_title,
+        d.calling_ae_title,
+        d.tls_ca,
+        d.tls_cert,
+        d.tls_key,
+    )
+
+
+def _where(destination: PacsConfig) -> str:
+    """The destination for logs: the DICOMweb URL, or ``AE@host:port``."""
+    d = destination
+    return d.url if d.dicomweb else f"{d.ae_title}@{d.host}:{d.port}"
 
 
 @dataclass
@@ -83,17 +101,14 @@ class SendLanes:
                 raise RuntimeError("SendLanes is closed")
             lane = self._lanes.get(key)
             if lane is None:
-                name = f"send-{destination.host}:{destination.port}"
+                name = f"send-{destination.host or 'web'}:{destination.port}"
                 size = destination.max_associations
                 lane = _Lane(ThreadPoolExecutor(size, thread_name_prefix=name), size)
                 self._lanes[key] = lane
             elif destination.max_associations != lane.size:
                 logger.warning(
-                    "%s@%s:%d already has a lane of %d association(s); ignoring "
-                    "max_associations=%d",
-                    destination.ae_title,
-                    destination.host,
-                    destination.port,
+                    "%s already has a lane of %d association(s); ignoring max_associations=%d",
+                    _where(destination),
                     lane.size,
                     destination.max_associations,
                 )
@@ -137,10 +152,13 @@ class SendLanes:
 
 
 def _send(destination: PacsConfig, paths: list[Path], handle: SendHandle) -> SendResult:
-    """:func:`send_files`, with an unexpected exception turned into an ERROR result."""
+    """:func:`send_files` (C-STORE) or :func:`send_files_stow` (a DICOMweb destination),
+    with an unexpected exception turned into an ERROR result."""
     try:
+        if destination.dicomweb:
+            return send_files_stow(destination, paths, handle)
         return send_files(destination, paths, handle)
     except Exception as exc:  # a bug: record it as a value like every other outcome
-        logger.exception("send to %s:%d failed", destination.host, destination.port)
+        logger.exception("send to %s failed", _where(destination))
         items = [ItemResult("", SendStatus.ERROR, None, path) for path in paths]
         return SendResult(SendStatus.ERROR, f"sender failed: {type(exc).__name__}", items)

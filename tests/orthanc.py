@@ -2,10 +2,13 @@
 
 Orthanc (Debian package ``orthanc``, installed by ``make test-deps``) runs with its own
 temporary configuration: temporary storage, free loopback ports, no plugins, no remote access.
+``start_orthanc(folder, users={...})`` loads the DICOMweb plugin (Debian package
+``orthanc-dicomweb``, root ``/dicom-web/``) and turns HTTP authentication on for those users.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
@@ -22,6 +25,7 @@ import pytest
 from tests.conftest import free_port
 
 ORTHANC_AET = "ORTHANC"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 START_DEADLINE_S = 30.0
 
 
@@ -32,32 +36,49 @@ class Orthanc:
     ae_title: str
     process: subprocess.Popen[bytes]
     log: Path
+    #: (username, password) for the REST API when authentication is on
+    auth: tuple[str, str] | None = None
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb plugin's service root (when started with ``users``)."""
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
+
+    def _request(self, path: str, data: bytes | None = None) -> urllib.request.Request:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}",
+            data=data,
+            method="GET" if data is None else "POST",
+        )
+        if self.auth is not None:
+            token = base64.b64encode(":".join(self.auth).encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        return request
 
     def get(self, path: str) -> Any:
         """GET ``path`` from the REST API and decode the JSON answer."""
-        url = f"http://127.0.0.1:{self.http_port}{path}"
-        with urllib.request.urlopen(url, timeout=10) as rsp:
+        with urllib.request.urlopen(self._request(path), timeout=10) as rsp:
             return json.load(rsp)
 
     def get_bytes(self, path: str) -> bytes:
         """GET ``path`` from the REST API as bytes (e.g. ``/instances/<id>/file``)."""
-        url = f"http://127.0.0.1:{self.http_port}{path}"
-        with urllib.request.urlopen(url, timeout=10) as rsp:
+        with urllib.request.urlopen(self._request(path), timeout=10) as rsp:
             return bytes(rsp.read())
 
     def lookup(self, sop_instance_uid: str) -> list[str]:
         """Orthanc ids of the instances with ``sop_instance_uid`` (POST /tools/lookup)."""
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.http_port}/tools/lookup",
-            data=sop_instance_uid.encode(),
-            method="POST",
-        )
+        request = self._request("/tools/lookup", sop_instance_uid.encode())
         with urllib.request.urlopen(request, timeout=10) as rsp:
             return [item["ID"] for item in json.load(rsp) if item["Type"] == "Instance"]
 
 
-def start_orthanc(folder: Path, check_called_aet: bool = False) -> Orthanc:
-    """Start Orthanc with a configuration under ``folder``; wait until REST answers."""
+def start_orthanc(
+    folder: Path, check_called_aet: bool = False, users: dict[str, str] | None = None
+) -> Orthanc:
+    """Start Orthanc with a configuration under ``folder``; wait until REST answers.
+
+    ``users``: load the DICOMweb plugin and require HTTP Basic authentication as one of
+    them (``RegisteredUsers``)."""
     exe = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
     assert Path(exe).exists(), "Orthanc missing: run `make test-deps` (Debian package orthanc)"
     dicom_port, http_port = free_port(), free_port()
@@ -72,18 +93,25 @@ def start_orthanc(folder: Path, check_called_aet: bool = False) -> Orthanc:
         "HttpPort": http_port,
         "DicomCheckCalledAet": check_called_aet,
         "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
+        "AuthenticationEnabled": users is not None,
         "Plugins": [],
         "DicomServerEnabled": True,
         "HttpServerEnabled": True,
         "StorageCompression": False,
     }
+    auth = None
+    if users is not None:
+        assert DICOMWEB_PLUGIN.exists(), "run `make test-deps` (Debian package orthanc-dicomweb)"
+        config["Plugins"] = [str(DICOMWEB_PLUGIN)]
+        config["RegisteredUsers"] = users
+        config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        auth = next(iter(users.items()))
     config_path = folder / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))
     log = folder / "orthanc.log"
     with open(log, "wb") as out:
         process = subprocess.Popen([exe, str(config_path)], stdout=out, stderr=subprocess.STDOUT)
-    server = Orthanc(dicom_port, http_port, ORTHANC_AET, process, log)
+    server = Orthanc(dicom_port, http_port, ORTHANC_AET, process, log, auth)
     deadline = time.monotonic() + START_DEADLINE_S
     while True:
         if process.poll() is not None:

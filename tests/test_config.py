@@ -12,8 +12,10 @@ import pytest
 from service.config import (
     DEFAULT_UID_ROOT,
     ENV_KEYS,
+    MASK,
     PacsConfig,
     Rule,
+    effective_settings,
     from_mapping,
     load_config,
 )
@@ -264,9 +266,22 @@ def non_default_pacs(pki: dict[str, Path]) -> dict[str, Any]:
         "tls_ca": str(pki["ca.pem"]),
         "tls_cert": str(pki["client.pem"]),
         "tls_key": str(pki["client.key"]),
+        "url": "http://web.example:8042/dicom-web",
+        "username": "gateway",
+        "password": "pw",
+        "token": "tok",
     }
     assert set(values) == {f.name for f in dataclasses.fields(PacsConfig)}
     return values
+
+
+#: DICOMweb-only keys, and what each needs beside it in a valid table.
+WEB_COMPANIONS: dict[str, tuple[str, ...]] = {
+    "url": (),
+    "username": ("url", "password"),
+    "password": ("url", "username"),
+    "token": ("url",),
+}
 
 
 @pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(PacsConfig)])
@@ -278,7 +293,10 @@ def test_gateway_destination_inherits_each_unset_pacs_field(
     pacs: dict[str, Any] = {name: values[name]}
     if name in ("tls_cert", "tls_key"):  # one is refused without the other
         pacs = {"tls_cert": values["tls_cert"], "tls_key": values["tls_key"]}
-    own = {"port": 4242} if name == "host" else {"host": "pacs7.example"}
+    own: dict[str, Any] = {"port": 4242} if name == "host" else {"host": "pacs7.example"}
+    if name in WEB_COMPANIONS:  # a DICOMweb [pacs]; the gateway sets a shared key only
+        pacs.update({k: values[k] for k in WEB_COMPANIONS[name]})
+        own = {"max_associations": 3}
     config = from_mapping({"pacs": pacs, "gateways": {"7": {"pacs": own}}})
     destination = config.destination("7")
     assert getattr(destination, name) == values[name]
@@ -484,3 +502,72 @@ def test_effective_settings_mask_secret_named_keys() -> None:
     assert shown["client_secret"]["value"] == MASK and shown["host"]["value"] == "pacs"
     for text in (render_settings(settings), str(settings)):
         assert "hunter2" not in text and "tok3n" not in text and "v4lu3" not in text
+
+
+def test_url_makes_a_dicomweb_destination_from_file_and_env(tmp_path: Path) -> None:
+    environ = {
+        "GATEWAY_PACS_URL": "http://127.0.0.1:8042/dicom-web/",
+        "GATEWAY_PACS_USERNAME": "gateway",
+        "GATEWAY_PACS_PASSWORD": "s3cret",
+    }
+    config = load_config(environ=environ)
+    destination = config.destination("any")
+    assert destination.dicomweb and destination.enabled
+    assert destination.url == "http://127.0.0.1:8042/dicom-web"  # trailing / dropped
+    assert (destination.username, destination.password) == ("gateway", "s3cret")
+    shown = effective_settings(config)["gateways"]["*"]["pacs"]
+    assert shown["password"] == {"value": MASK, "source": "env", "from": "GATEWAY_PACS_PASSWORD"}
+    assert shown["url"]["value"] == "http://127.0.0.1:8042/dicom-web"
+    assert not PacsConfig().dicomweb and not PacsConfig().enabled
+
+
+def test_a_gateway_of_the_other_kind_inherits_nothing_kind_specific() -> None:
+    dimse = {"host": "pacs.example", "port": 11112, "ae_title": "SITEPACS", "timeout_seconds": 5}
+    web = {"url": "https://web.example/dicom-web", "token": "tok", "timeout_seconds": 6}
+    config = from_mapping(
+        {
+            "pacs": dimse,
+            "gateways": {
+                "7": {"pacs": {"url": "http://web7.example/dw", "username": "u", "password": "p"}}
+            },
+        }
+    )
+    destination = config.destination("7")
+    assert destination.dicomweb
+    assert (destination.host, destination.port, destination.ae_title) == ("", 104, "ORTHANC")
+    assert destination.timeout_seconds == 5.0  # shared keys are inherited
+    config = from_mapping({"pacs": web, "gateways": {"8": {"pacs": {"host": "pacs8.example"}}}})
+    destination = config.destination("8")
+    assert not destination.dicomweb
+    assert (destination.url, destination.token, destination.host) == ("", "", "pacs8.example")
+    assert destination.timeout_seconds == 6.0
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"pacs": {"url": "http://a/dw", "host": "b"}}, "pacs.url"),
+        ({"pacs": {"url": "ftp://a/dw"}}, "pacs.url"),
+        ({"pacs": {"url": "http://user:pw@a/dw"}}, "pacs.url"),
+        ({"pacs": {"url": "http://a:99999/dw"}}, "pacs.url"),
+        ({"pacs": {"url": "http://a/dw", "username": "u"}}, "pacs.password"),
+        ({"pacs": {"url": "http://a/dw", "password": "p"}}, "pacs.username"),
+        (
+            {"pacs": {"url": "http://a/dw", "username": "u", "password": "p", "token": "t"}},
+            "pacs.token",
+        ),
+        ({"pacs": {"host": "a", "token": "t"}}, "pacs.token"),
+        (
+            {"pacs": {"url": "http://a/dw"}, "gateways": {"7": {"pacs": {"username": "u"}}}},
+            "gateways.7.pacs.password",
+        ),
+        (
+            {"pacs": {"host": "a"}, "gateways": {"7": {"pacs": {"token": "t"}}}},
+            "gateways.7.pacs.token",
+        ),
+    ],
+)
+def test_dicomweb_errors_name_the_key(data: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        from_mapping(data)
+    assert err.value.key == key
