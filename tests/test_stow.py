@@ -15,11 +15,12 @@ from typing import Any
 import pytest
 
 from service.config import DEFAULT_UID_ROOT, PacsConfig
-from service.sender import SendStatus
+from service.sender import SendHandle, SendStatus
 from service.sendlanes import SendLanes
 from service.stow import send_files_stow
 from service.uids import UidFactory
 from tests.conftest import free_port
+from tests.helpers import copy_series, ledger_rows, start_service, wait_service, write_config
 from tests.orthanc import Orthanc, start_orthanc, stop_orthanc
 from tests.peers import copy_with_new_uids
 
@@ -205,3 +206,61 @@ def test_unreadable_file_is_an_error_not_sent(tmp_path: Path) -> None:
         port = unused.getsockname()[1]
         result = send_files_stow(web(f"http://127.0.0.1:{port}/x"), [junk])
     assert result.status is SendStatus.ERROR
+
+
+@pytest.mark.parametrize("good", [True, False], ids=["right-password", "wrong-password"])
+def test_the_service_sends_with_stow_and_records_the_outcome(
+    tmp_path: Path, orthanc_web: Orthanc, good: bool
+) -> None:
+    """The service as a process, its destination DICOMweb from the environment: the send
+    and each instance's outcome are in the ledger, the password in no log."""
+    password = PASSWORD if good else "wrong-Pa55-xyz"
+    config = write_config(tmp_path, "[pacs]\ntimeout_seconds = 10\n")
+    env = {
+        "GATEWAY_PACS_URL": orthanc_web.dicomweb_url,
+        "GATEWAY_PACS_USERNAME": USER,
+        "GATEWAY_PACS_PASSWORD": password,
+    }
+    uids = UidFactory(DEFAULT_UID_ROOT, "test-stow-e2e", uuid.uuid4().hex)
+    source = tmp_path / "source"
+    source.mkdir()
+    copy_with_new_uids("CT_small.dcm", source, uids, "ct")
+    study_uid, _ = copy_series(source, tmp_path / "INPUT/gateway_1")
+    proc = start_service(config, "--once", "--once-timeout", "120", env=env)
+    code, log = wait_service(proc, 150)
+    assert code == 0, log
+    assert password not in log
+    state = tmp_path / "STATE"
+    (run,) = ledger_rows(state, "SELECT * FROM runs WHERE study_uid=?", (study_uid,))
+    (send,) = ledger_rows(state, "SELECT * FROM sends")
+    assert send["destination"] == orthanc_web.dicomweb_url
+    items = ledger_rows(state, "SELECT sop_instance_uid, status FROM send_items")
+    outputs = ledger_rows(state, "SELECT sop_instance_uid FROM outputs")
+    assert outputs and {i["sop_instance_uid"] for i in items} == {
+        o["sop_instance_uid"] for o in outputs
+    }
+    if good:
+        assert run["state"] == "sent", run["reason"]
+        assert {i["status"] for i in items} == {"success"}
+        for output in outputs:
+            assert len(orthanc_web.lookup(output["sop_instance_uid"])) == 1
+    else:
+        assert run["state"] == "send_failed"
+        assert "HTTP 401" in run["reason"] and "HTTP 401" in send["reason"]
+        assert {i["status"] for i in items} == {"failure"}
+        for output in outputs:
+            assert orthanc_web.lookup(output["sop_instance_uid"]) == []
+
+
+def test_cancel_interrupts_an_open_request(ct: Path) -> None:
+    with _Peer(200, None, hang=True) as peer:
+        handle = SendHandle()
+        timer = threading.Timer(0.5, handle.cancel)
+        timer.start()
+        result = send_files_stow(web(peer.url, timeout=30.0), [ct], handle)
+        timer.join()
+    assert result.status is SendStatus.INTERRUPTED
+    assert [i.status for i in result.items] == [SendStatus.INTERRUPTED]
+    # a handle cancelled before the send: nothing is contacted
+    result = send_files_stow(web(f"http://127.0.0.1:{free_port()}/x"), [ct], handle)
+    assert result.status is SendStatus.INTERRUPTED
