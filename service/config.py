@@ -275,10 +275,11 @@ def _pacs(table: Any, prefix: str, base: PacsConfig) -> PacsConfig:
     """``table``'s keys, validated, over ``base``: every key it does not set is ``base``'s.
 
     A gateway's table is parsed over the effective ``[pacs]``, so a field added to
-    :class:`PacsConfig` is inherited without more code. Another destination kind (DICOMweb)
-    follows the same pattern: a frozen dataclass, a service-wide table, a per-gateway table
-    parsed over it, its own start-up check like :func:`check_tls`; ``effective_settings``
-    lists a destination's fields from the instance."""
+    :class:`PacsConfig` is inherited without more code. The kind of a destination is its
+    ``url`` (DICOMweb) or ``host`` (DIMSE): a table that sets one of them inherits none of
+    the other kind's keys (:data:`DIMSE_KEYS`, :data:`DICOMWEB_KEYS`), and
+    :func:`_check_kind` refuses a destination of both kinds or with half its credentials;
+    ``effective_settings`` lists a destination's fields from the instance."""
     if not isinstance(table, dict):
         raise ConfigError(prefix.rstrip("."), "expected a table")
     values = _fields(PacsConfig, table, prefix)
