@@ -252,6 +252,24 @@ class SendHandle:
 # -- association -----------------------------------------------------------------------------
 
 
+def read_files(paths: Sequence[Path]) -> tuple[list[StoreFile], list[ItemResult]] | SendResult:
+    """What each file needs to be sent, from its File Meta; an unreadable file becomes an
+    ERROR item and is not sent. The whole result when nothing is left to send."""
+    items: list[ItemResult] = []
+    files: list[StoreFile] = []
+    for path in map(Path, paths):
+        try:
+            files.append(_read_meta(path))
+        except (OSError, InvalidDicomError, ValueError, KeyError, AttributeError) as exc:
+            logger.error("not sending %s: unreadable DICOM file (%s)", path, type(exc).__name__)
+            items.append(ItemResult("", SendStatus.ERROR, None, path))
+    if files:
+        return files, items
+    if items:
+        return SendResult(SendStatus.ERROR, "no readable DICOM file to send", items)
+    return SendResult(SendStatus.SUCCESS, "nothing to send", items)
+
+
 def _read_meta(path: Path) -> StoreFile:
     """The UIDs needed to negotiate and send ``path``, from its File Meta (PS3.10 §7.1)."""
     meta, offset = split_dataset(path)
@@ -356,18 +374,10 @@ def send_files(
     are not sent; the others still are. ``fast`` overrides :data:`FAST_PATH`.
     """
     target = f"{destination.ae_title}@{destination.host}:{destination.port}"
-    items: list[ItemResult] = []
-    files: list[StoreFile] = []
-    for path in map(Path, paths):
-        try:
-            files.append(_read_meta(path))
-        except (OSError, InvalidDicomError, ValueError, KeyError, AttributeError) as exc:
-            logger.error("not sending %s: unreadable DICOM file (%s)", path, type(exc).__name__)
-            items.append(ItemResult("", SendStatus.ERROR, None, path))
-    if not files:
-        if items:
-            return SendResult(SendStatus.ERROR, "no readable DICOM file to send", items)
-        return SendResult(SendStatus.SUCCESS, "nothing to send", items)
+    read = read_files(paths)
+    if isinstance(read, SendResult):
+        return read
+    files, items = read
     try:
         tls = _tls_args(destination)
     except (OSError, ssl.SSLError) as exc:

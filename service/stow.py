@@ -32,8 +32,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydicom.errors import InvalidDicomError
-
 from service.config import PacsConfig
 from service.sender import (
     INTERRUPTED_REASON,
@@ -43,9 +41,9 @@ from service.sender import (
     SendStatus,
     StoreFile,
     _Guard,
-    _read_meta,
     _summary,
     _unsent,
+    read_files,
 )
 
 logger = logging.getLogger(__name__)
@@ -120,18 +118,10 @@ def send_files_stow(
 ) -> SendResult:
     """STOW-RS ``paths`` to ``destination.url`` in one request (see the module)."""
     target = destination.url
-    items: list[ItemResult] = []
-    files: list[StoreFile] = []
-    for path in map(Path, paths):
-        try:
-            files.append(_read_meta(path))
-        except (OSError, InvalidDicomError, ValueError, KeyError, AttributeError) as exc:
-            logger.error("not sending %s: unreadable DICOM file (%s)", path, type(exc).__name__)
-            items.append(ItemResult("", SendStatus.ERROR, None, path))
-    if not files:
-        if items:
-            return SendResult(SendStatus.ERROR, "no readable DICOM file to send", items)
-        return SendResult(SendStatus.SUCCESS, "nothing to send", items)
+    read = read_files(paths)
+    if isinstance(read, SendResult):
+        return read
+    files, items = read
     boundary = uuid.uuid4().hex
     try:
         connection, request_path = _connection(destination)
