@@ -38,5 +38,5 @@ def dciodvfy(path: Path) -> list[str]:
 
 pytest_plugins = [
     "tests.orthanc",  # the session-scoped `orthanc` fixture (a real Orthanc)
-    "tests.peers",  # `start_peer` (pynetdicom SCPs) and `start_proxy` (a trickling PACS)
+    "tests.peers",  # `start_peer`, `start_proxy` (a trickling PACS), `ct`/`mr` sources
 ]

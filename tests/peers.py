@@ -11,6 +11,7 @@ import select
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
@@ -24,7 +25,7 @@ from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from devtools.sample import pydicom_file
-from service.config import PacsConfig
+from service.config import DEFAULT_UID_ROOT, PacsConfig
 from service.uids import UidFactory
 from tests.conftest import free_port
 
@@ -38,6 +39,23 @@ def copy_with_new_uids(source: str, folder: Path, uids: UidFactory, name: str) -
     path = folder / f"{name}.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+@pytest.fixture
+def uids() -> UidFactory:
+    return UidFactory(DEFAULT_UID_ROOT, "test-send", uuid.uuid4().hex)
+
+
+@pytest.fixture
+def ct(tmp_path: Path, uids: UidFactory) -> Path:
+    """CT_small as a new instance in a new study."""
+    return copy_with_new_uids("CT_small.dcm", tmp_path, uids, "ct")
+
+
+@pytest.fixture
+def mr(tmp_path: Path, uids: UidFactory) -> Path:
+    """MR_small as a new instance in a new study."""
+    return copy_with_new_uids("MR_small.dcm", tmp_path, uids, "mr")
 
 
 def destination_at(port: int, ae_title: str, timeout: float, **more: Any) -> PacsConfig:

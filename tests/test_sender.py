@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
@@ -24,7 +23,7 @@ from pynetdicom.pdu import P_DATA_TF
 
 from devtools.sample import pydicom_file
 from service import sender
-from service.config import DEFAULT_UID_ROOT, PacsConfig
+from service.config import PacsConfig
 from service.fastsend import store_command
 from service.sender import (
     INTERRUPTED_REASON,
@@ -46,21 +45,6 @@ def data_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     """Every test here runs on both data paths: service.fastsend and send_c_store."""
     monkeypatch.setattr(sender, "FAST_PATH", request.param == "fast")
     return str(request.param)
-
-
-@pytest.fixture
-def uids() -> UidFactory:
-    return UidFactory(DEFAULT_UID_ROOT, "test-sender", uuid.uuid4().hex)
-
-
-@pytest.fixture
-def ct(tmp_path: Path, uids: UidFactory) -> Path:
-    return copy_with_new_uids("CT_small.dcm", tmp_path, uids, "ct")
-
-
-@pytest.fixture
-def mr(tmp_path: Path, uids: UidFactory) -> Path:
-    return copy_with_new_uids("MR_small.dcm", tmp_path, uids, "mr")
 
 
 @pytest.fixture

@@ -37,21 +37,6 @@ def orthanc_web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
         stop_orthanc(server)
 
 
-@pytest.fixture
-def uids() -> UidFactory:
-    return UidFactory(DEFAULT_UID_ROOT, "test-stow", uuid.uuid4().hex)
-
-
-@pytest.fixture
-def ct(tmp_path: Path, uids: UidFactory) -> Path:
-    return copy_with_new_uids("CT_small.dcm", tmp_path, uids, "ct")
-
-
-@pytest.fixture
-def mr(tmp_path: Path, uids: UidFactory) -> Path:
-    return copy_with_new_uids("MR_small.dcm", tmp_path, uids, "mr")
-
-
 def web(url: str, timeout: float = 10.0, **more: Any) -> PacsConfig:
     return PacsConfig(url=url, timeout_seconds=timeout, **more)
 
