@@ -53,11 +53,13 @@ class PacsConfig:
 
     ``timeout_seconds``, ``max_associations`` (concurrent requests for DICOMweb) and the TLS
     files apply to both kinds; ``port`` and the AE titles only to DIMSE; ``username`` and
-    ``password`` (HTTP Basic) or ``token`` (Bearer) only to DICOMweb."""
+    ``password`` (HTTP Basic; or ``password_file``) or ``token`` (Bearer) only to DICOMweb."""
 
     url: str = ""  # DICOMweb service root, e.g. http://pacs:8042/dicom-web
     username: str = ""
     password: str = ""
+    #: where ``password`` was read from (its content, trailing newline stripped), or ""
+    password_file: str = ""
     token: str = ""
     host: str = ""
     port: int = 104
@@ -256,10 +258,12 @@ NOT_SERVICE_KEYS = frozenset(
 #: Keys that hold a path: relative ones in a config file resolve from the file's folder.
 SERVICE_PATH_KEYS = ("input_dir", "output_dir", "state_dir")
 PACS_PATH_KEYS = ("tls_ca", "tls_cert", "tls_key")
+#: ``password_file`` holds a path too (resolved like the TLS files; read at load).
+PACS_FILE_KEYS = (*PACS_PATH_KEYS, "password_file")
 #: Destination keys of one kind only: a table that sets the other kind's main key (``url``
 #: or ``host``) inherits none of these from its base.
 DIMSE_KEYS = ("host", "port", "ae_title", "calling_ae_title")
-DICOMWEB_KEYS = ("url", "username", "password", "token")
+DICOMWEB_KEYS = ("url", "username", "password", "password_file", "token")
 CXR_PATH_KEYS = ("weights",)
 
 
@@ -298,6 +302,7 @@ def _pacs(table: Any, prefix: str, base: PacsConfig) -> PacsConfig:
             out[key] = _as_url(value, name)
         else:
             out[key] = _as_str(value, name)
+    _password(out, prefix)
     # A table that names its kind inherits nothing of the other kind: a gateway that sets
     # ``url`` over a DIMSE [pacs] (or ``host`` over a DICOMweb one) gets only shared keys.
     blank = PacsConfig()
@@ -308,6 +313,41 @@ def _pacs(table: Any, prefix: str, base: PacsConfig) -> PacsConfig:
     result = dataclasses.replace(base, **out)
     _check_kind(result, values, prefix)
     return result
+
+
+def _password(out: dict[str, Any], prefix: str) -> None:
+    """A table's ``password`` or ``password_file`` (never both): the file's content is the
+    password, and a table that sets either one replaces both of its base's."""
+    password, password_file = out.get("password", ""), out.get("password_file", "")
+    if password and password_file:
+        raise ConfigError(
+            f"{prefix}password_file",
+            f"set either {prefix}password or {prefix}password_file, not both",
+        )
+    if password_file:
+        out["password"] = read_password_file(password_file, f"{prefix}password_file")
+    elif "password" in out or "password_file" in out:
+        out["password_file"] = ""
+        out.setdefault("password", "")
+
+
+def read_password_file(path: str, key: str) -> str:
+    """The content of a password file, its trailing newline(s) stripped; refused, naming
+    ``key``, when it cannot be read or is empty. The content is never put in a message."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(64 * 1024 + 1)
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > 64 * 1024:
+        raise ConfigError(key, f"{path} is larger than 64 KiB: not a password file")
+    try:
+        text = data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"{path} is not UTF-8 text") from None
+    if not text:
+        raise ConfigError(key, f"{path} is empty")
+    return text
 
 
 def _as_url(value: Any, key: str) -> str:
@@ -488,12 +528,33 @@ ENV_KEYS: dict[str, str] = {
     "GATEWAY_PACS_URL": "pacs.url",
     "GATEWAY_PACS_USERNAME": "pacs.username",
     "GATEWAY_PACS_PASSWORD": "pacs.password",
+    "GATEWAY_PACS_PASSWORD_FILE": "pacs.password_file",
     "GATEWAY_PACS_TOKEN": "pacs.token",
     "GATEWAY_CXR_WEIGHTS": "models.cxr.weights",
     "GATEWAY_CXR_SHA256": "models.cxr.sha256",
     "GATEWAY_CXR_DEVICE": "models.cxr.device",
     "GATEWAY_CXR_THREADS": "models.cxr.threads",
 }
+
+
+#: The variable of each key in :data:`ENV_KEYS`.
+ENV_VARS: dict[str, str] = {dotted: var for var, dotted in ENV_KEYS.items()}
+#: Keys that are alternatives: a variable that sets one (not empty) overrides the file's
+#: other one.
+ENV_ALTERNATIVES: dict[str, str] = {
+    "pacs.password": "pacs.password_file",
+    "pacs.password_file": "pacs.password",
+}
+
+
+def _drop(data: dict[str, Any], dotted: str) -> None:
+    """Remove the key ``dotted`` from a parsed document, if it is there."""
+    *parents, leaf = dotted.split(".")
+    table: Any = data
+    for part in parents:
+        table = table.get(part) if isinstance(table, dict) else None
+    if isinstance(table, dict):
+        table.pop(leaf, None)
 
 
 #: ``GATEWAY_*`` variables that are not configuration (read where they are used).
@@ -509,6 +570,9 @@ def _apply_env(
     for var, dotted in ENV_KEYS.items():
         if var not in environ:
             continue
+        other = ENV_ALTERNATIVES.get(dotted)
+        if other is not None and environ[var] and ENV_VARS[other] not in environ:
+            _drop(data, other)  # GATEWAY_PACS_PASSWORD_FILE wins over the file's password
         *parents, leaf = dotted.split(".")
         table = data
         for part in parents:
@@ -550,10 +614,10 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     tables: list[tuple[dict[str, Any], tuple[str, ...]]] = [
         (table(data, "service"), SERVICE_PATH_KEYS),
         (table(table(data, "models"), "cxr"), CXR_PATH_KEYS),
-        (table(data, "pacs"), PACS_PATH_KEYS),
+        (table(data, "pacs"), PACS_FILE_KEYS),
     ]
     gateways = table(data, "gateways")
-    tables += [(table(table(gateways, gid), "pacs"), PACS_PATH_KEYS) for gid in gateways]
+    tables += [(table(table(gateways, gid), "pacs"), PACS_FILE_KEYS) for gid in gateways]
     for values, keys in tables:
         for key in keys:
             if key in values:
@@ -657,8 +721,10 @@ def load_config(
             raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
         base_dir = Path(os.path.abspath(path)).parent
         _resolve_paths(data, base_dir)
-    sources = dict.fromkeys(_leaf_keys(data), "file")
+    in_file = _leaf_keys(data)
     env_sources, warning = _apply_env(data, os.environ if environ is None else environ)
+    kept = set(_leaf_keys(data))  # a variable may drop a file key (ENV_ALTERNATIVES)
+    sources = {key: "file" for key in in_file if key in kept}
     sources.update(env_sources)
     return from_mapping(
         data,
@@ -725,6 +791,31 @@ def from_mapping(
     return Config(**out)
 
 
+def plain_http_warnings(config: Config) -> list[str]:
+    """What ``serve`` warns about at start: a DICOMweb destination on a plain ``http://``
+    url with credentials (they would travel unencrypted) or with TLS files (unused). Names
+    the gateway and the url, never a credential."""
+    destinations = [("[pacs] (every gateway without a destination of its own)", config.pacs)]
+    destinations += [
+        (f"gateway {gateway_id}", gateway.pacs)
+        for gateway_id, gateway in sorted(config.gateways.items())
+        if gateway.pacs is not None
+    ]
+    warnings = []
+    for who, d in destinations:
+        if not d.dicomweb or urllib.parse.urlsplit(d.url).scheme != "http":
+            continue
+        if d.token or d.username:
+            what = "its Bearer token" if d.token else "its HTTP Basic username and password"
+            warnings.append(
+                f"{who}: {what} would travel unencrypted to {d.url} (plain http://);"
+                " use an https:// url"
+            )
+        if d.tls_ca or d.tls_cert:
+            warnings.append(f"{who}: tls_ca/tls_cert are not used for {d.url} (plain http://)")
+    return warnings
+
+
 # -- the effective configuration, for ``config --show`` -----------------------------------
 
 #: Keys whose values are never shown: masked whatever their value (pacs password, token).
@@ -759,6 +850,12 @@ def _setting(name: str, value: Any, chain: list[str], sources: Mapping[str, str]
             break
     shown = MASK if SECRET_KEY_RE.search(name) else _plain(value)
     return {"value": shown, "source": source, "from": origin}
+
+
+def _set_by(name: str) -> tuple[str, ...]:
+    """The destination keys that can set ``name``: ``password`` comes from a
+    ``password_file`` too."""
+    return (name, "password_file") if name == "password" else (name,)
 
 
 def _gateway_order(gateway_id: str) -> tuple[int, int, str]:
@@ -801,7 +898,7 @@ def effective_settings(config: Config, gateway_ids: Iterable[str] = ()) -> dict[
             f.name: _setting(
                 f.name,
                 getattr(destination, f.name),
-                [f"{p}pacs.{f.name}" for p in own] + [f"pacs.{f.name}"],
+                [f"{p}pacs.{k}" for p in [*own, ""] for k in _set_by(f.name)],
                 sources,
             )
             for f in dataclasses.fields(destination)
