@@ -22,7 +22,7 @@ from types import FrameType
 from typing import Any
 
 from service import __version__
-from service.config import Config, load_config
+from service.config import Config, load_config, plain_http_warnings
 from service.errors import ConfigError, GatewayError
 from service.ledger import StudyState
 
@@ -295,6 +295,8 @@ def serve(config: Config, *, once: bool = False, timeout: float = 3600.0) -> int
                 "workers = 0: every stage runs in the service process; the bounds on a run "
                 "(worker_memory_mb, run_timeout_seconds) need workers >= 1"
             )
+        for warning in plain_http_warnings(config):
+            logger.warning("destination: %s", warning)
         heartbeat.start()
         if once:
             drained = engine.drain(timeout, stop=stop)
@@ -579,6 +581,7 @@ def _check_study(config: Config, gateway_id: str, study_uid: str) -> str:
 def study(config: Config, gateway_id: str, study_uid: str, *, as_json: bool) -> int:
     """One study's history: state, files accepted/rejected, runs, outputs, sends, events."""
     from service.ledger import Ledger
+    from service.sender import status_text
 
     problem = _check_study(config, gateway_id, study_uid)
     if problem:
@@ -600,6 +603,9 @@ def study(config: Config, gateway_id: str, study_uid: str, *, as_json: bool) -> 
         run["started"], run["finished"] = _iso(run["started"]), _iso(run["finished"])
         for send in run["sends"]:
             send["started"], send["finished"] = _iso(send["started"]), _iso(send["finished"])
+            for item in send["items"]:  # the status code with its meaning (PS3.4 Annex B)
+                code = item["status_code"]
+                item["status_text"] = "" if code is None else status_text(code)
     for event in history["events"]:
         event["ts"] = _iso(event["ts"])
     if as_json:
@@ -672,11 +678,8 @@ def _print_history(h: dict[str, Any]) -> None:
                 + f", started {send['started']}, finished {send['finished'] or '-'}"
             )
             for item in send["items"]:
-                code = item["status_code"]
-                print(
-                    f"      {item['sop_instance_uid']} {item['status']}"
-                    + (f" 0x{code:04X}" if code is not None else "")
-                )
+                line = f"      {item['sop_instance_uid']} {item['status']} {item['status_text']}"
+                print(line.rstrip())
     print(f"events: {len(h['events'])}")
     for event in h["events"]:
         print(f"  {event['ts']} {event['level']} {event['message']}")
