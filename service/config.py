@@ -57,10 +57,10 @@ class PacsConfig:
 
     url: str = ""  # DICOMweb service root, e.g. http://pacs:8042/dicom-web
     username: str = ""
-    password: str = ""
+    password: str = field(default="", repr=False)  # never in a log or a traceback
     #: where ``password`` was read from (its content, trailing newline stripped), or ""
     password_file: str = ""
-    token: str = ""
+    token: str = field(default="", repr=False)
     host: str = ""
     port: int = 104
     ae_title: str = "ORTHANC"

@@ -596,6 +596,7 @@ def test_password_file_is_read_stripped_and_resolved_from_the_config_folder(
     config = load_config(path, environ={})
     assert config.pacs.password == "pa ss w0rd "
     assert config.pacs.password_file == str(folder / "secrets" / "pacs")
+    assert "pa ss" not in repr(config.pacs) and "tok3n" not in repr(PacsConfig(token="tok3n"))
     settings = effective_settings(config)
     shown = settings["gateways"]["*"]["pacs"]
     assert shown["password_file"] == {
