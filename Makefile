@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-APT_PACKAGES = orthanc orthanc-dicomweb dicom3tools dcmtk
+APT_PACKAGES = orthanc orthanc-dicomweb dicom3tools dcmtk postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUN_PORT ?= 11112
 

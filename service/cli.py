@@ -402,7 +402,7 @@ def _print_json(data: object) -> None:
 
 
 def _no_ledger(config: Config) -> str:
-    return f"no ledger at {config.ledger_path}: the service has not run yet"
+    return f"no ledger at {config.ledger_shown}: the service has not run yet"
 
 
 def status(config: Config, *, as_json: bool, health: bool) -> int:
@@ -464,12 +464,12 @@ def status_report(config: Config) -> dict[str, Any]:
 
     verdict = health(config.state_dir)
     report: dict[str, Any] = {
-        "ledger": str(config.ledger_path),
+        "ledger": config.ledger_shown,
         "healthy": verdict.ok,
         "health": verdict.message,
         "gateways": {},
     }
-    ledger = Ledger.open_readonly(config.ledger_path)
+    ledger = Ledger.open_readonly(config.ledger_location)
     if ledger is None:
         report["service"] = SERVICE_NOT_RUN
         return report
@@ -513,7 +513,7 @@ def studies(config: Config, *, gateway_id: str | None, state: str | None, as_jso
     time and the node that ran its latest run."""
     from service.ledger import Ledger
 
-    ledger = Ledger.open_readonly(config.ledger_path)
+    ledger = Ledger.open_readonly(config.ledger_location)
     if ledger is None:
         if gateway_id is not None:
             print(f"error: unknown gateway {gateway_id}: {_no_ledger(config)}", file=sys.stderr)
@@ -564,7 +564,7 @@ def _check_study(config: Config, gateway_id: str, study_uid: str) -> str:
     """Why ``gateway_id``/``study_uid`` is not a study the ledger knows ("" when it is)."""
     from service.ledger import Ledger
 
-    ledger = Ledger.open_readonly(config.ledger_path)
+    ledger = Ledger.open_readonly(config.ledger_location)
     if ledger is None:
         return f"unknown gateway {gateway_id}: {_no_ledger(config)}"
     try:
@@ -587,7 +587,7 @@ def study(config: Config, gateway_id: str, study_uid: str, *, as_json: bool) -> 
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_FAILED
-    ledger = Ledger.open_readonly(config.ledger_path)
+    ledger = Ledger.open_readonly(config.ledger_location)
     assert ledger is not None  # _check_study found it
     try:
         history = ledger.study_history(gateway_id, study_uid)
@@ -707,7 +707,7 @@ def request(
         return EXIT_USAGE
     problem = _check_study(config, gateway_id, study_uid)
     if not problem and kind == "resend":
-        ledger = Ledger.open_readonly(config.ledger_path)
+        ledger = Ledger.open_readonly(config.ledger_location)
         assert ledger is not None
         try:
             if ledger.latest_run_with_outputs(gateway_id, study_uid) is None:

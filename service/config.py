@@ -136,6 +136,9 @@ class Config:
     run_timeout_seconds: float = 600.0
     #: recorded with every run (``runs.node``), shown by ``studies``; default the host name
     node_name: str = field(default_factory=lambda: default_node_name())
+    #: "" = the SQLite ledger in STATE; or a ``postgresql://`` URL (its password masked in
+    #: ``config --show``, in messages and in the repr)
+    ledger: str = field(default="", repr=False)
     defaults: GatewayConfig = field(default_factory=GatewayConfig)
     pacs: PacsConfig = field(default_factory=PacsConfig)
     cxr: CxrConfig = field(default_factory=CxrConfig)
@@ -162,6 +165,16 @@ class Config:
     @property
     def ledger_path(self) -> Path:
         return self.state_dir / "ledger.sqlite3"
+
+    @property
+    def ledger_location(self) -> Path | str:
+        """Where the ledger is: the PostgreSQL URL when ``ledger`` is set, else the file."""
+        return self.ledger or self.ledger_path
+
+    @property
+    def ledger_shown(self) -> str:
+        """The ledger's location to show or log (a URL's password masked)."""
+        return mask_url(self.ledger) if self.ledger else str(self.ledger_path)
 
     @property
     def quarantine_dir(self) -> Path:
@@ -478,6 +491,35 @@ def _service(table: dict[str, Any], out: dict[str, Any]) -> None:
             out[key] = _as_choice(str(value).upper(), name, ("DEBUG", "INFO", "WARNING", "ERROR"))
         elif key == "node_name":
             out[key] = _as_node_name(value, name)
+        elif key == "ledger":
+            out[key] = _as_ledger_url(value, name)
+
+
+def _as_ledger_url(value: Any, name: str) -> str:
+    """ "" (SQLite in STATE) or a ``postgresql://`` URL with a host and a database."""
+    text = _as_str(value, name).strip()
+    if not text:
+        return ""
+    if not text.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(
+            name, f"must be empty (SQLite in STATE) or a postgresql:// URL; got {mask_url(text)!r}"
+        )
+    return text
+
+
+def mask_url(url: str) -> str:
+    """``url`` with the password of its user part replaced by ``********``, to show or log."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":" + MASK
+    masked = f"{userinfo}{at}{host}{slash}{tail}"
+    if "password=" in masked:  # a password given as a query parameter
+        masked = re.sub(r"(password=)[^&]*", r"\g<1>" + MASK, masked)
+    return f"{scheme}{sep}{masked}"
 
 
 def _cxr(table: Any) -> CxrConfig:
@@ -518,6 +560,7 @@ ENV_KEYS: dict[str, str] = {
     "GATEWAY_WORKER_MEMORY_MB": "service.worker_memory_mb",
     "GATEWAY_RUN_TIMEOUT_SECONDS": "service.run_timeout_seconds",
     "GATEWAY_NODE_NAME": "service.node_name",
+    "GATEWAY_LEDGER": "service.ledger",
     "GATEWAY_STABLE_SECONDS": "defaults.stable_seconds",
     "GATEWAY_MAX_WAIT_SECONDS": "defaults.max_wait_seconds",
     "GATEWAY_LAYOUT": "defaults.layout",
@@ -849,6 +892,8 @@ def _setting(name: str, value: Any, chain: list[str], sources: Mapping[str, str]
             source, origin = ("file", key) if sources[key] == "file" else ("env", sources[key])
             break
     shown = MASK if SECRET_KEY_RE.search(name) else _plain(value)
+    if name == "ledger" and isinstance(value, str):
+        shown = mask_url(value)
     return {"value": shown, "source": source, "from": origin}
 
 

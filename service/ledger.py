@@ -1,4 +1,5 @@
-"""The ledger: the one owner of the service's state, an SQLite database in ``STATE/``.
+"""The ledger: the one owner of the service's state, an SQLite database in ``STATE/`` or,
+for several nodes, a PostgreSQL database (``[service] ledger``; see :mod:`service.ledgerdb`).
 
 Tables: gateways, studies, instances, runs, outputs, sends, send_items, events,
 finished_listings. Every change is one :class:`Transition` applied by :meth:`Ledger.apply`:
@@ -8,25 +9,28 @@ and a change not in the tables of :mod:`service.values` is refused
 
 A run is unique per (gateway, study, inputs digest, model name, model version, generation):
 repeated events or restarts never run the same inputs twice; ``reprocess`` bumps generation.
-When the database cannot be written (disk full, read-only, I/O error) the ledger raises
-:class:`LedgerUnavailable`: the service cannot go on and exits non-zero.
+When the database cannot be written (disk full, read-only, I/O error, a lost PostgreSQL
+connection) the ledger raises :class:`LedgerUnavailable`: the service cannot go on and exits
+non-zero. (A lost PostgreSQL connection is opened again by the next call.) The tables are
+created and brought up to date by numbered migrations (:data:`MIGRATIONS`, the
+``schema_version`` table) when the ledger is opened for writing.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from service import failpoints
+from service.config import mask_url
 from service.errors import GatewayError
+from service.ledgerdb import DRIVER_ERRORS, Database, Row, is_url, open_database
 from service.values import (
     FINAL_RUN_STATES,
     RUN_TRANSITIONS,
@@ -39,6 +43,8 @@ from service.values import (
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 __all__ = [
     "FINAL_RUN_STATES",
     "Applied",
@@ -48,6 +54,7 @@ __all__ = [
     "LedgerUnavailable",
     "NewRun",
     "OutputRecord",
+    "Row",
     "RunRow",
     "RunState",
     "SendChange",
@@ -270,24 +277,38 @@ class RunRow:
 
 
 class Ledger:
-    """Thread-safe access to the ledger database (one connection, serialised)."""
+    """Thread-safe access to the ledger database (one connection, serialised).
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    ``location``: the SQLite file (a path) or a ``postgresql://`` URL."""
+
+    #: how many times a write transaction runs again after a serialisation failure
+    #: (PostgreSQL, two nodes changing the same rows at once) before giving up
+    RETRIES = 20
+
+    def __init__(self, location: Path | str) -> None:
+        self.path: Path | str = location if is_url(location) else Path(location)
         self._lock = threading.RLock()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA busy_timeout=10000")
-            self._db.executescript(SCHEMA)
+            self._db: Database = open_database(self.path)
             _migrate(self._db)
-        except (sqlite3.Error, OSError) as exc:
+        except OSError as exc:
             raise self._unavailable(exc) from exc
+        except Exception as exc:
+            if isinstance(exc, DRIVER_ERRORS):
+                raise self._unavailable(exc) from exc
+            raise
+
+    @property
+    def description(self) -> str:
+        """The ledger's file, or its URL with the password masked."""
+        return mask_url(str(self.path)) if is_url(self.path) else str(self.path)
 
     def _unavailable(self, exc: BaseException) -> LedgerUnavailable:
+        if is_url(self.path):
+            return LedgerUnavailable(
+                f"the ledger {self.description} cannot be reached or written ({exc}); check"
+                " that PostgreSQL is up and reachable; the next call connects again"
+            )
         return LedgerUnavailable(
             f"the ledger {self.path} cannot be written ({exc}); check that its disk has space "
             "and that the folder is writable by the service, then restart it"
@@ -297,31 +318,37 @@ class Ledger:
         with self._lock:
             self._db.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, work: Callable[[Database], T]) -> T:
+        """``work`` in one write transaction, committed, or rolled back whole when it
+        raises; run again (up to :attr:`RETRIES` times) when the database refused it for a
+        concurrent change (PostgreSQL SERIALIZABLE), so that it then sees that change."""
         with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise self._unavailable(exc) from exc
-            try:
-                yield self._db
-            except BaseException:
+            db = self._db
+            for attempt in range(self.RETRIES + 1):
                 try:
-                    self._db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    logger.exception("ledger rollback failed")
-                raise
-            try:
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise self._unavailable(exc) from exc
+                    db.begin()
+                    try:
+                        result = work(db)
+                    except BaseException:
+                        try:
+                            db.rollback()
+                        except db.errors:
+                            logger.exception("ledger rollback failed")
+                        raise
+                    db.commit()
+                    return result
+                except db.errors as exc:
+                    if db.retryable(exc) and attempt < self.RETRIES:
+                        logger.debug("ledger: concurrent change, transaction runs again")
+                        continue
+                    raise self._unavailable(exc) from exc
+            raise AssertionError("unreachable")
 
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         with self._lock:
             try:
                 return list(self._db.execute(sql, params))
-            except sqlite3.OperationalError as exc:
+            except self._db.operational as exc:
                 raise self._unavailable(exc) from exc
 
     # -- the one way to change state ------------------------------------------------------
@@ -329,12 +356,14 @@ class Ledger:
     def apply(self, t: Transition) -> Applied:
         """Apply ``t`` in one transaction, or refuse it whole (:class:`IllegalTransition`)."""
         label = str(t.study or t.run or (t.send.state if t.send else "") or "event")
-        try:
-            with self._transaction() as db:
-                applied = self._apply_in(db, t, time.time())
-                failpoints.hit(f"before-commit:{label}")
-        except sqlite3.Error as exc:
-            raise self._unavailable(exc) from exc
+        now = time.time()
+
+        def work(db: Database) -> Applied:
+            applied = self._apply_in(db, t, now)
+            failpoints.hit(f"before-commit:{label}")
+            return applied
+
+        applied = self._write(work)
         failpoints.hit(f"after-commit:{label}")
         if applied.study_changed:
             reason = printable(t.reason)
@@ -347,7 +376,7 @@ class Ledger:
             )
         return applied
 
-    def _apply_in(self, db: sqlite3.Connection, t: Transition, now: float) -> Applied:
+    def _apply_in(self, db: Database, t: Transition, now: float) -> Applied:
         gid, suid = printable(t.gateway_id), printable(t.study_uid)
         run_id, changed = t.run_id, False
         if t.study is not None:
@@ -358,7 +387,9 @@ class Ledger:
             self._set_run(db, t, now)
         send_id = self._send(db, t, run_id, now) if t.send is not None else None
         db.executemany(
-            "INSERT OR REPLACE INTO outputs VALUES (?,?,?,?,?)",
+            "INSERT INTO outputs VALUES (?,?,?,?,?) ON CONFLICT (run_id, sop_instance_uid)"
+            " DO UPDATE SET path=excluded.path, sop_class_uid=excluded.sop_class_uid,"
+            " series_uid=excluded.series_uid",
             [
                 (run_id, str(o.path), o.sop_class_uid, o.sop_instance_uid, o.series_uid)
                 for o in t.outputs
@@ -371,8 +402,8 @@ class Ledger:
         )
         if t.listing is not None:
             db.execute(
-                "INSERT OR REPLACE INTO finished_listings (gateway_id, folder, listing)"
-                " VALUES (?, ?, ?)",
+                "INSERT INTO finished_listings (gateway_id, folder, listing) VALUES (?, ?, ?)"
+                " ON CONFLICT (gateway_id, folder) DO UPDATE SET listing=excluded.listing",
                 (gid, suid, t.listing),
             )
         elif t.forget_listing:
@@ -381,7 +412,7 @@ class Ledger:
 
     def _set_study(
         self,
-        db: sqlite3.Connection,
+        db: Database,
         gid: str,
         suid: str,
         state: StudyState,
@@ -404,9 +435,7 @@ class Ledger:
         )
         return True
 
-    def _new_run(
-        self, db: sqlite3.Connection, gid: str, suid: str, t: Transition, now: float
-    ) -> int:
+    def _new_run(self, db: Database, gid: str, suid: str, t: Transition, now: float) -> int:
         new = t.new_run
         assert new is not None
         state = t.run or RunState.RUNNING
@@ -415,10 +444,10 @@ class Ledger:
         prev = db.execute(
             "SELECT MAX(run_id) FROM runs WHERE gateway_id=? AND study_uid=?", (gid, suid)
         ).fetchone()[0]
-        cur = db.execute(
+        run_id: int = db.execute(
             "INSERT INTO runs (gateway_id, study_uid, model_name, model_version,"
             " inputs_digest, generation, previous_run_id, state, reason, n_inputs, started,"
-            " finished, node) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " finished, node) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING run_id",
             (
                 gid,
                 suid,
@@ -434,25 +463,24 @@ class Ledger:
                 now if state in FINAL_RUN_STATES else None,
                 new.node,
             ),
-        )
-        assert cur.lastrowid is not None
+        ).fetchone()[0]
         # a run left running by a stop, on inputs that have changed since, is over
         db.execute(
             "UPDATE runs SET state=?, reason=?, finished=? WHERE gateway_id=? AND study_uid=?"
             " AND state=? AND run_id<>?",
             (
                 str(RunState.FAILED),
-                f"superseded by run {cur.lastrowid}",
+                f"superseded by run {run_id}",
                 now,
                 gid,
                 suid,
                 str(RunState.RUNNING),
-                cur.lastrowid,
+                run_id,
             ),
         )
-        return cur.lastrowid
+        return run_id
 
-    def _set_run(self, db: sqlite3.Connection, t: Transition, now: float) -> None:
+    def _set_run(self, db: Database, t: Transition, now: float) -> None:
         row = db.execute("SELECT state FROM runs WHERE run_id=?", (t.run_id,)).fetchone()
         if row is None:
             raise IllegalTransition(f"run {t.run_id} does not exist")
@@ -474,19 +502,18 @@ class Ledger:
             params.append(json.dumps(t.findings, sort_keys=True))
         db.execute(f"UPDATE runs SET {', '.join(sets)} WHERE run_id=?", [*params, t.run_id])
 
-    def _send(self, db: sqlite3.Connection, t: Transition, run_id: int | None, now: float) -> int:
+    def _send(self, db: Database, t: Transition, run_id: int | None, now: float) -> int:
         change = t.send
         assert change is not None
         if change.send_id is None:
             if change.state not in SEND_TRANSITIONS[None] or run_id is None:
                 raise IllegalTransition(f"a new send cannot start {change.state}")
-            cur = db.execute(
+            send_id: int = db.execute(
                 "INSERT INTO sends (run_id, destination, state, reason, started, manual)"
-                " VALUES (?,?,?,?,?,?)",
+                " VALUES (?,?,?,?,?,?) RETURNING send_id",
                 (run_id, change.destination, str(change.state), "", now, int(change.manual)),
-            )
-            assert cur.lastrowid is not None
-            return cur.lastrowid
+            ).fetchone()[0]
+            return send_id
         row = db.execute("SELECT state FROM sends WHERE send_id=?", (change.send_id,)).fetchone()
         old = SendState(row["state"]) if row is not None else None
         if old is None or change.state not in SEND_TRANSITIONS[old]:
@@ -497,14 +524,15 @@ class Ledger:
             (str(change.state), printable(change.reason), now, change.send_id),
         )
         db.executemany(
-            "INSERT OR REPLACE INTO send_items VALUES (?,?,?,?)",
+            "INSERT INTO send_items VALUES (?,?,?,?) ON CONFLICT (send_id, sop_instance_uid)"
+            " DO UPDATE SET status=excluded.status, status_code=excluded.status_code",
             [(change.send_id, uid, status, code) for uid, status, code in change.items],
         )
         return change.send_id
 
     @staticmethod
     def _record_instances(
-        db: sqlite3.Connection,
+        db: Database,
         gid: str,
         suid: str,
         records: Sequence[InstanceRecord],
@@ -538,12 +566,16 @@ class Ledger:
 
     def add_gateway(self, gateway_id: str, path: Path) -> bool:
         """Record a gateway; True when it was new."""
-        with self._transaction() as db:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO gateways VALUES (?, ?, ?)",
-                (gateway_id, printable(str(path)), time.time()),
+        now = time.time()
+        return self._write(
+            lambda db: (
+                db.execute(
+                    "INSERT INTO gateways VALUES (?, ?, ?) ON CONFLICT (gateway_id) DO NOTHING",
+                    (gateway_id, printable(str(path)), now),
+                ).rowcount
+                > 0
             )
-            return cur.rowcount > 0
+        )
 
     def recover(self) -> Recovery:
         """After a restart, in one transaction: every send left open is ``interrupted``
@@ -552,7 +584,8 @@ class Ledger:
         look resumes the run. Returns the sends still queued (never opened: they go now)."""
         now = time.time()
         reason = "send interrupted by a stop; use `resend` to try again"
-        with self._transaction() as db:
+
+        def work(db: Database) -> tuple[list[Row], list[QueuedSend]]:
             open_sends = list(
                 db.execute(
                     "SELECT s.send_id, s.run_id, r.gateway_id, r.study_uid, st.state"
@@ -593,6 +626,9 @@ class Ledger:
                     (str(SendState.QUEUED),),
                 )
             ]
+            return open_sends, queued
+
+        open_sends, queued = self._write(work)
         for row in open_sends:
             logger.warning(
                 "gateway=%s study=%s send %d interrupted by a stop; not repeated by itself",
@@ -619,7 +655,7 @@ class Ledger:
         )
         return bytes(rows[0]["listing"]) if rows else None
 
-    def known_instances(self, gateway_id: str, study_uid: str) -> dict[str, sqlite3.Row]:
+    def known_instances(self, gateway_id: str, study_uid: str) -> dict[str, Row]:
         """Recorded instances of a study keyed by path (for skipping re-hashing)."""
         rows = self.query(
             "SELECT * FROM instances WHERE gateway_id=? AND study_uid=?", (gateway_id, study_uid)
@@ -671,10 +707,10 @@ class Ledger:
         )
         return [_run_row(r) for r in rows]
 
-    def outputs(self, run_id: int) -> list[sqlite3.Row]:
+    def outputs(self, run_id: int) -> list[Row]:
         return self.query("SELECT * FROM outputs WHERE run_id=? ORDER BY path", (run_id,))
 
-    def sends(self, run_id: int) -> list[sqlite3.Row]:
+    def sends(self, run_id: int) -> list[Row]:
         return self.query("SELECT * FROM sends WHERE run_id=? ORDER BY send_id", (run_id,))
 
     # -- read side: reports for the CLI --------------------------------------------------
@@ -683,24 +719,28 @@ class Ledger:
     # by an older version, before :func:`_migrate` added its columns).
 
     @classmethod
-    def open_readonly(cls, path: Path) -> Ledger | None:
-        """Open an existing ledger read-only (SQLite ``mode=ro``), or None when there is none.
+    def open_readonly(cls, location: Path | str) -> Ledger | None:
+        """Open an existing ledger read-only, or None when there is none.
 
-        Creates neither STATE nor the ledger, never migrates or writes it. (SQLite itself may
-        create the ``-wal``/``-shm`` side files a reader of a WAL database needs.)"""
-        if not path.is_file():
+        SQLite: ``mode=ro``; creates neither STATE nor the ledger (SQLite itself may create
+        the ``-wal``/``-shm`` side files a reader of a WAL database needs). PostgreSQL: a
+        read-only session; None while the database has no ledger tables yet. Never
+        migrates or writes."""
+        url = is_url(location)
+        if not url and not Path(location).is_file():
             return None
         ledger = cls.__new__(cls)
-        ledger.path = path
+        ledger.path = location if url else Path(location)
         ledger._lock = threading.RLock()
-        ledger._db = sqlite3.connect(
-            f"{path.resolve().as_uri()}?mode=ro",
-            uri=True,
-            check_same_thread=False,
-            isolation_level=None,
-        )
-        ledger._db.row_factory = sqlite3.Row
-        ledger._db.execute("PRAGMA busy_timeout=10000")
+        try:
+            ledger._db = open_database(ledger.path, readonly=True)
+            if url and not ledger._db.columns("studies"):
+                ledger._db.close()
+                return None
+        except Exception as exc:
+            if isinstance(exc, DRIVER_ERRORS):
+                raise ledger._unavailable(exc) from exc
+            raise
         return ledger
 
     def gateway_ids(self) -> list[str]:
@@ -885,7 +925,7 @@ class Ledger:
 
     def _columns(self, table: str) -> set[str]:
         with self._lock:
-            return _columns(self._db, table)
+            return self._db.columns(table)
 
 
 @dataclass(frozen=True)
@@ -903,31 +943,71 @@ class Recovery:
     queued: list[QueuedSend] = field(default_factory=list)
 
 
-#: Columns added after the first release: (table, column, definition). A ledger written by
-#: an older version gets them with ALTER TABLE when it is opened for writing.
-MIGRATIONS: tuple[tuple[str, str, str], ...] = (
-    ("runs", "node", "TEXT NOT NULL DEFAULT ''"),
-    ("sends", "opened", "REAL"),
+@dataclass(frozen=True)
+class Migration:
+    """One numbered step of the ledger's schema: DDL statements (``IF NOT EXISTS``), or a
+    column added when the table lacks it (a ledger written before ``schema_version``
+    existed may already have it)."""
+
+    version: int
+    description: str
+    statements: tuple[str, ...] = ()
+    add_column: tuple[str, str, str] | None = None  # (table, column, definition)
+
+
+def _statements(script: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in script.split(";") if part.strip())
+
+
+#: The schema, step by step. A ledger records the steps it has had in ``schema_version``;
+#: opening it for writing applies the later ones (SQLite column types; PostgreSQL's are
+#: translated by :mod:`service.ledgerdb`). Append, never edit, a released step.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "tables", statements=_statements(SCHEMA)),
+    Migration(2, "runs.node", add_column=("runs", "node", "TEXT NOT NULL DEFAULT ''")),
+    Migration(3, "sends.opened", add_column=("sends", "opened", "REAL")),
+)
+
+SCHEMA_VERSION = (
+    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY,"
+    " description TEXT NOT NULL, applied REAL NOT NULL)"
 )
 
 
-def _columns(db: sqlite3.Connection, table: str) -> set[str]:
-    return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-
-
-def _migrate(db: sqlite3.Connection) -> None:
-    """Bring an existing ledger's tables up to :data:`SCHEMA` (idempotent; in one write
-    transaction, so two processes opening an old ledger at once add each column once)."""
-    db.execute("BEGIN IMMEDIATE")
+def _migrate(db: Database) -> None:
+    """Bring the ledger's tables up to the last of :data:`MIGRATIONS`, in one write
+    transaction under the migration lock (so that two processes, or two nodes, opening an
+    old ledger at once apply each step once)."""
+    db.begin(serializable=False)
     try:
-        for table, column, definition in MIGRATIONS:
-            if column not in _columns(db, table):
-                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-                logger.info("ledger: added column %s.%s", table, column)
+        db.lock_for_migration()
+        db.execute(db.ddl(SCHEMA_VERSION))
+        row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
+        current = int(row[0] or 0)
+        for step in MIGRATIONS:
+            if step.version <= current:
+                continue
+            for statement in step.statements:
+                db.execute(db.ddl(statement))
+            if step.add_column is not None:
+                table, column, definition = step.add_column
+                if column not in db.columns(table):
+                    db.execute(db.ddl(f"ALTER TABLE {table} ADD COLUMN {column} {definition}"))
+                    logger.info("ledger: added column %s.%s", table, column)
+            db.execute(
+                "INSERT INTO schema_version (version, description, applied) VALUES (?, ?, ?)",
+                (step.version, step.description, time.time()),
+            )
+            logger.info(
+                "ledger %s: schema step %d (%s)", db.description, step.version, step.description
+            )
     except BaseException:
-        db.execute("ROLLBACK")
+        try:
+            db.rollback()
+        except db.errors:
+            logger.exception("ledger rollback failed")
         raise
-    db.execute("COMMIT")
+    db.commit()
 
 
 def _path_in_study(path: str, folder: Path | None, study_uid: str) -> str:
@@ -943,7 +1023,7 @@ def _path_in_study(path: str, folder: Path | None, study_uid: str) -> str:
     return recorded.name
 
 
-def _run_row(row: sqlite3.Row) -> RunRow:
+def _run_row(row: Row) -> RunRow:
     return RunRow(
         run_id=row["run_id"],
         gateway_id=row["gateway_id"],
@@ -955,5 +1035,5 @@ def _run_row(row: sqlite3.Row) -> RunRow:
         state=RunState(row["state"]),
         reason=row["reason"],
         findings=json.loads(row["findings"]),
-        node=row["node"] if "node" in row.keys() else "",  # noqa: SIM118 (sqlite3.Row)
+        node=row["node"] if "node" in row.keys() else "",  # noqa: SIM118 (Row)
     )

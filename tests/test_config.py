@@ -764,3 +764,25 @@ def test_plain_http_with_credentials_or_tls_files_is_warned_about(pki: dict[str,
     assert eight.startswith("gateway 8:") and "tls_ca" in eight and "not used" in eight
     assert not any("hunter2" in w or "tok3n" in w for w in warnings)
     assert plain_http_warnings(from_mapping({"pacs": {"url": "http://open.example/dw"}})) == []
+
+
+def test_ledger_is_sqlite_in_state_or_a_postgresql_url_shown_masked(tmp_path: Path) -> None:
+    from service.config import render_settings
+
+    assert load_config(environ={}).ledger_location == Path("STATE") / "ledger.sqlite3"
+    url = "postgresql://gateway:pg-s3cret@db.example:5432/ledger"
+    config = load_config(environ={"GATEWAY_LEDGER": url})
+    assert config.ledger == config.ledger_location == url
+    shown = effective_settings(config)["service"]["ledger"]
+    masked = "postgresql://gateway:********@db.example:5432/ledger"
+    assert shown == {"value": masked, "source": "env", "from": "GATEWAY_LEDGER"}
+    assert config.ledger_shown == masked
+    for text in (render_settings(effective_settings(config)), repr(config)):
+        assert "pg-s3cret" not in text
+    path = tmp_path / "gateway.toml"
+    path.write_text('[service]\nledger = "postgres://h/db?password=pw-in-query"\n')
+    from_file = load_config(path, environ={})
+    assert "pw-in-query" not in from_file.ledger_shown and from_file.ledger.endswith("query")
+    with pytest.raises(ConfigError) as err:
+        load_config(environ={"GATEWAY_LEDGER": "mysql://u:hidden@h/db"})
+    assert err.value.key == "service.ledger" and "hidden" not in str(err.value)

@@ -1,13 +1,23 @@
-"""Ledger: one transition per change, the legal-transition tables, recovery, durability."""
+"""Ledger: one transition per change, the legal-transition tables, recovery, durability.
+
+The ledger's tests run against both backends: SQLite in STATE and a real PostgreSQL
+(``tests/postgres.py``); those about an old SQLite file only against SQLite.
+"""
 
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
+from service import failpoints
 from service.ledger import (
+    MIGRATIONS,
     IllegalTransition,
     InstanceRecord,
     Ledger,
@@ -24,11 +34,18 @@ from service.values import (
     SendState,
     StudyState,
 )
+from tests.conftest import free_port
+from tests.postgres import PASSWORD, Postgres
 
 
-@pytest.fixture
-def ledger(tmp_path: Path) -> Ledger:
-    return Ledger(tmp_path / "STATE" / "ledger.sqlite3")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
+    if request.param == "sqlite":
+        opened = Ledger(tmp_path / "STATE" / "ledger.sqlite3")
+    else:
+        opened = Ledger(request.getfixturevalue("postgres").database())
+    yield opened
+    opened.close()
 
 
 def new_run(ledger: Ledger, digest: str = "d1", generation: int = 0, study: str = "1.2.3") -> int:
@@ -83,7 +100,7 @@ def test_runs_are_unique_per_inputs_and_model_version(ledger: Ledger) -> None:
     assert ledger.find_run("1", "1.2.3", "d1", "annotate", "1.0").run_id == run  # type: ignore[union-attr]
     with pytest.raises(LedgerUnavailable) as caught:  # the UNIQUE constraint, rolled back
         new_run(ledger)
-    assert isinstance(caught.value.__cause__, sqlite3.IntegrityError)
+    assert isinstance(caught.value.__cause__, (sqlite3.IntegrityError, psycopg.IntegrityError))
     assert ledger.find_run("1", "1.2.3", "d1", "annotate", "2.0") is None
     assert ledger.find_run("2", "1.2.3", "d1", "annotate", "1.0") is None  # keyed by gateway
     assert ledger.next_generation("1", "1.2.3", "d1") == 1
@@ -262,3 +279,231 @@ def test_old_ledger_gets_the_node_column_and_runs_record_their_node(tmp_path: Pa
     rows = again.query("SELECT run_id, node FROM runs ORDER BY run_id")
     assert [(r["run_id"], r["node"]) for r in rows] == [(1, ""), (run, "node-a")]
     again.close()
+
+
+def test_old_ledger_records_its_schema_steps_once(tmp_path: Path) -> None:
+    """A ledger from before ``schema_version`` gets every step recorded (the columns it
+    lacks added); opening it again applies nothing."""
+    path = tmp_path / "STATE" / "ledger.sqlite3"
+    path.parent.mkdir()
+    old = sqlite3.connect(path)
+    old.executescript(OLD_RUNS)
+    old.close()
+    Ledger(path).close()
+    first = sqlite3.connect(path).execute("SELECT version, applied FROM schema_version").fetchall()
+    assert [v for v, _ in first] == [m.version for m in MIGRATIONS]
+    Ledger(path).close()
+    again = sqlite3.connect(path).execute("SELECT version, applied FROM schema_version").fetchall()
+    assert again == first
+
+
+# -- PostgreSQL only: the schema from empty, a lost connection, two nodes at once ------------
+
+
+def test_postgresql_schema_from_empty_matches_sqlite(postgres: Postgres, tmp_path: Path) -> None:
+    url = postgres.database()
+    with psycopg.connect(url) as conn:  # an empty database: no table at all
+        assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname='public'").fetchone()
+        assert Ledger.open_readonly(url) is None  # nothing to read yet
+    pg, lite = Ledger(url), Ledger(tmp_path / "ledger.sqlite3")
+    versions = [r["version"] for r in pg.query("SELECT version FROM schema_version ORDER BY 1")]
+    assert versions == [m.version for m in MIGRATIONS]
+    tables = [r["name"] for r in lite.query("SELECT name FROM sqlite_master WHERE type='table'")]
+    for table in tables:
+        if not table.startswith("sqlite_"):
+            assert pg._columns(table) == lite._columns(table), table
+    pg.close()
+    again = Ledger(url)  # a second open applies nothing
+    assert [r["version"] for r in again.query("SELECT version FROM schema_version")] == versions
+    # 64-bit sizes and nanosecond times, bytes, doubles survive the trip
+    again.apply(
+        Transition(
+            "1",
+            "1.2.3",
+            StudyState.RECEIVING,
+            instances=[InstanceRecord("/in/x", 5 * 1024**3, 1_796_000_000_123_456_789)],
+            listing=b"\x00\xff" * 16,
+        )
+    )
+    (row,) = again.query("SELECT size, mtime_ns, updated FROM instances")
+    assert (row["size"], row["mtime_ns"]) == (5 * 1024**3, 1_796_000_000_123_456_789)
+    assert row["updated"] == again.query("SELECT updated FROM studies")[0]["updated"]
+    assert isinstance(row["updated"], float) and row["updated"] % 1 != 0
+    assert again.finished_listing("1", "1.2.3") == b"\x00\xff" * 16
+    again.close()
+
+
+def test_postgresql_two_ledgers_open_an_empty_database_at_once(postgres: Postgres) -> None:
+    url = postgres.database()
+    opened: list[Ledger] = []
+    threads = [threading.Thread(target=lambda: opened.append(Ledger(url))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(opened) == 4
+    rows = opened[0].query("SELECT version FROM schema_version ORDER BY version")
+    assert [r["version"] for r in rows] == [m.version for m in MIGRATIONS]  # each step once
+    for ledger in opened:
+        ledger.close()
+
+
+def test_postgresql_restart_is_unavailable_then_reconnects(
+    postgres: Postgres, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    ledger = Ledger(postgres.database())
+    run = new_run(ledger)
+    send = written(ledger, run, tmp_path)
+    postgres.restart()  # every connection closed by the server
+    sending = Transition(
+        "1",
+        "1.2.3",
+        StudyState.SENDING,
+        run_id=run,
+        run=RunState.SENDING,
+        send=SendChange(SendState.SENDING, send),
+    )
+    with pytest.raises(LedgerUnavailable) as caught:
+        ledger.apply(sending)
+    assert isinstance(caught.value.__cause__, psycopg.OperationalError)
+    assert "cannot be reached" in str(caught.value)
+    assert ledger.apply(sending).send_id == send  # the next call connects again
+    assert ledger.study_state("1", "1.2.3") == (StudyState.SENDING, "")
+    assert [(s["send_id"], s["state"]) for s in ledger.sends(run)] == [(send, "sending")]
+    assert [o["sop_instance_uid"] for o in ledger.outputs(run)] == ["1.2.9"]  # nothing lost
+    postgres.restart()
+    with pytest.raises(LedgerUnavailable):  # the read side too
+        ledger.study_state("1", "1.2.3")
+    assert ledger.study_state("1", "1.2.3") == (StudyState.SENDING, "")
+    assert PASSWORD not in str(caught.value) + caplog.text
+    ledger.close()
+
+
+def test_postgresql_unreachable_names_the_url_without_its_password(postgres: Postgres) -> None:
+    url = f"postgresql://postgres:{PASSWORD}@127.0.0.1:{free_port()}/nothing"
+    with pytest.raises(LedgerUnavailable) as caught:
+        Ledger(url)
+    assert PASSWORD not in str(caught.value)
+    assert "postgres:********@127.0.0.1" in str(caught.value)
+
+
+def queued_sends(ledger: Ledger, tmp_path: Path, count: int) -> list[tuple[str, int, int]]:
+    """``count`` studies written, each with a queued send: (study, run, send)."""
+    made = []
+    for n in range(count):
+        study = f"1.2.{n}"
+        run = new_run(ledger, f"d{n}", study=study)
+        send = ledger.apply(
+            Transition(
+                "1",
+                study,
+                StudyState.WRITTEN,
+                run_id=run,
+                run=RunState.WRITTEN,
+                outputs=[
+                    OutputRecord(tmp_path / f"{n}.dcm", "1.2.840.10008.5.1.4.1.1.7", f"9.{n}", "8")
+                ],
+                send=SendChange(SendState.QUEUED, destination="PACS@127.0.0.1:4242"),
+            )
+        ).send_id
+        assert send is not None
+        made.append((study, run, send))
+    return made
+
+
+def start_sending(study: str, run: int, send: int, node: str) -> Transition:
+    return Transition(
+        "1",
+        study,
+        StudyState.SENDING,
+        f"sending from {node}",
+        run_id=run,
+        run=RunState.SENDING,
+        send=SendChange(SendState.SENDING, send),
+    )
+
+
+def test_postgresql_two_nodes_race_for_each_send_and_one_wins(
+    postgres: Postgres, tmp_path: Path
+) -> None:
+    """Two ledgers on one database (two nodes) open every queued send at once: each send is
+    opened exactly once; the other node is refused (IllegalTransition), never both."""
+    url = postgres.database()
+    nodes = {"a": Ledger(url), "b": Ledger(url)}
+    sends = queued_sends(nodes["a"], tmp_path, 30)
+    won: dict[str, list[int]] = {"a": [], "b": []}
+    refused: dict[str, list[int]] = {"a": [], "b": []}
+    barrier = threading.Barrier(2)
+
+    def node(name: str) -> None:
+        barrier.wait()
+        for study, run, send in sends:
+            try:
+                nodes[name].apply(start_sending(study, run, send, name))
+                won[name].append(send)
+            except IllegalTransition:
+                refused[name].append(send)
+
+    threads = [threading.Thread(target=node, args=(name,)) for name in nodes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    everything = sorted(s for _, _, s in sends)
+    assert sorted(won["a"] + won["b"]) == everything  # each opened once
+    assert sorted(refused["a"] + refused["b"]) == everything  # and refused once
+    assert not set(won["a"]) & set(won["b"])
+    for study, _, send in sends:
+        state, reason = nodes["b"].study_state("1", study)  # type: ignore[misc]
+        winner = "a" if send in won["a"] else "b"
+        assert (state, reason) == (StudyState.SENDING, f"sending from {winner}")
+    for ledger in nodes.values():
+        ledger.close()
+
+
+def test_postgresql_a_concurrent_change_is_run_again_and_refused(
+    postgres: Postgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node b changes the send while node a holds it, uncommitted: once a commits, b's
+    transaction fails to serialise, runs again, sees a's change and is refused."""
+    url = postgres.database()
+    a, b = Ledger(url), Ledger(url)
+    ((study, run, send),) = queued_sends(a, tmp_path, 1)
+    a_holds, a_may_commit = threading.Event(), threading.Event()
+    holder = threading.current_thread().name + "-a"
+
+    def pause_a(name: str) -> None:
+        if threading.current_thread().name == holder and name == "before-commit:sending":
+            a_holds.set()
+            assert a_may_commit.wait(60)
+
+    monkeypatch.setattr(failpoints, "hit", pause_a)
+    thread = threading.Thread(
+        target=a.apply, args=(start_sending(study, run, send, "a"),), name=holder
+    )
+    thread.start()
+    assert a_holds.wait(60)
+    outcome: list[BaseException | None] = []
+
+    def apply_b() -> None:
+        try:
+            b.apply(start_sending(study, run, send, "b"))
+            outcome.append(None)
+        except BaseException as exc:  # handed to the test thread
+            outcome.append(exc)
+
+    other = threading.Thread(target=apply_b)
+    other.start()
+    with psycopg.connect(url) as watch:  # b is waiting for a's row lock
+        deadline = time.monotonic() + 60
+        while not watch.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]:  # type: ignore[index]
+            assert time.monotonic() < deadline, "b never waited for a's lock"
+            time.sleep(0.02)
+    a_may_commit.set()
+    thread.join()
+    other.join()
+    assert len(outcome) == 1 and isinstance(outcome[0], IllegalTransition)
+    assert a.study_state("1", study) == (StudyState.SENDING, "sending from a")
+    a.close()
+    b.close()
