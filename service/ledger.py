@@ -365,15 +365,7 @@ class Ledger:
 
         applied = self._write(work)
         failpoints.hit(f"after-commit:{label}")
-        if applied.study_changed:
-            reason = printable(t.reason)
-            logger.info(
-                "gateway=%s study=%s state=%s%s",
-                printable(t.gateway_id),
-                printable(t.study_uid),
-                t.study,
-                f" reason={reason}" if reason else "",
-            )
+        _log_change(t, applied)
         return applied
 
     def _apply_in(self, db: Database, t: Transition, now: float) -> Applied:
@@ -637,6 +629,40 @@ class Ledger:
                 row[0],
             )
         return Recovery(interrupted=len(open_sends), queued=queued)
+
+    def claim_queued_sends(
+        self, limit: int, start: Callable[[QueuedSend], Transition]
+    ) -> list[QueuedSend]:
+        """Claim up to ``limit`` queued sends, oldest first, each changed by ``start(send)``
+        (its ``queued`` -> ``sending`` transition, committed before the association opens),
+        all in one transaction: of several nodes claiming at once, exactly one gets each
+        send. PostgreSQL: ``SELECT … FOR UPDATE SKIP LOCKED`` passes over the sends another
+        node is claiming; SQLite: the one writer claims them all in turn."""
+
+        def work(db: Database) -> list[tuple[QueuedSend, Transition, Applied]]:
+            rows = db.execute(
+                "SELECT s.send_id, s.run_id, r.gateway_id, r.study_uid, s.manual FROM sends s"
+                " JOIN runs r USING (run_id) WHERE s.state=? ORDER BY s.send_id LIMIT ?"
+                + db.skip_locked("s"),
+                (str(SendState.QUEUED), limit),
+            ).fetchall()
+            claimed = []
+            now = time.time()
+            for row in rows:
+                send = QueuedSend(row[0], row[1], row[2], row[3], bool(row[4]))
+                t = start(send)
+                if t.send is None or (t.send.send_id, t.send.state) != (
+                    send.send_id,
+                    SendState.SENDING,
+                ):
+                    raise IllegalTransition(f"a claim of send {send.send_id} must start it")
+                claimed.append((send, t, self._apply_in(db, t, now)))
+            return claimed
+
+        claimed = self._write(work)
+        for _, t, applied in claimed:
+            _log_change(t, applied)
+        return [send for send, _, _ in claimed]
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -1008,6 +1034,18 @@ def _migrate(db: Database) -> None:
             logger.exception("ledger rollback failed")
         raise
     db.commit()
+
+
+def _log_change(t: Transition, applied: Applied) -> None:
+    if applied.study_changed:
+        reason = printable(t.reason)
+        logger.info(
+            "gateway=%s study=%s state=%s%s",
+            printable(t.gateway_id),
+            printable(t.study_uid),
+            t.study,
+            f" reason={reason}" if reason else "",
+        )
 
 
 def _path_in_study(path: str, folder: Path | None, study_uid: str) -> str:

@@ -64,9 +64,6 @@ class Database(Protocol):
     operational: tuple[type[BaseException], ...]
     #: the IntegrityError of this engine's driver (a UNIQUE constraint refused a row)
     integrity_error: type[BaseException]
-    #: appended to a SELECT that claims rows no other transaction holds ("" on SQLite,
-    #: where a write transaction already holds the whole database)
-    skip_locked: str
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor: ...
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
@@ -77,6 +74,7 @@ class Database(Protocol):
     def columns(self, table: str) -> set[str]: ...
     def ddl(self, sql: str) -> str: ...
     def lock_for_migration(self) -> None: ...
+    def skip_locked(self, alias: str) -> str: ...
     def close(self) -> None: ...
 
 
@@ -86,7 +84,6 @@ class SqliteDatabase:
     errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
     operational: tuple[type[BaseException], ...] = (sqlite3.OperationalError,)
     integrity_error: type[BaseException] = sqlite3.IntegrityError
-    skip_locked = ""
 
     def __init__(self, path: Path, readonly: bool = False) -> None:
         self.description = str(path)
@@ -132,6 +129,9 @@ class SqliteDatabase:
 
     def lock_for_migration(self) -> None:
         pass  # BEGIN IMMEDIATE already holds the only write lock
+
+    def skip_locked(self, alias: str) -> str:
+        return ""  # a write transaction holds the whole database: nothing else holds a row
 
     def close(self) -> None:
         self._db.close()
@@ -194,7 +194,6 @@ class PostgresDatabase:
     errors: tuple[type[BaseException], ...] = (psycopg.Error,)
     operational: tuple[type[BaseException], ...] = (psycopg.OperationalError,)
     integrity_error: type[BaseException] = psycopg.IntegrityError
-    skip_locked = " FOR UPDATE SKIP LOCKED"
 
     def __init__(self, url: str, readonly: bool = False) -> None:
         self.url = url
@@ -261,6 +260,9 @@ class PostgresDatabase:
 
     def lock_for_migration(self) -> None:
         self.execute("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK,))
+
+    def skip_locked(self, alias: str) -> str:
+        return f" FOR UPDATE OF {alias} SKIP LOCKED"
 
     def close(self) -> None:
         if self._db is not None:

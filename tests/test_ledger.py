@@ -507,3 +507,50 @@ def test_postgresql_a_concurrent_change_is_run_again_and_refused(
     assert a.study_state("1", study) == (StudyState.SENDING, "sending from a")
     a.close()
     b.close()
+
+
+def test_claims_give_each_queued_send_to_exactly_one_of_two_nodes(
+    ledger: Ledger, tmp_path: Path
+) -> None:
+    """Two ledgers on one database (two nodes; on SQLite two processes on one STATE) claim
+    queued sends in small batches at once: every send is claimed, each by one of them."""
+    nodes = {"a": ledger, "b": Ledger(ledger.path)}
+    sends = queued_sends(ledger, tmp_path, 30)
+    got: dict[str, list[int]] = {"a": [], "b": []}
+    failures: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def node(name: str) -> None:
+        barrier.wait()
+        try:
+            while claimed := nodes[name].claim_queued_sends(
+                2, lambda s: start_sending(s.study_uid, s.run_id, s.send_id, name)
+            ):
+                got[name].extend(s.send_id for s in claimed)
+        except BaseException as exc:  # handed to the test thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=node, args=(name,)) for name in nodes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert sorted(got["a"] + got["b"]) == sorted(s for _, _, s in sends)  # each once
+    for study, run, send in sends:
+        winner = "a" if send in got["a"] else "b"
+        assert ledger.study_state("1", study) == (StudyState.SENDING, f"sending from {winner}")
+        assert [(s["send_id"], s["state"]) for s in ledger.sends(run)] == [(send, "sending")]
+    assert ledger.claim_queued_sends(5, lambda s: start_sending("", 0, 0, "")) == []
+    nodes["b"].close()
+
+
+def test_a_claim_must_start_the_send_or_changes_nothing(ledger: Ledger, tmp_path: Path) -> None:
+    ((study, run, send),) = queued_sends(ledger, tmp_path, 1)
+    with pytest.raises(IllegalTransition):
+        ledger.claim_queued_sends(
+            1, lambda s: Transition("1", study, send=SendChange(SendState.ERROR, s.send_id))
+        )
+    assert [s["state"] for s in ledger.sends(run)] == ["queued"]
+    (claimed,) = ledger.claim_queued_sends(1, lambda s: start_sending(study, run, send, "a"))
+    assert (claimed.send_id, claimed.run_id, claimed.study_uid) == (send, run, study)
