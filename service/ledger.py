@@ -307,7 +307,7 @@ class Ledger:
         if is_url(self.path):
             return LedgerUnavailable(
                 f"the ledger {self.description} cannot be reached or written ({exc}); check"
-                " that PostgreSQL is up and reachable; the next call connects again"
+                " that PostgreSQL is up and reachable from here and the database writable"
             )
         return LedgerUnavailable(
             f"the ledger {self.path} cannot be written ({exc}); check that its disk has space "

@@ -224,12 +224,21 @@ class PostgresDatabase:
     def _sql(sql: str) -> str:
         return sql.replace("%", "%%").replace("?", "%s")
 
+    @staticmethod
+    def _params(params: Sequence[Any]) -> list[Any]:
+        """PostgreSQL text cannot hold NUL (SQLite's can): written as ``\\x00``, the way
+        :func:`~service.ledger.printable` writes what UTF-8 cannot hold."""
+        return [p.replace("\x00", "\\x00") if isinstance(p, str) else p for p in params]
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
-        return self._connect().execute(self._sql(sql), params)  # type: ignore[arg-type]
+        return self._connect().execute(self._sql(sql), self._params(params))  # type: ignore[arg-type]
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         if rows:
-            self._connect().cursor().executemany(self._sql(sql), rows)  # type: ignore[arg-type]
+            self._connect().cursor().executemany(
+                self._sql(sql),  # type: ignore[arg-type]
+                [self._params(row) for row in rows],
+            )
 
     def begin(self, serializable: bool = True) -> None:
         level = "SERIALIZABLE" if serializable else "READ COMMITTED"

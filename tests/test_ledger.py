@@ -225,11 +225,13 @@ def test_names_that_are_not_utf8_are_recorded_escaped(ledger: Ledger) -> None:
             name,
             StudyState.RECEIVING,
             instances=[InstanceRecord(f"/in/{name}/x", 1, 1, rejected_reason="bad")],
-            events=[("ERROR", f"cannot read {name}")],
+            events=[("ERROR", f"cannot read {name}: '\x00'")],
         )
     )
     (row,) = ledger.query("SELECT study_uid FROM studies")
     assert row["study_uid"] == "1.2.\\xff\\xfe"
+    (event,) = ledger.query("SELECT message FROM events")  # PostgreSQL text holds no NUL
+    assert event["message"].replace("\x00", "\\x00") == "cannot read 1.2.\\xff\\xfe: '\\x00'"
     assert ledger.study_state("1", name) == (StudyState.RECEIVING, "")
 
 
