@@ -664,6 +664,63 @@ class Ledger:
             _log_change(t, applied)
         return [send for send, _, _ in claimed]
 
+    # -- nodes and leases (the building blocks of several nodes on one ledger) -------------
+
+    def heartbeat(self, node: str, roles: Sequence[str] = ()) -> float:
+        """Record that ``node`` (with ``roles``) is alive now; the database's time."""
+
+        def work(db: Database) -> float:
+            now = db.clock()
+            db.execute(
+                "INSERT INTO nodes (node, roles, started, heartbeat) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (node) DO UPDATE SET roles=excluded.roles,"
+                " heartbeat=excluded.heartbeat",
+                (node, ",".join(roles), now, now),
+            )
+            return now
+
+        return self._write(work)
+
+    def take_lease(self, name: str, node: str, seconds: float) -> bool:
+        """Take or renew the lease ``name`` for ``node`` until ``seconds`` from now (the
+        database's clock): True when ``node`` holds it now, False while another node's
+        lease has not expired. One statement decides, so two nodes never both get it."""
+
+        def work(db: Database) -> bool:
+            now = db.clock()
+            row = db.execute(
+                "INSERT INTO leases (name, node, expires) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET node=excluded.node, expires=excluded.expires"
+                " WHERE leases.node=excluded.node OR leases.expires < ? RETURNING node",
+                (name, node, now + seconds, now),
+            ).fetchone()
+            return row is not None
+
+        return self._write(work)
+
+    def release_lease(self, name: str, node: str) -> bool:
+        """Give up ``name`` if ``node`` holds it; True when it did."""
+        return self._write(
+            lambda db: (
+                db.execute("DELETE FROM leases WHERE name=? AND node=?", (name, node)).rowcount > 0
+            )
+        )
+
+    def leases(self) -> list[dict[str, Any]]:
+        """Every lease: name, node, expires and whether it is still ``live`` now."""
+        with self._lock:
+            try:
+                now = self._db.clock()
+            except self._db.operational as exc:
+                raise self._unavailable(exc) from exc
+        rows = self.query("SELECT name, node, expires FROM leases ORDER BY name")
+        return [{**dict(r), "live": r["expires"] >= now} for r in rows]
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Every node that has recorded a heartbeat: node, roles, started, heartbeat."""
+        rows = self.query("SELECT node, roles, started, heartbeat FROM nodes ORDER BY node")
+        return [{**dict(r), "roles": [x for x in r["roles"].split(",") if x]} for r in rows]
+
     # -- reads ------------------------------------------------------------------------------
 
     def study_state(self, gateway_id: str, study_uid: str) -> tuple[StudyState, str] | None:
@@ -969,6 +1026,21 @@ class Recovery:
     queued: list[QueuedSend] = field(default_factory=list)
 
 
+NODES_AND_LEASES = """
+CREATE TABLE IF NOT EXISTS nodes (     -- the services recording in this ledger
+    node TEXT PRIMARY KEY,
+    roles TEXT NOT NULL DEFAULT '',
+    started REAL NOT NULL,
+    heartbeat REAL NOT NULL           -- the database's clock at the node's last heartbeat
+);
+CREATE TABLE IF NOT EXISTS leases (    -- work held by one node until it expires
+    name TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    expires REAL NOT NULL             -- the database's clock
+);
+"""
+
+
 @dataclass(frozen=True)
 class Migration:
     """One numbered step of the ledger's schema: DDL statements (``IF NOT EXISTS``), or a
@@ -992,6 +1064,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "tables", statements=_statements(SCHEMA)),
     Migration(2, "runs.node", add_column=("runs", "node", "TEXT NOT NULL DEFAULT ''")),
     Migration(3, "sends.opened", add_column=("sends", "opened", "REAL")),
+    Migration(4, "nodes and leases", statements=_statements(NODES_AND_LEASES)),
 )
 
 SCHEMA_VERSION = (

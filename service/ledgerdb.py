@@ -5,7 +5,8 @@ The ledger's SQL is written once, in the dialect both engines share (``?`` place
 alone: placeholders, column types (identity, 64-bit integers, doubles, bytea), how a write
 transaction begins (SQLite ``BEGIN IMMEDIATE``; PostgreSQL ``SERIALIZABLE``, retried on a
 serialisation failure), how a table's columns are listed, the lock that serialises
-migrations, ``FOR UPDATE SKIP LOCKED``, and which errors mean a lost connection.
+migrations, ``FOR UPDATE SKIP LOCKED``, the database's clock (one clock for the leases of
+nodes on several machines), and which errors mean a lost connection.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class Database(Protocol):
     def ddl(self, sql: str) -> str: ...
     def lock_for_migration(self) -> None: ...
     def skip_locked(self, alias: str) -> str: ...
+    def clock(self) -> float: ...
     def close(self) -> None: ...
 
 
@@ -132,6 +134,11 @@ class SqliteDatabase:
 
     def skip_locked(self, alias: str) -> str:
         return ""  # a write transaction holds the whole database: nothing else holds a row
+
+    def clock(self) -> float:
+        return float(
+            self._db.execute("SELECT (julianday('now') - 2440587.5) * 86400.0").fetchone()[0]
+        )
 
     def close(self) -> None:
         self._db.close()
@@ -272,6 +279,10 @@ class PostgresDatabase:
 
     def skip_locked(self, alias: str) -> str:
         return f" FOR UPDATE OF {alias} SKIP LOCKED"
+
+    def clock(self) -> float:
+        row = self.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8").fetchone()
+        return float(row[0])
 
     def close(self) -> None:
         if self._db is not None:

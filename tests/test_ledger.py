@@ -556,3 +556,62 @@ def test_a_claim_must_start_the_send_or_changes_nothing(ledger: Ledger, tmp_path
     assert [s["state"] for s in ledger.sends(run)] == ["queued"]
     (claimed,) = ledger.claim_queued_sends(1, lambda s: start_sending(study, run, send, "a"))
     assert (claimed.send_id, claimed.run_id, claimed.study_uid) == (send, run, study)
+
+
+def test_a_lease_is_held_by_one_node_until_it_expires(ledger: Ledger) -> None:
+    other = Ledger(ledger.path)  # a second node on the same ledger
+    assert ledger.take_lease("intake:1", "a", 30)
+    assert not other.take_lease("intake:1", "b", 30)  # a holds it
+    assert ledger.take_lease("intake:1", "a", 30)  # a renews
+    assert other.take_lease("intake:2", "b", 30)  # another lease is free
+    assert [(x["name"], x["node"], x["live"]) for x in other.leases()] == [
+        ("intake:1", "a", True),
+        ("intake:2", "b", True),
+    ]
+    assert ledger.take_lease("intake:1", "a", -1)  # a's renewal already expired: a is dead
+    assert [x["live"] for x in other.leases()] == [False, True]
+    assert other.take_lease("intake:1", "b", 30)  # b takes it over
+    assert not ledger.take_lease("intake:1", "a", 30)  # and a cannot take it back
+    assert not ledger.release_lease("intake:1", "a")
+    assert other.release_lease("intake:1", "b")
+    assert ledger.take_lease("intake:1", "a", 30)
+    other.close()
+
+
+def test_heartbeats_name_the_live_nodes_and_their_roles(ledger: Ledger) -> None:
+    first = ledger.heartbeat("gpu-1", ["run"])
+    later = ledger.heartbeat("gpu-1", ["run", "send"])
+    ledger.heartbeat("edge", ["intake", "run", "send"])
+    nodes = {n["node"]: n for n in ledger.nodes()}
+    assert nodes["gpu-1"]["roles"] == ["run", "send"] and nodes["gpu-1"]["started"] == first
+    assert nodes["gpu-1"]["heartbeat"] == later >= first
+    assert nodes["edge"]["roles"] == ["intake", "run", "send"]
+
+
+def race_for_lease(nodes: list[Ledger], name: str) -> list[int]:
+    """Every node tries to take ``name`` at once; the indexes of those that got it."""
+    won: list[int] = []
+    barrier = threading.Barrier(len(nodes))
+
+    def take(index: int) -> None:
+        barrier.wait()
+        if nodes[index].take_lease(name, f"node-{index}", 30):
+            won.append(index)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(len(nodes))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return won
+
+
+def test_nodes_racing_for_one_lease_one_gets_it(ledger: Ledger) -> None:
+    nodes = [ledger, *(Ledger(ledger.path) for _ in range(3))]
+    for n in range(10):
+        won = race_for_lease(nodes, f"intake:{n}")
+        assert len(won) == 1, won
+        (holder,) = [x["node"] for x in ledger.leases() if x["name"] == f"intake:{n}"]
+        assert holder == f"node-{won[0]}"
+    for other in nodes[1:]:
+        other.close()
