@@ -136,12 +136,12 @@ class LedgerCollector(Collector):
             timings = ledger.run_timings()
         finally:
             ledger.close()
-        for table, doc in (
-            ("studies", "studies by gateway and state"),
-            ("runs", "runs by gateway and state (outcome)"),
-            ("sends", "send attempts by gateway and state (outcome)"),
+        for table, label, doc in (
+            ("studies", "state", "studies by gateway and state"),
+            ("runs", "outcome", "runs by gateway and outcome (the run's state)"),
+            ("sends", "outcome", "send attempts by gateway and outcome (the send's state)"),
         ):
-            family = GaugeMetricFamily(f"gateway_{table}", doc, labels=["gateway", "state"])
+            family = GaugeMetricFamily(f"gateway_{table}", doc, labels=["gateway", label])
             for gid, state, n in counts[table]:
                 family.add_metric([gid, state], float(n))
             yield family

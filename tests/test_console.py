@@ -215,7 +215,8 @@ def test_metrics_parse_and_match_the_ledger(running: Running) -> None:
     )
     assert studies == {(r["gateway_id"], r["state"]): r["n"] for r in rows}
     sends = {
-        (s.labels["gateway"], s.labels["state"]): s.value for s in families["gateway_sends"].samples
+        (s.labels["gateway"], s.labels["outcome"]): s.value
+        for s in families["gateway_sends"].samples
     }
     rows = ledger_rows(
         running.state,
