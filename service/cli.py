@@ -259,23 +259,32 @@ def serve(config: Config, *, once: bool = False, timeout: float = 3600.0) -> int
 
     signal.signal(signal.SIGTERM, on_signal)  # first: a stop during start-up is a stop too
     signal.signal(signal.SIGINT, on_signal)
+    from service.console import Console
     from service.engine import Engine
     from service.models import build_models
-    from service.supervision import Heartbeat, InstanceLock
+    from service.notify import Notifier, ledger_recorder
+    from service.supervision import AlreadyServing, Heartbeat, InstanceLock
     from service.watcher import StudyWatcher
 
-    for folder in (config.input_dir, config.output_dir, config.state_dir):
-        folder.mkdir(parents=True, exist_ok=True)
-    lock = InstanceLock(config.state_dir)
-    lock.acquire()  # AlreadyServing (a GatewayError): exit 1 with the reason
-    engine = Engine(config, build_models(config))
-    heartbeat = Heartbeat(config.state_dir, engine.queue, on_fatal)
-    from service.console import Console
-    from service.notify import Notifier, ledger_recorder
-
-    notifier = Notifier(config.notify, ledger_recorder(engine.ledger.apply))
-    engine.ledger.observers.append(notifier.on_applied)
+    engines: list[Engine] = []  # the notifier records its outcomes in the engine's ledger
+    notifier = Notifier(config.notify, ledger_recorder(lambda t: engines[0].ledger.apply(t)))
     notifier.start()
+    try:
+        for folder in (config.input_dir, config.output_dir, config.state_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        lock = InstanceLock(config.state_dir)
+        lock.acquire()  # AlreadyServing (a GatewayError): exit 1 with the reason
+        engine = Engine(config, build_models(config))
+    except (AlreadyServing, ConfigError):
+        notifier.close(1.0)
+        raise
+    except (GatewayError, OSError) as exc:  # STATE or the ledger cannot be written
+        notifier.notify_fatal(_fatal_message(exc))
+        notifier.close(config.notify.timeout_seconds + 1.0)
+        raise
+    engines.append(engine)
+    heartbeat = Heartbeat(config.state_dir, engine.queue, on_fatal)
+    engine.ledger.observers.append(notifier.on_applied)
     console = Console(config, engine.queue, lambda: dict(notifier.outcomes))
     console.start()  # a port in use: a warning naming it, the service runs on
     try:
