@@ -152,7 +152,7 @@ class LedgerCollector(Collector):
             stable_at = t.get("stable_at")
             if run["sent_at"] is not None and isinstance(stable_at, int | float):
                 sent.setdefault((run["gateway_id"],), []).append(run["sent_at"] - stable_at)
-            value = t.get("forward_s")
+            value = t.get("forward_s", t.get("model_s"))  # model_s: a model run whole
             if isinstance(value, int | float):
                 forward.setdefault((run["gateway_id"], run["model_name"]), []).append(value)
         yield _histogram(
@@ -164,7 +164,7 @@ class LedgerCollector(Collector):
         )
         yield _histogram(
             "gateway_model_forward_seconds",
-            "model forward time per run (the batch it ran in)",
+            "model forward time per run (the batch it ran in; a per-instance model's whole run)",
             ["gateway", "model"],
             forward,
             FORWARD_BUCKETS,

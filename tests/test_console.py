@@ -231,7 +231,10 @@ def test_metrics_parse_and_match_the_ledger(running: Running) -> None:
     sent_runs = ledger_rows(running.state, "SELECT COUNT(*) n FROM runs WHERE state='sent'")
     assert sum(s.value for s in sent) == sent_runs[0]["n"] >= 1
     forward = families["gateway_model_forward_seconds"].samples
-    assert any(s.labels.get("model") == "cxr-densenet121" for s in forward)
+    assert {(s.labels["gateway"], s.labels["model"]) for s in forward} == {
+        ("1", "cxr-densenet121"),
+        ("2", "annotate"),
+    }
     queue = {s.labels["queue"] for s in families["gateway_queue_depth"].samples}
     assert queue == {"pending", "running", "sending"}
     assert families["gateway_healthy"].samples[0].value == 1
