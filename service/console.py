@@ -57,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 THUMBNAIL_PIXELS = 320
+#: Seconds between the dashboard's reloads of itself.
+DASHBOARD_REFRESH = 30
 #: Recent studies shown per gateway on the dashboard.
 RECENT_STUDIES = 25
 #: Seconds an action waits for the service's answer unless ``?wait=`` says otherwise
@@ -220,10 +222,13 @@ def _state(state: str) -> str:
     return f'<span class="state {_e(state)}">{_e(state)}</span>'
 
 
-def _page(title: str, body: str, script: str = "", status: int = 200) -> HTMLResponse:
+def _page(
+    title: str, body: str, script: str = "", status: int = 200, refresh: int = 0
+) -> HTMLResponse:
     return HTMLResponse(
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
-        '<meta name=viewport content="width=device-width,initial-scale=1">'
+        + (f'<meta http-equiv=refresh content="{refresh}">' if refresh else "")
+        + '<meta name=viewport content="width=device-width,initial-scale=1">'
         f"<title>{_e(title)}</title><style>{STYLE}</style></head><body>"
         f'<p><a href="/">Dashboard</a> · <a href="/api/studies">API</a> · '
         f'<a href="/metrics">metrics</a> · <a href="/healthz">health</a></p>{body}'
@@ -458,7 +463,7 @@ class Console:
                 )
             mine = sorted((s for s in studies if s["gateway_id"] == gid), key=_sort_key)
             body.append(self._recent_table(gid, mine[:RECENT_STUDIES]))
-        return _page("DICOM AI gateway", "".join(body))
+        return _page("DICOM AI gateway", "".join(body), refresh=DASHBOARD_REFRESH)
 
     def _recent_table(self, gid: str, studies: list[dict[str, Any]]) -> str:
         rows = []
