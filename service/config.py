@@ -114,6 +114,14 @@ class CxrConfig:
 
 
 @dataclass(frozen=True)
+class NotifyConfig:
+    """``[notify]``: where failures are announced (webhook POST); "" = no notifications."""
+
+    webhook_url: str = ""
+    timeout_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
 class Config:
     input_dir: Path = Path("INPUT")
     output_dir: Path = Path("OUTPUT")
@@ -139,9 +147,14 @@ class Config:
     #: "" = the SQLite ledger in STATE; or a ``postgresql://`` URL (its password masked in
     #: ``config --show``, in messages and in the repr)
     ledger: str = field(default="", repr=False)
+    #: the operator console's ``host:port`` (:mod:`service.console`); "" = no console
+    http: str = "127.0.0.1:8080"
+    #: Bearer token that allows the console's actions (resend, reprocess); "" = disabled
+    http_token: str = ""
     defaults: GatewayConfig = field(default_factory=GatewayConfig)
     pacs: PacsConfig = field(default_factory=PacsConfig)
     cxr: CxrConfig = field(default_factory=CxrConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
     gateways: Mapping[str, GatewayConfig] = field(default_factory=dict)
     #: what the loader noticed but did not refuse (unknown ``GATEWAY_*`` variables); the
     #: CLI logs them once logging is configured
@@ -266,7 +279,7 @@ def validate_uid_root(value: Any, key: str = "service.uid_root") -> str:
 
 #: :class:`Config` fields that are not ``[service]`` keys.
 NOT_SERVICE_KEYS = frozenset(
-    {"defaults", "pacs", "cxr", "gateways", "warnings", "sources", "config_file"}
+    {"defaults", "pacs", "cxr", "notify", "gateways", "warnings", "sources", "config_file"}
 )
 #: Keys that hold a path: relative ones in a config file resolve from the file's folder.
 SERVICE_PATH_KEYS = ("input_dir", "output_dir", "state_dir")
@@ -493,6 +506,10 @@ def _service(table: dict[str, Any], out: dict[str, Any]) -> None:
             out[key] = _as_node_name(value, name)
         elif key == "ledger":
             out[key] = _as_ledger_url(value, name)
+        elif key == "http":
+            out[key] = _as_listen(value, name)
+        elif key == "http_token":
+            out[key] = _as_str(value, name)
 
 
 def _as_ledger_url(value: Any, name: str) -> str:
@@ -520,6 +537,44 @@ def mask_url(url: str) -> str:
     if "password=" in masked:  # a password given as a query parameter
         masked = re.sub(r"(password=)[^&]*", r"\g<1>" + MASK, masked)
     return f"{scheme}{sep}{masked}"
+
+
+def split_listen(text: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) as (host, port); ValueError when malformed."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(text)
+    return host, int(port)
+
+
+def _as_listen(value: Any, key: str) -> str:
+    """``service.http``: "" (no console) or ``host:port``."""
+    text = _as_str(value, key).strip()
+    if text:
+        try:
+            split_listen(text)
+        except ValueError:
+            raise ConfigError(
+                key, f"must be host:port (or empty: no console); got {text!r}"
+            ) from None
+    return text
+
+
+def _notify(table: Any) -> NotifyConfig:
+    if not isinstance(table, dict):
+        raise ConfigError("notify", "expected a table")
+    out: dict[str, Any] = {}
+    for key, value in _fields(NotifyConfig, table, "notify.").items():
+        name = f"notify.{key}"
+        if key == "webhook_url":
+            text = _as_str(value, name).strip()
+            if text:
+                _as_url(text, name)  # the same checks as a DICOMweb root (no credentials)
+            out[key] = text
+        else:
+            out[key] = _as_float(value, name, 0.1)
+    return NotifyConfig(**out)
 
 
 def _cxr(table: Any) -> CxrConfig:
@@ -561,6 +616,10 @@ ENV_KEYS: dict[str, str] = {
     "GATEWAY_RUN_TIMEOUT_SECONDS": "service.run_timeout_seconds",
     "GATEWAY_NODE_NAME": "service.node_name",
     "GATEWAY_LEDGER": "service.ledger",
+    "GATEWAY_HTTP": "service.http",
+    "GATEWAY_HTTP_TOKEN": "service.http_token",
+    "GATEWAY_NOTIFY_WEBHOOK_URL": "notify.webhook_url",
+    "GATEWAY_NOTIFY_TIMEOUT_SECONDS": "notify.timeout_seconds",
     "GATEWAY_STABLE_SECONDS": "defaults.stable_seconds",
     "GATEWAY_MAX_WAIT_SECONDS": "defaults.max_wait_seconds",
     "GATEWAY_LAYOUT": "defaults.layout",
@@ -792,7 +851,7 @@ def from_mapping(
     ``sources``: see :attr:`Config.sources` (default: every key in ``data`` is ``"file"``)."""
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for key in data:
-        if key not in ("service", "defaults", "pacs", "models", "gateways"):
+        if key not in ("service", "defaults", "pacs", "models", "gateways", "notify"):
             raise ConfigError(key, "unknown section")
     out: dict[str, Any] = {}
     service = data.get("service", {})
@@ -815,6 +874,7 @@ def from_mapping(
         if key != "cxr":
             raise ConfigError(f"models.{key}", "unknown model section")
     out["cxr"] = _cxr(models.get("cxr", {}))
+    out["notify"] = _notify(data.get("notify", {}))
     gateways = data.get("gateways", {})
     if not isinstance(gateways, dict):
         raise ConfigError("gateways", "expected a table")
@@ -923,6 +983,10 @@ def effective_settings(config: Config, gateway_ids: Iterable[str] = ()) -> dict[
         f.name: _setting(f.name, getattr(config.cxr, f.name), [f"models.cxr.{f.name}"], sources)
         for f in dataclasses.fields(CxrConfig)
     }
+    notify = {
+        f.name: _setting(f.name, getattr(config.notify, f.name), [f"notify.{f.name}"], sources)
+        for f in dataclasses.fields(NotifyConfig)
+    }
     gateways: dict[str, Any] = {}
     ids = sorted(set(config.gateways) | set(gateway_ids), key=_gateway_order)
     for gateway_id in [*ids, OTHER_GATEWAYS]:
@@ -954,6 +1018,7 @@ def effective_settings(config: Config, gateway_ids: Iterable[str] = ()) -> dict[
         "warnings": list(config.warnings),
         "service": service,
         "models": {"cxr": cxr},
+        "notify": notify,
         "gateways": gateways,
     }
 
@@ -996,6 +1061,7 @@ def render_settings(settings: Mapping[str, Any]) -> str:
 
     table("[service]", settings["service"])
     table("[models.cxr]", settings["models"]["cxr"])
+    table("[notify]", settings["notify"])
     for gateway_id, values in settings["gateways"].items():
         if gateway_id == OTHER_GATEWAYS:
             table('[gateways."*"]  # every gateway without a [gateways.<id>] table', values)
