@@ -12,12 +12,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from pynetdicom import AllStoragePresentationContexts, evt
 
 from devtools.sample import build_sample
+from service.ledger import Ledger
 from service.ledgerdb import PgRow
 from service.values import FINAL_STUDY_STATES
-from tests.helpers import run_cli, start_service, stored_uid, wait_service, write_config
+from tests.helpers import (
+    run_cli,
+    start_service,
+    stored_uid,
+    wait_for,
+    wait_service,
+    write_config,
+)
 from tests.peers import Peer
 from tests.postgres import PASSWORD, Postgres
 
@@ -85,3 +94,54 @@ def test_postgresql_rows_read_by_position_and_name() -> None:
         (1, "a"),
         {"run_id": 1, "state": "a"},
     )
+
+
+def test_postgresql_restarted_during_a_run_stops_the_service_and_nothing_is_lost(
+    tmp_path: Path, postgres: Postgres, start_peer: Callable[..., Peer]
+) -> None:
+    """The server restarts while the service holds a transaction open (paused by a
+    failpoint before a run's ``written`` commits): the service stops with exit 1 naming the
+    ledger (password masked); started again, it finishes every study, each result sent once."""
+    stored: list[str] = []
+
+    def store(event: evt.Event) -> int:
+        stored.append(stored_uid(event))
+        return 0x0000
+
+    peer = start_peer(on_store=store, sop_classes=ALL_STORAGE)
+    url = postgres.database()
+    build_sample(tmp_path / "INPUT")
+    pacs = f'[pacs]\nhost = "127.0.0.1"\nport = {peer.port}\nae_title = "{peer.ae_title}"\n'
+    config = write_config(tmp_path, pacs, stable=0.2, ledger=url)
+    paused = {"GATEWAY_FAILPOINTS": "before-commit:written=sleep:30"}
+    proc = start_service(config, "--once", "--once-timeout", "120", env=paused)
+    with psycopg.connect(url, autocommit=True) as watch:
+        wait_for(
+            lambda: bool(
+                watch.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name='gateway'"
+                    " AND state='idle in transaction'"
+                    " AND now() - state_change > interval '1 second'"
+                ).fetchone()[0]  # type: ignore[index]
+            ),
+            120,
+            "the service paused inside a transaction",
+        )
+    postgres.restart()
+    code, log = wait_service(proc, 120)
+    assert code == 1, log
+    assert "cannot be reached or written" in log and "postgres:********@127.0.0.1" in log
+    assert PASSWORD not in log
+    assert stored == []  # the paused run never committed: nothing was sent
+
+    code, log = wait_service(start_service(config, "--once", "--once-timeout", "120"), 240)
+    assert code == 0, log
+    finished = studies(config)
+    assert len(finished) == 2
+    assert {state for state, _ in finished.values()} <= {str(s) for s in FINAL_STUDY_STATES}
+    ledger = Ledger.open_readonly(url)
+    assert ledger is not None
+    outputs = ledger.query("SELECT sop_instance_uid FROM outputs o JOIN runs r USING (run_id)")
+    ledger.close()
+    assert sorted(stored) == sorted(r["sop_instance_uid"] for r in outputs)  # each once
+    assert len(set(stored)) == len(stored) > 0
