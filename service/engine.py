@@ -61,6 +61,10 @@ logger = logging.getLogger(__name__)
 
 #: First and longest wait before a study that hit a transient error is tried again.
 RETRY_FIRST_SECONDS = 5.0
+#: Seconds between this node's heartbeats in a PostgreSQL ledger (``status`` lists nodes).
+NODE_HEARTBEAT_SECONDS = 10.0
+#: What a node does (every node does everything until node roles exist).
+NODE_ROLES = ("intake", "run", "send")
 RETRY_MAX_SECONDS = 300.0
 
 
@@ -86,6 +90,7 @@ class Engine:
         self._attempts: dict[tuple[str, str], int] = {}
         self._last_gateway = ""  # the gateway whose study ran last (round-robin start)
         self._runs_started = 0
+        self._node_beat: float | None = None  # monotonic time of the last node heartbeat
         #: studies with a run in the pipeline, with their listing digest at the start
         self._in_flight: dict[tuple[str, str], bytes] = {}
         self.outbox = Outbox(self.config, self.ledger)
@@ -157,6 +162,7 @@ class Engine:
         :class:`LedgerUnavailable` when the service cannot go on.
         """
         now = time.monotonic() if now is None else now
+        self._node_heartbeat()
         completed = self._complete_finished()
         room = self._pipeline.has_capacity
         busy = self.outbox.busy_studies()
@@ -598,6 +604,16 @@ class Engine:
             self._complete_finished()
         self.outbox.cancel_all(max(1.0, deadline - time.monotonic()))
         return not self._pipeline.in_flight
+
+    def _node_heartbeat(self) -> None:
+        """In a PostgreSQL ledger (shared by nodes): record this node alive, every
+        :data:`NODE_HEARTBEAT_SECONDS`. (An SQLite ledger has one node: nothing to say.)"""
+        beat = time.monotonic()
+        if self.config.ledger and (
+            self._node_beat is None or beat - self._node_beat >= NODE_HEARTBEAT_SECONDS
+        ):
+            self.ledger.heartbeat(self.config.node_name, NODE_ROLES)
+            self._node_beat = beat
 
     def close(self) -> None:
         """Stop workers and send threads; a send still open is recorded as interrupted at

@@ -726,9 +726,28 @@ class Ledger:
         return [{**dict(r), "live": r["expires"] >= now} for r in rows]
 
     def nodes(self) -> list[dict[str, Any]]:
-        """Every node that has recorded a heartbeat: node, roles, started, heartbeat."""
+        """Every node that has recorded a heartbeat: node, roles, started, heartbeat, the
+        heartbeat's ``age_s`` and the ``leases`` it holds (live ones), by the database's
+        clock."""
+        with self._lock:
+            try:
+                now = self._db.clock()
+            except self._db.operational as exc:
+                raise self._unavailable(exc) from exc
+        held: dict[str, list[str]] = {}
+        for lease in self.leases():
+            if lease["live"]:
+                held.setdefault(lease["node"], []).append(lease["name"])
         rows = self.query("SELECT node, roles, started, heartbeat FROM nodes ORDER BY node")
-        return [{**dict(r), "roles": [x for x in r["roles"].split(",") if x]} for r in rows]
+        return [
+            {
+                **dict(r),
+                "roles": [x for x in r["roles"].split(",") if x],
+                "age_s": now - r["heartbeat"],
+                "leases": held.get(r["node"], []),
+            }
+            for r in rows
+        ]
 
     # -- reads ------------------------------------------------------------------------------
 

@@ -57,7 +57,8 @@ def top_findings(findings: dict[str, Any], n: int = 3) -> list[tuple[str, float]
 
 def status_report(config: Config) -> dict[str, Any]:
     """``status --json``: ``{"service": "not run yet" | "ran", "healthy": bool,
-    "health": the verdict, "ledger": path, "gateways": {id: {...}}}``.
+    "health": the verdict, "ledger": path, "gateways": {id: {...}}}``, and with a
+    PostgreSQL ledger ``nodes``: [{node, roles, started, heartbeat, age_s, leases}].
 
     ``service`` is "not run yet" while there is no ledger (``gateways`` is then empty);
     ``healthy`` and ``health`` are the verdict of ``status --health``."""
@@ -103,6 +104,8 @@ def status_report(config: Config) -> dict[str, Any]:
                     for r in ledger.runs(gid)[-5:]
                 ],
             }
+        if config.ledger:  # a PostgreSQL ledger: the nodes that record in it
+            report["nodes"] = ledger.nodes()
         return report
     finally:
         ledger.close()

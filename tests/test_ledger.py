@@ -586,6 +586,10 @@ def test_heartbeats_name_the_live_nodes_and_their_roles(ledger: Ledger) -> None:
     assert nodes["gpu-1"]["roles"] == ["run", "send"] and nodes["gpu-1"]["started"] == first
     assert nodes["gpu-1"]["heartbeat"] == later >= first
     assert nodes["edge"]["roles"] == ["intake", "run", "send"]
+    assert ledger.take_lease("intake:1", "edge", 30) and ledger.take_lease("intake:2", "edge", -1)
+    nodes = {n["node"]: n for n in ledger.nodes()}
+    assert (nodes["edge"]["leases"], nodes["gpu-1"]["leases"]) == (["intake:1"], [])  # live ones
+    assert nodes["edge"]["age_s"] >= 0
 
 
 def race_for_lease(nodes: list[Ledger], name: str) -> list[int]:

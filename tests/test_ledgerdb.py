@@ -37,7 +37,7 @@ def serve_sample(root: Path, peer: Peer, ledger: str = "") -> tuple[Path, str]:
     """``serve --once`` on the project's sample under ``root``, sending to ``peer``."""
     build_sample(root / "INPUT")
     pacs = f'[pacs]\nhost = "127.0.0.1"\nport = {peer.port}\nae_title = "{peer.ae_title}"\n'
-    config = write_config(root, pacs, stable=0.2, ledger=ledger)
+    config = write_config(root, pacs, stable=0.2, ledger=ledger, node_name="node-pg")
     code, log = wait_service(start_service(config, "--once", "--once-timeout", "120"), 240)
     assert code == 0, log
     return config, log
@@ -79,6 +79,14 @@ def test_serve_once_on_postgresql_ends_as_on_sqlite(
     report: dict[str, Any] = json.loads(status.stdout)
     assert report["ledger"] == url.replace(PASSWORD, "********")
     assert report["service"] == "ran"
+    (node,) = report["nodes"]  # the service recorded itself in the shared ledger
+    assert (node["node"], node["roles"], node["leases"]) == (
+        "node-pg",
+        ["intake", "run", "send"],
+        [],
+    )
+    assert node["started"] <= node["heartbeat"] and node["age_s"] >= 0
+    assert "nodes" not in json.loads(run_cli("--config", str(lite), "status", "--json").stdout)
     shown = run_cli("--config", str(config), "config", "--show")
     assert shown.returncode == 0, shown.stderr
     for text in (log, status.stdout, shown.stdout, shown.stderr):
