@@ -52,6 +52,23 @@ def studies(config: Path) -> dict[tuple[str, str], tuple[str, str]]:
     }
 
 
+def history(config: Path, gateway_id: str, study_uid: str) -> list[Any]:
+    """``study --json``: each run's state, outputs, sends and per-instance results."""
+    shown = run_cli("--config", str(config), "study", gateway_id, study_uid, "--json")
+    assert shown.returncode == 0, shown.stderr
+    return [
+        (
+            run["state"],
+            sorted(o["sop_instance_uid"] for o in run["outputs"]),
+            [
+                (s["state"], [(i["status"], i["status_code"]) for i in s["items"]])
+                for s in run["sends"]
+            ],
+        )
+        for run in json.loads(shown.stdout)["runs"]
+    ]
+
+
 def test_serve_once_on_postgresql_ends_as_on_sqlite(
     tmp_path: Path, postgres: Postgres, start_peer: Callable[..., Peer]
 ) -> None:
@@ -73,6 +90,8 @@ def test_serve_once_on_postgresql_ends_as_on_sqlite(
     assert on_postgres == on_sqlite and len(on_postgres) == 2  # one study per sample gateway
     assert {state for state, _ in on_postgres.values()} <= {str(s) for s in FINAL_STUDY_STATES}
     assert sorted(stored) == stored_sqlite and len(set(stored)) == len(stored) > 0  # each once
+    for gateway_id, study_uid in on_postgres:
+        assert history(config, gateway_id, study_uid) == history(lite, gateway_id, study_uid)
 
     status = run_cli("--config", str(config), "status", "--json")
     assert status.returncode == 0, status.stderr
