@@ -82,7 +82,7 @@ class Engine:
     ledger: Ledger = field(init=False)
 
     def __post_init__(self) -> None:
-        self.ledger = Ledger(self.config.ledger_location)
+        self.ledger = Ledger(self.config.ledger_location, self.config.node_name)
         self._pending: dict[tuple[str, str], Watch] = {}
         self._lock = threading.Lock()
         self._readiness = Readiness(self.config, self.ledger.finished_listing)

@@ -280,14 +280,16 @@ class RunRow:
 class Ledger:
     """Thread-safe access to the ledger database (one connection, serialised).
 
-    ``location``: the SQLite file (a path) or a ``postgresql://`` URL."""
+    ``location``: the SQLite file (a path) or a ``postgresql://`` URL; ``node``: the
+    service's ``node_name``, recorded with every send it opens (``sends.node``)."""
 
     #: how many times a write transaction runs again after a serialisation failure
     #: (PostgreSQL, two nodes changing the same rows at once) before giving up
     RETRIES = 20
 
-    def __init__(self, location: Path | str) -> None:
+    def __init__(self, location: Path | str, node: str = "") -> None:
         self.path: Path | str = location if is_url(location) else Path(location)
+        self.node = node
         self._lock = threading.RLock()
         #: called after each committed transition (e.g. failure notifications); an
         #: observer must not block and must not apply transitions itself on this thread
@@ -519,10 +521,11 @@ class Ledger:
         old = SendState(row["state"]) if row is not None else None
         if old is None or change.state not in SEND_TRANSITIONS[old]:
             raise IllegalTransition(f"send {change.send_id}: {old} -> {change.state}")
-        column = "opened" if change.state == SendState.SENDING else "finished"
+        column = "opened=?, node" if change.state == SendState.SENDING else "finished"
+        opener = (self.node,) if change.state == SendState.SENDING else ()
         db.execute(
             f"UPDATE sends SET state=?, reason=?, {column}=? WHERE send_id=?",
-            (str(change.state), printable(change.reason), now, change.send_id),
+            (str(change.state), printable(change.reason), now, *opener, change.send_id),
         )
         db.executemany(
             "INSERT INTO send_items VALUES (?,?,?,?) ON CONFLICT (send_id, sop_instance_uid)"
@@ -582,9 +585,18 @@ class Ledger:
         """After a restart, in one transaction: every send left open is ``interrupted``
         (its run and study ``send_failed``: never repeated without being asked), and the
         studies with a run left ``running`` lose their finished listing so that the next
-        look resumes the run. Returns the sends still queued (never opened: they go now)."""
+        look resumes the run. Returns the sends still queued (never opened: they go now).
+
+        On a PostgreSQL ledger shared by nodes, a ledger opened with a ``node`` recovers its
+        own: the sends it opened and the queued sends of the runs it ran (and those recorded
+        without a node); the others' stay theirs."""
         now = time.time()
         reason = "send interrupted by a stop; use `resend` to try again"
+        shared = is_url(self.path) and bool(self.node)
+        scope = (self.node,) if shared else ()
+
+        def mine(alias: str) -> str:
+            return f" AND {alias}.node IN (?, '')" if shared else ""
 
         def work(db: Database) -> tuple[list[Row], list[QueuedSend]]:
             open_sends = list(
@@ -592,8 +604,8 @@ class Ledger:
                     "SELECT s.send_id, s.run_id, r.gateway_id, r.study_uid, st.state"
                     " FROM sends s JOIN runs r USING (run_id) LEFT JOIN studies st"
                     " ON st.gateway_id = r.gateway_id AND st.study_uid = r.study_uid"
-                    " WHERE s.state=?",
-                    (str(SendState.SENDING),),
+                    " WHERE s.state=?" + mine("s"),
+                    (str(SendState.SENDING), *scope),
                 )
             )
             for send_id, run_id, gid, suid, study_state in open_sends:
@@ -623,8 +635,10 @@ class Ledger:
                 QueuedSend(r[0], r[1], r[2], r[3], bool(r[4]))
                 for r in db.execute(
                     "SELECT s.send_id, s.run_id, r.gateway_id, r.study_uid, s.manual FROM sends s"
-                    " JOIN runs r USING (run_id) WHERE s.state=? ORDER BY s.send_id",
-                    (str(SendState.QUEUED),),
+                    " JOIN runs r USING (run_id) WHERE s.state=?"
+                    + mine("r")
+                    + " ORDER BY s.send_id",
+                    (str(SendState.QUEUED), *scope),
                 )
             ]
             return open_sends, queued
@@ -844,6 +858,7 @@ class Ledger:
         ledger.path = location if url else Path(location)
         ledger._lock = threading.RLock()
         ledger.observers = []
+        ledger.node = ""
         try:
             ledger._db = open_database(ledger.path, readonly=True)
             if url and not ledger._db.columns("studies"):
@@ -1127,6 +1142,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "runs.node", add_column=("runs", "node", "TEXT NOT NULL DEFAULT ''")),
     Migration(3, "sends.opened", add_column=("sends", "opened", "REAL")),
     Migration(4, "nodes and leases", statements=_statements(NODES_AND_LEASES)),
+    Migration(5, "sends.node", add_column=("sends", "node", "TEXT NOT NULL DEFAULT ''")),
 )
 
 SCHEMA_VERSION = (

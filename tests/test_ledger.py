@@ -619,3 +619,45 @@ def test_nodes_racing_for_one_lease_one_gets_it(ledger: Ledger) -> None:
         assert holder == f"node-{won[0]}"
     for other in nodes[1:]:
         other.close()
+
+
+def test_postgresql_a_node_recovers_its_own_sends_only(postgres: Postgres, tmp_path: Path) -> None:
+    """Nodes a and b share a ledger: each ran two studies, opened one send and left one
+    queued. Restarting, b interrupts the send b opened and takes b's queued send; a's stay."""
+    url = postgres.database()
+    nodes = {"a": Ledger(url, node="a"), "b": Ledger(url, node="b")}
+    sends: dict[tuple[str, str], int] = {}
+    for n, (name, opened) in enumerate([("a", True), ("b", True), ("a", False), ("b", False)]):
+        ledger, study = nodes[name], f"1.2.{n}"
+        run = ledger.apply(
+            Transition(
+                "1", study, StudyState.RUNNING, new_run=NewRun("m", "1", study, 1, node=name)
+            )
+        ).run_id
+        send = ledger.apply(
+            Transition(
+                "1",
+                study,
+                StudyState.WRITTEN,
+                run_id=run,
+                run=RunState.WRITTEN,
+                send=SendChange(SendState.QUEUED, destination="PACS@127.0.0.1:4242"),
+            )
+        ).send_id
+        assert run is not None and send is not None
+        if opened:
+            ledger.apply(start_sending(study, run, send, name))
+        sends[(name, "sending" if opened else "queued")] = send
+    recovered = nodes["b"].recover()
+    assert recovered.interrupted == 1
+    assert [q.send_id for q in recovered.queued] == [sends[("b", "queued")]]
+    states = {
+        r["send_id"]: (r["state"], r["node"]) for r in nodes["a"].query("SELECT * FROM sends")
+    }
+    assert states[sends[("b", "sending")]] == ("interrupted", "b")
+    assert states[sends[("a", "sending")]] == ("sending", "a")  # a's own: a decides
+    recovered = nodes["a"].recover()
+    assert recovered.interrupted == 1
+    assert [q.send_id for q in recovered.queued] == [sends[("a", "queued")]]
+    for ledger in nodes.values():
+        ledger.close()
