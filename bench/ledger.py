@@ -13,6 +13,7 @@ to SQLite.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import threading
@@ -123,6 +124,7 @@ def main() -> None:
             ledger.close()
     finally:
         server.stop()
+        shutil.rmtree(server.folder, ignore_errors=True)
     print(f"{n} studies, 6 transitions and 6 reads each:")
     for name, seconds in (
         ("SQLite (baseline)", sqlite_s),
