@@ -449,6 +449,12 @@ def status(config: Config, *, as_json: bool, health: bool) -> int:
             )
         for err in info["last_errors"]:
             print(f"  {err['level']}: {err['study_uid']} {err['message']}")
+    for node in report.get("nodes", []):  # a PostgreSQL ledger shared by nodes
+        leases = ", ".join(node["leases"]) or "no leases"
+        print(
+            f"node {node['node']}: {','.join(node['roles'])}; heartbeat"
+            f" {node['age_s']:.0f} s ago; {leases}"
+        )
     return EXIT_OK
 
 

@@ -106,6 +106,8 @@ def test_serve_once_on_postgresql_ends_as_on_sqlite(
     )
     assert node["started"] <= node["heartbeat"] and node["age_s"] >= 0
     assert "nodes" not in json.loads(run_cli("--config", str(lite), "status", "--json").stdout)
+    text = run_cli("--config", str(config), "status").stdout
+    assert "node node-pg: intake,run,send; heartbeat " in text and "; no leases" in text
     shown = run_cli("--config", str(config), "config", "--show")
     assert shown.returncode == 0, shown.stderr
     for text in (log, status.stdout, shown.stdout, shown.stderr):
