@@ -2,7 +2,9 @@
 for several nodes, a PostgreSQL database (``[service] ledger``; see :mod:`service.ledgerdb`).
 
 Tables: gateways, studies, instances, runs, outputs, sends, send_items, events,
-finished_listings. Every change is one :class:`Transition` applied by :meth:`Ledger.apply`:
+finished_listings; nodes and leases (the building blocks of several nodes on one ledger:
+heartbeats, leases taken on the database's clock, sends claimed exactly once);
+schema_version. Every change is one :class:`Transition` applied by :meth:`Ledger.apply`:
 the study, its run, its send, their outputs and events change together in one transaction,
 and a change not in the tables of :mod:`service.values` is refused
 (:class:`IllegalTransition`). Nothing else writes the database.
