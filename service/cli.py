@@ -280,6 +280,8 @@ def serve(config: Config, *, once: bool = False, timeout: float = 3600.0) -> int
             mode=config.watch,
             rescan_seconds=config.rescan_seconds,
             poll_seconds=config.poll_seconds,
+            finished_seconds=config.finished_poll_seconds,
+            is_pending=engine.is_pending,
         )
         engine.discover()
         watcher.scan()

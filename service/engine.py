@@ -135,6 +135,13 @@ class Engine:
                 pending.next_check = min(pending.next_check, now) if reprocess else 0.0
                 pending.force_generation |= reprocess
 
+    def is_pending(self, gateway_id: str, study_name: str) -> bool:
+        """Whether the study still has work here (touched, or a run in the pipeline); the
+        polling watcher lists such studies every pass, the others on a slower cadence."""
+        key = (gateway_id, study_name)
+        with self._lock:
+            return key in self._pending or key in self._in_flight
+
     @property
     def pending_count(self) -> int:
         with self._lock:
