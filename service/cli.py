@@ -261,6 +261,7 @@ def serve(config: Config, *, once: bool = False, timeout: float = 3600.0) -> int
     signal.signal(signal.SIGTERM, on_signal)  # first: a stop during start-up is a stop too
     signal.signal(signal.SIGINT, on_signal)
     from service.engine import Engine
+    from service.fsutil import MountProbe
     from service.models import build_models
     from service.supervision import Heartbeat, InstanceLock
     from service.watcher import StudyWatcher
@@ -270,7 +271,16 @@ def serve(config: Config, *, once: bool = False, timeout: float = 3600.0) -> int
     lock = InstanceLock(config.state_dir)
     lock.acquire()  # AlreadyServing (a GatewayError): exit 1 with the reason
     engine = Engine(config, build_models(config))
-    heartbeat = Heartbeat(config.state_dir, engine.queue, on_fatal)
+    watcher: StudyWatcher | None = None
+    probes = {"INPUT": MountProbe(config.input_dir), "OUTPUT": MountProbe(config.output_dir)}
+
+    def unreachable() -> dict[str, str]:
+        found = {name: why for name, probe in probes.items() if (why := probe.check())}
+        if "INPUT" not in found and watcher is not None and watcher.unreachable:
+            found["INPUT"] = watcher.unreachable
+        return found
+
+    heartbeat = Heartbeat(config.state_dir, engine.queue, on_fatal, unreachable)
     try:
         engine.recover()
         engine.start()

@@ -133,7 +133,6 @@ class StudyWatcher:
         self._ring: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._credit = 0.0
         self._last_poll = 0.0
-        self._device: int | None = None  # INPUT's st_dev at the first pass (mount changed?)
         #: why INPUT (or a gateway folder in it) could not be listed by the last pass; ""
         self.unreachable = ""
         #: folder listings made by polling passes (for benches and tests)
@@ -269,10 +268,6 @@ class StudyWatcher:
         present: dict[tuple[str, str], Path] = {}
         errors: list[str] = []
         try:
-            device = os.stat(self.input_root).st_dev if self.input_root.exists() else None
-            if device is not None and self._device is not None and device != self._device:
-                raise OSError(f"its mount is away (device {self._device} is now {device})")
-            self._device = device if self._device is None else self._device
             gateways = _listdirs(self.input_root)
             self.listings_made += 1
         except OSError as exc:

@@ -39,4 +39,5 @@ def dciodvfy(path: Path) -> list[str]:
 pytest_plugins = [
     "tests.orthanc",  # the session-scoped `orthanc` fixture (a real Orthanc)
     "tests.peers",  # `start_peer`, `start_proxy` (a trickling PACS), `ct`/`mr` sources
+    "tests.cloudmount",  # `s3_server` (moto on loopback), `s3_mount` (s3fs, FUSE)
 ]

@@ -241,4 +241,3 @@ def test_polling_trusts_listings_not_folder_mtimes(tmp_path: Path) -> None:
     os.utime(series.parent, ns=(st.st_atime_ns, st.st_mtime_ns))
     watcher.poll(now=3.0)
     assert touches.calls == [keys[0]]
-
