@@ -145,7 +145,10 @@ class StudyWatcher:
         self._stop.clear()
         if self.mode == "native":
             self._start_observer()
-        self.scan()
+        if self.mode == "polling" and self._last_poll:
+            self.poll()  # scanned already: only what changed since (no events to miss)
+        else:
+            self.scan()
         self._thread = threading.Thread(target=self._loop, name="study-watcher", daemon=True)
         self._thread.start()
 
