@@ -8,6 +8,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     GATEWAY_OUTPUT_DIR=/app/OUTPUT \
     GATEWAY_STATE_DIR=/app/STATE \
     GATEWAY_CXR_DEVICE=cpu \
+    GATEWAY_HTTP=0.0.0.0:8080 \
     XDG_CACHE_HOME=/app/cache
 
 RUN useradd --create-home --uid 10001 gateway
@@ -29,6 +30,8 @@ USER gateway
 RUN python main.py models fetch
 
 VOLUME ["/app/INPUT", "/app/OUTPUT", "/app/STATE"]
+# the operator console (dashboard, API, /metrics, /healthz); set GATEWAY_HTTP_TOKEN for actions
+EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \
     CMD ["python", "main.py", "status", "--health"]
 CMD ["python", "main.py"]

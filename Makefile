@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-APT_PACKAGES = orthanc orthanc-dicomweb dicom3tools dcmtk s3fs
+APT_PACKAGES = orthanc orthanc-dicomweb dicom3tools dcmtk chromium chromium-driver s3fs
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUN_PORT ?= 11112
 
@@ -16,7 +16,8 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 venv: $(BIN)/.installed
 
 # Debian packages the tests use: a real PACS (Orthanc), dciodvfy (dicom3tools), storescu (dcmtk),
-# s3fs (a real FUSE cloud mount over a local S3 server).
+# a real browser for the console test (chromium, chromium-driver), s3fs (a real FUSE cloud
+# mount over a local S3 server).
 test-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -16,13 +16,12 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from service import __version__
-from service.config import Config, load_config
+from service.config import Config, load_config, plain_http_warnings
 from service.errors import ConfigError, GatewayError
 from service.ledger import StudyState
 
@@ -260,17 +259,31 @@ def serve(config: Config, *, once: bool = False, timeout: float = 3600.0) -> int
 
     signal.signal(signal.SIGTERM, on_signal)  # first: a stop during start-up is a stop too
     signal.signal(signal.SIGINT, on_signal)
+    from service.console import Console
     from service.engine import Engine
     from service.fsutil import MountProbe
     from service.models import build_models
-    from service.supervision import Heartbeat, InstanceLock
+    from service.notify import Notifier, ledger_recorder
+    from service.supervision import AlreadyServing, Heartbeat, InstanceLock
     from service.watcher import StudyWatcher
 
-    for folder in (config.input_dir, config.output_dir, config.state_dir):
-        folder.mkdir(parents=True, exist_ok=True)
-    lock = InstanceLock(config.state_dir)
-    lock.acquire()  # AlreadyServing (a GatewayError): exit 1 with the reason
-    engine = Engine(config, build_models(config))
+    engines: list[Engine] = []  # the notifier records its outcomes in the engine's ledger
+    notifier = Notifier(config.notify, ledger_recorder(lambda t: engines[0].ledger.apply(t)))
+    notifier.start()
+    try:
+        for folder in (config.input_dir, config.output_dir, config.state_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        lock = InstanceLock(config.state_dir)
+        lock.acquire()  # AlreadyServing (a GatewayError): exit 1 with the reason
+        engine = Engine(config, build_models(config))
+    except (AlreadyServing, ConfigError):
+        notifier.close(1.0)
+        raise
+    except (GatewayError, OSError) as exc:  # STATE or the ledger cannot be written
+        notifier.notify_fatal(_fatal_message(exc))
+        notifier.close(config.notify.timeout_seconds + 1.0)
+        raise
+    engines.append(engine)
     watcher: StudyWatcher | None = None
     probes = {"INPUT": MountProbe(config.input_dir), "OUTPUT": MountProbe(config.output_dir)}
 
@@ -281,6 +294,9 @@ def serve(config: Config, *, once: bool = False, timeout: float = 3600.0) -> int
         return found
 
     heartbeat = Heartbeat(config.state_dir, engine.queue, on_fatal, unreachable)
+    engine.ledger.observers.append(notifier.on_applied)
+    console = Console(config, engine.queue, lambda: dict(notifier.outcomes))
+    console.start()  # a port in use: a warning naming it, the service runs on
     try:
         engine.recover()
         engine.start()
@@ -307,10 +323,14 @@ def serve(config: Config, *, once: bool = False, timeout: float = 3600.0) -> int
                 "workers = 0: every stage runs in the service process; the bounds on a run "
                 "(worker_memory_mb, run_timeout_seconds) need workers >= 1"
             )
+        for warning in plain_http_warnings(config):
+            logger.warning("destination: %s", warning)
         heartbeat.start()
         if once:
             drained = engine.drain(timeout, stop=stop)
             heartbeat.stop()
+            notifier.close(config.notify.timeout_seconds + 1.0)
+            console.stop()
             engine.close()
             return EXIT_OK if drained else EXIT_FAILED
 
@@ -343,11 +363,16 @@ def serve(config: Config, *, once: bool = False, timeout: float = 3600.0) -> int
         reason = _fatal_message(fatal[0])
         logger.critical("the service cannot go on: %s", reason, exc_info=fatal[0])
         heartbeat.stop(fatal=reason)
+        notifier.notify_fatal(reason)
+        notifier.close(config.notify.timeout_seconds + 1.0)
+        console.stop()
         with contextlib.suppress(Exception):
             engine.close()
         print(f"error: the service stopped: {reason}", file=sys.stderr)
         return EXIT_FAILED
     heartbeat.stop()
+    notifier.close(config.notify.timeout_seconds + 1.0)
+    console.stop()
     if worker is not None and worker.is_alive():
         logger.warning(
             "runs did not finish within %.0f s; they resume at the next start",
@@ -400,19 +425,8 @@ def run_once(
 # -- status, studies, study: read the ledger read-only ---------------------------------------
 
 
-def _iso(ts: float | None) -> str | None:
-    """Epoch seconds as ISO 8601 UTC (``2026-12-02T10:11:12.345Z``)."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def _print_json(data: object) -> None:
     print(json.dumps(data, indent=2, sort_keys=True))
-
-
-def _no_ledger(config: Config) -> str:
-    return f"no ledger at {config.ledger_path}: the service has not run yet"
 
 
 def status(config: Config, *, as_json: bool, health: bool) -> int:
@@ -423,12 +437,14 @@ def status(config: Config, *, as_json: bool, health: bool) -> int:
         verdict = check_health(config.state_dir)
         print(verdict.message)
         return EXIT_OK if verdict.ok else EXIT_FAILED
+    from service.views import SERVICE_NOT_RUN, no_ledger, status_report
+
     report = status_report(config)
     if as_json:
         _print_json(report)
         return EXIT_OK
     if report["service"] == SERVICE_NOT_RUN:
-        print(_no_ledger(config))
+        print(no_ledger(config))
         return EXIT_OK
     for gid, info in sorted(report["gateways"].items()):
         states = ", ".join(f"{k}={v}" for k, v in sorted(info["studies"].items())) or "none"
@@ -448,116 +464,21 @@ def status(config: Config, *, as_json: bool, health: bool) -> int:
     return EXIT_OK
 
 
-def _top_findings(findings: dict[str, Any], n: int = 3) -> list[tuple[str, float]]:
-    """Highest probabilities across images, from a model's findings summary."""
-    best: dict[str, float] = {}
-    for per_image in (findings.get("images") or {}).values():
-        if isinstance(per_image, dict):
-            for name, prob in per_image.items():
-                if isinstance(prob, int | float):
-                    best[name] = max(best.get(name, 0.0), float(prob))
-    return sorted(best.items(), key=lambda kv: -kv[1])[:n]
-
-
-#: ``status --json`` ``service`` values: no ledger yet, or a ledger the service wrote.
-SERVICE_NOT_RUN, SERVICE_RAN = "not run yet", "ran"
-
-
-def status_report(config: Config) -> dict[str, Any]:
-    """``status --json``: ``{"service": "not run yet" | "ran", "healthy": bool,
-    "health": the verdict, "ledger": path, "gateways": {id: {...}}}``.
-
-    ``service`` is "not run yet" while there is no ledger (``gateways`` is then empty);
-    ``healthy`` and ``health`` are the verdict of ``status --health``."""
-    from service.ledger import Ledger
-    from service.supervision import health
-
-    verdict = health(config.state_dir)
-    report: dict[str, Any] = {
-        "ledger": str(config.ledger_path),
-        "healthy": verdict.ok,
-        "health": verdict.message,
-        "gateways": {},
-    }
-    ledger = Ledger.open_readonly(config.ledger_path)
-    if ledger is None:
-        report["service"] = SERVICE_NOT_RUN
-        return report
-    report["service"] = SERVICE_RAN
-    now = time.time()
-    try:
-        for gid in ledger.gateway_ids():
-            waiting = ledger.oldest_waiting_study(gid)
-            report["gateways"][gid] = {
-                "studies": ledger.study_counts(gid),
-                "oldest_waiting": (
-                    {
-                        "study_uid": waiting["study_uid"],
-                        "state": waiting["state"],
-                        "age_s": now - waiting["first_seen"],
-                    }
-                    if waiting
-                    else None
-                ),
-                "last_errors": ledger.latest_events(gid, 5),
-                "latest_runs": [
-                    {
-                        "run_id": r.run_id,
-                        "study_uid": r.study_uid,
-                        "model": f"{r.model_name} {r.model_version}",
-                        "state": str(r.state),
-                        "reason": r.reason,
-                        "findings": r.findings,
-                        "top_findings": _top_findings(r.findings),
-                    }
-                    for r in ledger.runs(gid)[-5:]
-                ],
-            }
-        return report
-    finally:
-        ledger.close()
-
-
 def studies(config: Config, *, gateway_id: str | None, state: str | None, as_json: bool) -> int:
     """One line (or JSON object) per study: gateway, StudyInstanceUID, state, reason, updated
-    time and the node that ran its latest run."""
-    from service.ledger import Ledger
+    time and the node that ran its latest run (:func:`service.views.list_studies`)."""
+    from service.views import NotFound, list_studies, no_ledger
 
-    ledger = Ledger.open_readonly(config.ledger_path)
-    if ledger is None:
-        if gateway_id is not None:
-            print(f"error: unknown gateway {gateway_id}: {_no_ledger(config)}", file=sys.stderr)
-            return EXIT_FAILED
-        if as_json:
-            _print_json([])
-        else:
-            print(_no_ledger(config))
-        return EXIT_OK
     try:
-        known = ledger.gateway_ids()
-        if gateway_id is not None and gateway_id not in known:
-            print(
-                f"error: unknown gateway {gateway_id} (known: {', '.join(known) or 'none'})",
-                file=sys.stderr,
-            )
-            return EXIT_FAILED
-        rows = ledger.list_studies(gateway_id, state)
-    finally:
-        ledger.close()
-    listed = [
-        {
-            "gateway_id": r["gateway_id"],
-            "study_uid": r["study_uid"],
-            "state": r["state"],
-            "reason": r["reason"],
-            "first_seen": _iso(r["first_seen"]),
-            "updated_at": _iso(r["updated"]),
-            "node": r["node"],
-        }
-        for r in rows
-    ]
+        listed = list_studies(config, gateway_id, state)
+    except NotFound as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     if as_json:
         _print_json(listed)
+        return EXIT_OK
+    if not listed and not config.ledger_path.is_file():
+        print(no_ledger(config))
         return EXIT_OK
     for s in listed:
         print(
@@ -570,50 +491,15 @@ def studies(config: Config, *, gateway_id: str | None, state: str | None, as_jso
     return EXIT_OK
 
 
-def _check_study(config: Config, gateway_id: str, study_uid: str) -> str:
-    """Why ``gateway_id``/``study_uid`` is not a study the ledger knows ("" when it is)."""
-    from service.ledger import Ledger
-
-    ledger = Ledger.open_readonly(config.ledger_path)
-    if ledger is None:
-        return f"unknown gateway {gateway_id}: {_no_ledger(config)}"
-    try:
-        known = ledger.gateway_ids()
-        if gateway_id not in known:
-            return f"unknown gateway {gateway_id} (known: {', '.join(known) or 'none'})"
-        if ledger.study_state(gateway_id, study_uid) is None:
-            return f"gateway {gateway_id} has no study {study_uid}"
-        return ""
-    finally:
-        ledger.close()
-
-
 def study(config: Config, gateway_id: str, study_uid: str, *, as_json: bool) -> int:
     """One study's history: state, files accepted/rejected, runs, outputs, sends, events."""
-    from service.ledger import Ledger
+    from service.views import NotFound, study_history
 
-    problem = _check_study(config, gateway_id, study_uid)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return EXIT_FAILED
-    ledger = Ledger.open_readonly(config.ledger_path)
-    assert ledger is not None  # _check_study found it
     try:
-        history = ledger.study_history(gateway_id, study_uid)
-    finally:
-        ledger.close()
-    if history is None:  # gone between the two reads: cannot happen, the CLI never deletes
-        print(f"error: gateway {gateway_id} has no study {study_uid}", file=sys.stderr)
+        history = study_history(config, gateway_id, study_uid)
+    except NotFound as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    for key in ("first_seen", "updated"):
-        history[key] = _iso(history[key])
-    history["updated_at"] = history.pop("updated")
-    for run in history["runs"]:
-        run["started"], run["finished"] = _iso(run["started"]), _iso(run["finished"])
-        for send in run["sends"]:
-            send["started"], send["finished"] = _iso(send["started"]), _iso(send["finished"])
-    for event in history["events"]:
-        event["ts"] = _iso(event["ts"])
     if as_json:
         _print_json(history)
     else:
@@ -626,7 +512,9 @@ def _timing(key: str, value: object) -> str:
     others counts (``batch``, ``parts``)."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         if key.endswith("_at"):
-            return f"{key} {_iso(value)}"
+            from service.views import iso
+
+            return f"{key} {iso(value)}"
         if key.endswith("_s"):
             return f"{key} {value:.3f} s"
         return f"{key} {value:g}"
@@ -641,6 +529,8 @@ def _sop_class_name(uid: str) -> str:
 
 
 def _print_history(h: dict[str, Any]) -> None:
+    from service.views import top_findings
+
     print(
         f"gateway {h['gateway_id']} study {h['study_uid']}: {h['state']}"
         + (f" ({h['reason']})" if h["reason"] else "")
@@ -667,7 +557,7 @@ def _print_history(h: dict[str, Any]) -> None:
         if run["timings"]:
             timings = ", ".join(_timing(k, v) for k, v in sorted(run["timings"].items()))
             print(f"    timings: {timings}")
-        top = _top_findings(run["findings"])
+        top = top_findings(run["findings"])
         if top:
             print("    top findings: " + ", ".join(f"{k} {v:.2f}" for k, v in top))
         for out in run["outputs"]:
@@ -684,11 +574,8 @@ def _print_history(h: dict[str, Any]) -> None:
                 + f", started {send['started']}, finished {send['finished'] or '-'}"
             )
             for item in send["items"]:
-                code = item["status_code"]
-                print(
-                    f"      {item['sop_instance_uid']} {item['status']}"
-                    + (f" 0x{code:04X}" if code is not None else "")
-                )
+                line = f"      {item['sop_instance_uid']} {item['status']} {item['status_text']}"
+                print(line.rstrip())
     print(f"events: {len(h['events'])}")
     for event in h["events"]:
         print(f"  {event['ts']} {event['level']} {event['message']}")
@@ -700,57 +587,16 @@ def _print_history(h: dict[str, Any]) -> None:
 def request(
     config: Config, kind: str, gateway_id: str, study_uid: str, *, wait: float, queue: bool
 ) -> int:
-    """Ask the running service to ``resend`` or ``reprocess`` a study; print its answer.
+    """Ask the running service to ``resend`` or ``reprocess`` a study; print its answer
+    (:func:`service.views.request_action`, which the console's actions use too).
 
     Exit 0 only when the service carried the request out successfully; 1 when it failed,
     when the gateway or study is unknown (checked read-only before anything is written),
     or when no answer came within ``wait`` seconds (then the request is withdrawn unless
     ``queue``, or the service took it and may still carry it out); 2 for a malformed id.
     """
-    from service import requests
-    from service.ledger import Ledger
+    from service.views import request_action
 
-    problem = requests.validate(kind, gateway_id, study_uid)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return EXIT_USAGE
-    problem = _check_study(config, gateway_id, study_uid)
-    if not problem and kind == "resend":
-        ledger = Ledger.open_readonly(config.ledger_path)
-        assert ledger is not None
-        try:
-            if ledger.latest_run_with_outputs(gateway_id, study_uid) is None:
-                problem = f"no written results to resend for gateway {gateway_id} study {study_uid}"
-        finally:
-            ledger.close()
-    if problem:
-        print(f"error: {problem}; nothing requested", file=sys.stderr)
-        return EXIT_FAILED
-    what = f"{kind} of gateway {gateway_id} study {study_uid}"
-    sent = requests.submit(config.state_dir, kind, gateway_id, study_uid)
-    result = requests.wait_for_result(config.state_dir, sent, wait)
-    if result is not None:
-        print(f"{what}: {result.state}" + (f": {result.message}" if result.message else ""))
-        return EXIT_OK if result.ok else EXIT_FAILED
-    if queue:
-        print(
-            f"{what}: no running service picked up the request within {wait:g} s; it stays"
-            f" queued (request {sent.request_id}) and is carried out when the service runs",
-            file=sys.stderr,
-        )
-    elif requests.withdraw(config.state_dir, sent):
-        print(
-            f"{what}: no running service picked up the request within {wait:g} s;"
-            " withdrawn, nothing was done (is the service running? --queue leaves it queued)",
-            file=sys.stderr,
-        )
-    elif (late := requests.wait_for_result(config.state_dir, sent, 0.5)) is not None:
-        print(f"{what}: {late.state}" + (f": {late.message}" if late.message else ""))
-        return EXIT_OK if late.ok else EXIT_FAILED
-    else:
-        print(
-            f"{what}: the service took the request but gave no answer within {wait:g} s;"
-            f" it may still be carried out: see `python main.py study {gateway_id} {study_uid}`",
-            file=sys.stderr,
-        )
-    return EXIT_FAILED
+    outcome = request_action(config, kind, gateway_id, study_uid, wait=wait, queue=queue)
+    print(outcome.message, file=sys.stdout if outcome.answered else sys.stderr)
+    return outcome.code

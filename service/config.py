@@ -53,12 +53,14 @@ class PacsConfig:
 
     ``timeout_seconds``, ``max_associations`` (concurrent requests for DICOMweb) and the TLS
     files apply to both kinds; ``port`` and the AE titles only to DIMSE; ``username`` and
-    ``password`` (HTTP Basic) or ``token`` (Bearer) only to DICOMweb."""
+    ``password`` (HTTP Basic; or ``password_file``) or ``token`` (Bearer) only to DICOMweb."""
 
     url: str = ""  # DICOMweb service root, e.g. http://pacs:8042/dicom-web
     username: str = ""
-    password: str = ""
-    token: str = ""
+    password: str = field(default="", repr=False)  # never in a log or a traceback
+    #: where ``password`` was read from (its content, trailing newline stripped), or ""
+    password_file: str = ""
+    token: str = field(default="", repr=False)
     host: str = ""
     port: int = 104
     ae_title: str = "ORTHANC"
@@ -112,6 +114,14 @@ class CxrConfig:
 
 
 @dataclass(frozen=True)
+class NotifyConfig:
+    """``[notify]``: where failures are announced (webhook POST); "" = no notifications."""
+
+    webhook_url: str = ""
+    timeout_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
 class Config:
     input_dir: Path = Path("INPUT")
     output_dir: Path = Path("OUTPUT")
@@ -135,9 +145,14 @@ class Config:
     run_timeout_seconds: float = 600.0
     #: recorded with every run (``runs.node``), shown by ``studies``; default the host name
     node_name: str = field(default_factory=lambda: default_node_name())
+    #: the operator console's ``host:port`` (:mod:`service.console`); "" = no console
+    http: str = "127.0.0.1:8080"
+    #: Bearer token that allows the console's actions (resend, reprocess); "" = disabled
+    http_token: str = ""
     defaults: GatewayConfig = field(default_factory=GatewayConfig)
     pacs: PacsConfig = field(default_factory=PacsConfig)
     cxr: CxrConfig = field(default_factory=CxrConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
     gateways: Mapping[str, GatewayConfig] = field(default_factory=dict)
     #: what the loader noticed but did not refuse (unknown ``GATEWAY_*`` variables); the
     #: CLI logs them once logging is configured
@@ -252,15 +267,17 @@ def validate_uid_root(value: Any, key: str = "service.uid_root") -> str:
 
 #: :class:`Config` fields that are not ``[service]`` keys.
 NOT_SERVICE_KEYS = frozenset(
-    {"defaults", "pacs", "cxr", "gateways", "warnings", "sources", "config_file"}
+    {"defaults", "pacs", "cxr", "notify", "gateways", "warnings", "sources", "config_file"}
 )
 #: Keys that hold a path: relative ones in a config file resolve from the file's folder.
 SERVICE_PATH_KEYS = ("input_dir", "output_dir", "state_dir")
 PACS_PATH_KEYS = ("tls_ca", "tls_cert", "tls_key")
+#: ``password_file`` holds a path too (resolved like the TLS files; read at load).
+PACS_FILE_KEYS = (*PACS_PATH_KEYS, "password_file")
 #: Destination keys of one kind only: a table that sets the other kind's main key (``url``
 #: or ``host``) inherits none of these from its base.
 DIMSE_KEYS = ("host", "port", "ae_title", "calling_ae_title")
-DICOMWEB_KEYS = ("url", "username", "password", "token")
+DICOMWEB_KEYS = ("url", "username", "password", "password_file", "token")
 CXR_PATH_KEYS = ("weights",)
 
 
@@ -299,6 +316,7 @@ def _pacs(table: Any, prefix: str, base: PacsConfig) -> PacsConfig:
             out[key] = _as_url(value, name)
         else:
             out[key] = _as_str(value, name)
+    _password(out, prefix)
     # A table that names its kind inherits nothing of the other kind: a gateway that sets
     # ``url`` over a DIMSE [pacs] (or ``host`` over a DICOMweb one) gets only shared keys.
     blank = PacsConfig()
@@ -309,6 +327,41 @@ def _pacs(table: Any, prefix: str, base: PacsConfig) -> PacsConfig:
     result = dataclasses.replace(base, **out)
     _check_kind(result, values, prefix)
     return result
+
+
+def _password(out: dict[str, Any], prefix: str) -> None:
+    """A table's ``password`` or ``password_file`` (never both): the file's content is the
+    password, and a table that sets either one replaces both of its base's."""
+    password, password_file = out.get("password", ""), out.get("password_file", "")
+    if password and password_file:
+        raise ConfigError(
+            f"{prefix}password_file",
+            f"set either {prefix}password or {prefix}password_file, not both",
+        )
+    if password_file:
+        out["password"] = read_password_file(password_file, f"{prefix}password_file")
+    elif "password" in out or "password_file" in out:
+        out["password_file"] = ""
+        out.setdefault("password", "")
+
+
+def read_password_file(path: str, key: str) -> str:
+    """The content of a password file, its trailing newline(s) stripped; refused, naming
+    ``key``, when it cannot be read or is empty. The content is never put in a message."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(64 * 1024 + 1)
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > 64 * 1024:
+        raise ConfigError(key, f"{path} is larger than 64 KiB: not a password file")
+    try:
+        text = data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"{path} is not UTF-8 text") from None
+    if not text:
+        raise ConfigError(key, f"{path} is empty")
+    return text
 
 
 def _as_url(value: Any, key: str) -> str:
@@ -439,6 +492,48 @@ def _service(table: dict[str, Any], out: dict[str, Any]) -> None:
             out[key] = _as_choice(str(value).upper(), name, ("DEBUG", "INFO", "WARNING", "ERROR"))
         elif key == "node_name":
             out[key] = _as_node_name(value, name)
+        elif key == "http":
+            out[key] = _as_listen(value, name)
+        elif key == "http_token":
+            out[key] = _as_str(value, name)
+
+
+def split_listen(text: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) as (host, port); ValueError when malformed."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(text)
+    return host, int(port)
+
+
+def _as_listen(value: Any, key: str) -> str:
+    """``service.http``: "" (no console) or ``host:port``."""
+    text = _as_str(value, key).strip()
+    if text:
+        try:
+            split_listen(text)
+        except ValueError:
+            raise ConfigError(
+                key, f"must be host:port (or empty: no console); got {text!r}"
+            ) from None
+    return text
+
+
+def _notify(table: Any) -> NotifyConfig:
+    if not isinstance(table, dict):
+        raise ConfigError("notify", "expected a table")
+    out: dict[str, Any] = {}
+    for key, value in _fields(NotifyConfig, table, "notify.").items():
+        name = f"notify.{key}"
+        if key == "webhook_url":
+            text = _as_str(value, name).strip()
+            if text:
+                _as_url(text, name)  # the same checks as a DICOMweb root (no credentials)
+            out[key] = text
+        else:
+            out[key] = _as_float(value, name, 0.1)
+    return NotifyConfig(**out)
 
 
 def _cxr(table: Any) -> CxrConfig:
@@ -480,6 +575,10 @@ ENV_KEYS: dict[str, str] = {
     "GATEWAY_WORKER_MEMORY_MB": "service.worker_memory_mb",
     "GATEWAY_RUN_TIMEOUT_SECONDS": "service.run_timeout_seconds",
     "GATEWAY_NODE_NAME": "service.node_name",
+    "GATEWAY_HTTP": "service.http",
+    "GATEWAY_HTTP_TOKEN": "service.http_token",
+    "GATEWAY_NOTIFY_WEBHOOK_URL": "notify.webhook_url",
+    "GATEWAY_NOTIFY_TIMEOUT_SECONDS": "notify.timeout_seconds",
     "GATEWAY_STABLE_SECONDS": "defaults.stable_seconds",
     "GATEWAY_MAX_WAIT_SECONDS": "defaults.max_wait_seconds",
     "GATEWAY_LAYOUT": "defaults.layout",
@@ -490,12 +589,33 @@ ENV_KEYS: dict[str, str] = {
     "GATEWAY_PACS_URL": "pacs.url",
     "GATEWAY_PACS_USERNAME": "pacs.username",
     "GATEWAY_PACS_PASSWORD": "pacs.password",
+    "GATEWAY_PACS_PASSWORD_FILE": "pacs.password_file",
     "GATEWAY_PACS_TOKEN": "pacs.token",
     "GATEWAY_CXR_WEIGHTS": "models.cxr.weights",
     "GATEWAY_CXR_SHA256": "models.cxr.sha256",
     "GATEWAY_CXR_DEVICE": "models.cxr.device",
     "GATEWAY_CXR_THREADS": "models.cxr.threads",
 }
+
+
+#: The variable of each key in :data:`ENV_KEYS`.
+ENV_VARS: dict[str, str] = {dotted: var for var, dotted in ENV_KEYS.items()}
+#: Keys that are alternatives: a variable that sets one (not empty) overrides the file's
+#: other one.
+ENV_ALTERNATIVES: dict[str, str] = {
+    "pacs.password": "pacs.password_file",
+    "pacs.password_file": "pacs.password",
+}
+
+
+def _drop(data: dict[str, Any], dotted: str) -> None:
+    """Remove the key ``dotted`` from a parsed document, if it is there."""
+    *parents, leaf = dotted.split(".")
+    table: Any = data
+    for part in parents:
+        table = table.get(part) if isinstance(table, dict) else None
+    if isinstance(table, dict):
+        table.pop(leaf, None)
 
 
 #: ``GATEWAY_*`` variables that are not configuration (read where they are used).
@@ -511,6 +631,9 @@ def _apply_env(
     for var, dotted in ENV_KEYS.items():
         if var not in environ:
             continue
+        other = ENV_ALTERNATIVES.get(dotted)
+        if other is not None and environ[var] and ENV_VARS[other] not in environ:
+            _drop(data, other)  # GATEWAY_PACS_PASSWORD_FILE wins over the file's password
         *parents, leaf = dotted.split(".")
         table = data
         for part in parents:
@@ -552,10 +675,10 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     tables: list[tuple[dict[str, Any], tuple[str, ...]]] = [
         (table(data, "service"), SERVICE_PATH_KEYS),
         (table(table(data, "models"), "cxr"), CXR_PATH_KEYS),
-        (table(data, "pacs"), PACS_PATH_KEYS),
+        (table(data, "pacs"), PACS_FILE_KEYS),
     ]
     gateways = table(data, "gateways")
-    tables += [(table(table(gateways, gid), "pacs"), PACS_PATH_KEYS) for gid in gateways]
+    tables += [(table(table(gateways, gid), "pacs"), PACS_FILE_KEYS) for gid in gateways]
     for values, keys in tables:
         for key in keys:
             if key in values:
@@ -659,8 +782,10 @@ def load_config(
             raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
         base_dir = Path(os.path.abspath(path)).parent
         _resolve_paths(data, base_dir)
-    sources = dict.fromkeys(_leaf_keys(data), "file")
+    in_file = _leaf_keys(data)
     env_sources, warning = _apply_env(data, os.environ if environ is None else environ)
+    kept = set(_leaf_keys(data))  # a variable may drop a file key (ENV_ALTERNATIVES)
+    sources = {key: "file" for key in in_file if key in kept}
     sources.update(env_sources)
     return from_mapping(
         data,
@@ -685,7 +810,7 @@ def from_mapping(
     ``sources``: see :attr:`Config.sources` (default: every key in ``data`` is ``"file"``)."""
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for key in data:
-        if key not in ("service", "defaults", "pacs", "models", "gateways"):
+        if key not in ("service", "defaults", "pacs", "models", "gateways", "notify"):
             raise ConfigError(key, "unknown section")
     out: dict[str, Any] = {}
     service = data.get("service", {})
@@ -708,6 +833,7 @@ def from_mapping(
         if key != "cxr":
             raise ConfigError(f"models.{key}", "unknown model section")
     out["cxr"] = _cxr(models.get("cxr", {}))
+    out["notify"] = _notify(data.get("notify", {}))
     gateways = data.get("gateways", {})
     if not isinstance(gateways, dict):
         raise ConfigError("gateways", "expected a table")
@@ -725,6 +851,31 @@ def from_mapping(
     out["sources"] = dict.fromkeys(_leaf_keys(data), "file") if sources is None else sources
     out["config_file"] = config_file
     return Config(**out)
+
+
+def plain_http_warnings(config: Config) -> list[str]:
+    """What ``serve`` warns about at start: a DICOMweb destination on a plain ``http://``
+    url with credentials (they would travel unencrypted) or with TLS files (unused). Names
+    the gateway and the url, never a credential."""
+    destinations = [("[pacs] (every gateway without a destination of its own)", config.pacs)]
+    destinations += [
+        (f"gateway {gateway_id}", gateway.pacs)
+        for gateway_id, gateway in sorted(config.gateways.items())
+        if gateway.pacs is not None
+    ]
+    warnings = []
+    for who, d in destinations:
+        if not d.dicomweb or urllib.parse.urlsplit(d.url).scheme != "http":
+            continue
+        if d.token or d.username:
+            what = "its Bearer token" if d.token else "its HTTP Basic username and password"
+            warnings.append(
+                f"{who}: {what} would travel unencrypted to {d.url} (plain http://);"
+                " use an https:// url"
+            )
+        if d.tls_ca or d.tls_cert:
+            warnings.append(f"{who}: tls_ca/tls_cert are not used for {d.url} (plain http://)")
+    return warnings
 
 
 # -- the effective configuration, for ``config --show`` -----------------------------------
@@ -763,6 +914,12 @@ def _setting(name: str, value: Any, chain: list[str], sources: Mapping[str, str]
     return {"value": shown, "source": source, "from": origin}
 
 
+def _set_by(name: str) -> tuple[str, ...]:
+    """The destination keys that can set ``name``: ``password`` comes from a
+    ``password_file`` too."""
+    return (name, "password_file") if name == "password" else (name,)
+
+
 def _gateway_order(gateway_id: str) -> tuple[int, int, str]:
     return (0, int(gateway_id), "") if gateway_id.isdigit() else (1, 0, gateway_id)
 
@@ -782,6 +939,10 @@ def effective_settings(config: Config, gateway_ids: Iterable[str] = ()) -> dict[
     cxr = {
         f.name: _setting(f.name, getattr(config.cxr, f.name), [f"models.cxr.{f.name}"], sources)
         for f in dataclasses.fields(CxrConfig)
+    }
+    notify = {
+        f.name: _setting(f.name, getattr(config.notify, f.name), [f"notify.{f.name}"], sources)
+        for f in dataclasses.fields(NotifyConfig)
     }
     gateways: dict[str, Any] = {}
     ids = sorted(set(config.gateways) | set(gateway_ids), key=_gateway_order)
@@ -803,7 +964,7 @@ def effective_settings(config: Config, gateway_ids: Iterable[str] = ()) -> dict[
             f.name: _setting(
                 f.name,
                 getattr(destination, f.name),
-                [f"{p}pacs.{f.name}" for p in own] + [f"pacs.{f.name}"],
+                [f"{p}pacs.{k}" for p in [*own, ""] for k in _set_by(f.name)],
                 sources,
             )
             for f in dataclasses.fields(destination)
@@ -814,6 +975,7 @@ def effective_settings(config: Config, gateway_ids: Iterable[str] = ()) -> dict[
         "warnings": list(config.warnings),
         "service": service,
         "models": {"cxr": cxr},
+        "notify": notify,
         "gateways": gateways,
     }
 
@@ -856,6 +1018,7 @@ def render_settings(settings: Mapping[str, Any]) -> str:
 
     table("[service]", settings["service"])
     table("[models.cxr]", settings["models"]["cxr"])
+    table("[notify]", settings["notify"])
     for gateway_id, values in settings["gateways"].items():
         if gateway_id == OTHER_GATEWAYS:
             table('[gateways."*"]  # every gateway without a [gateways.<id>] table', values)

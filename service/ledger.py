@@ -19,7 +19,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,7 @@ from service.values import (
     FINAL_RUN_STATES,
     RUN_TRANSITIONS,
     SEND_TRANSITIONS,
+    SENT_OK,
     STUDY_TRANSITIONS,
     RunState,
     SendState,
@@ -275,6 +276,9 @@ class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.RLock()
+        #: called after each committed transition (e.g. failure notifications); an
+        #: observer must not block and must not apply transitions itself on this thread
+        self.observers: list[Callable[[Transition, Applied], None]] = []
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -345,6 +349,11 @@ class Ledger:
                 t.study,
                 f" reason={reason}" if reason else "",
             )
+        for observer in self.observers:
+            try:
+                observer(t, applied)
+            except Exception:  # an observer never undoes or stops a committed change
+                logger.exception("ledger observer %r failed", observer)
         return applied
 
     def _apply_in(self, db: sqlite3.Connection, t: Transition, now: float) -> Applied:
@@ -693,6 +702,7 @@ class Ledger:
         ledger = cls.__new__(cls)
         ledger.path = path
         ledger._lock = threading.RLock()
+        ledger.observers = []
         ledger._db = sqlite3.connect(
             f"{path.resolve().as_uri()}?mode=ro",
             uri=True,
@@ -721,7 +731,7 @@ class Ledger:
 
     def oldest_waiting_study(self, gateway_id: str) -> dict[str, Any] | None:
         """The study of ``gateway_id`` first seen longest ago among those not yet run
-        (receiving, waiting, waiting_model, ready): study_uid, state, first_seen."""
+        (receiving, waiting, waiting_model, ready): study_uid, state, reason, first_seen."""
         waiting = [
             StudyState.RECEIVING,
             StudyState.WAITING,
@@ -729,8 +739,8 @@ class Ledger:
             StudyState.READY,
         ]
         rows = self.query(
-            "SELECT study_uid, state, first_seen FROM studies WHERE gateway_id=? AND state IN"
-            " (?,?,?,?) ORDER BY first_seen LIMIT 1",
+            "SELECT study_uid, state, reason, first_seen FROM studies WHERE gateway_id=?"
+            " AND state IN (?,?,?,?) ORDER BY first_seen LIMIT 1",
             (gateway_id, *[str(s) for s in waiting]),
         )
         return dict(rows[0]) if rows else None
@@ -873,6 +883,39 @@ class Ledger:
             )
         ]
         return history
+
+    def state_counts(self) -> dict[str, list[tuple[str, str, int]]]:
+        """For ``/metrics``: (gateway_id, state, count) of ``studies``, ``runs`` and
+        ``sends`` (a send counts under its run's gateway)."""
+        sql = {
+            "studies": "SELECT gateway_id, state, COUNT(*) FROM studies GROUP BY 1, 2",
+            "runs": "SELECT gateway_id, state, COUNT(*) FROM runs GROUP BY 1, 2",
+            "sends": "SELECT r.gateway_id, s.state, COUNT(*) FROM sends s"
+            " JOIN runs r ON r.run_id = s.run_id GROUP BY 1, 2",
+        }
+        return {
+            name: [(str(r[0]), str(r[1]), int(r[2])) for r in self.query(query)]
+            for name, query in sql.items()
+        }
+
+    def run_timings(self) -> list[dict[str, Any]]:
+        """For ``/metrics``: every run's gateway_id, model_name, timings (see
+        :meth:`service.engine.Engine.execute_run`) and ``sent_at``, when its first
+        successful send ended (epoch seconds; None when none did)."""
+        ok = ", ".join(f"'{state}'" for state in sorted(SENT_OK))
+        rows = self.query(
+            "SELECT r.gateway_id, r.model_name, r.timings, (SELECT MIN(s.finished) FROM sends s"
+            f" WHERE s.run_id = r.run_id AND s.state IN ({ok})) AS sent_at FROM runs r"
+        )
+        return [
+            {
+                "gateway_id": r["gateway_id"],
+                "model_name": r["model_name"],
+                "timings": json.loads(r["timings"] or "{}"),
+                "sent_at": r["sent_at"],
+            }
+            for r in rows
+        ]
 
     def latest_run_with_outputs(self, gateway_id: str, study_uid: str) -> int | None:
         """The id of the study's latest run that wrote outputs (what ``resend`` sends)."""

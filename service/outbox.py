@@ -163,9 +163,6 @@ class Outbox:
         state = SendState(result.status.value)
         ok = result.ok
         reason = f"{result.status}: {result.reason}" if result.reason else str(result.status)
-        codes = sorted({i.status_code for i in result.items if i.status_code})
-        if codes:
-            reason += " (status " + ", ".join(f"0x{c:04X}" for c in codes) + ")"
         self.ledger.apply(
             Transition(
                 send.gateway_id,

@@ -31,6 +31,7 @@ import logging
 import socket
 import ssl
 import threading
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from pynetdicom.association import Association
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from service.config import PacsConfig
 
@@ -90,6 +92,17 @@ _PRECEDENCE = (
     SendStatus.WARNING,
     SendStatus.SUCCESS,
 )
+
+
+def status_text(code: int) -> str:
+    """A storage status as ``0xA700 Refused: Out of Resources``: the meaning from the
+    Storage Service Class table of PS3.4 Annex B (with the general statuses of PS3.7
+    Annex C) as pynetdicom ships it; a code the table lacks as its hex alone. Serves the
+    C-STORE Status (0000,0900) and the STOW-RS Failure and Warning Reasons (0008,1197),
+    (0008,1196), which take their values from the same table (PS3.18 §10.5.3)."""
+    category, meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("", ""))
+    text = meaning or category
+    return f"0x{code:04X} {text}" if text else f"0x{code:04X}"
 
 
 @dataclass(frozen=True)
@@ -583,13 +596,25 @@ def _unsent(
 ) -> SendResult:
     """``status`` for every file not sent yet, after the ``items`` already decided."""
     rest = [ItemResult(f.sop_instance_uid, status, None, f.path) for f in files]
-    return SendResult(status, reason, [*items, *rest])
+    return SendResult(status, reason + _status_reasons(items), [*items, *rest])
+
+
+def _status_reasons(items: Sequence[ItemResult]) -> str:
+    """``"; failure statuses: 0xA700 Refused: Out of Resources (2), ..."`` (and the warning
+    statuses) for a send's reason; "" when the peer gave none."""
+    parts = []
+    for status in (SendStatus.FAILURE, SendStatus.WARNING):
+        counts = Counter(i.status_code for i in items if i.status is status and i.status_code)
+        if counts:
+            listed = ", ".join(f"{status_text(c)} ({n})" for c, n in sorted(counts.items()))
+            parts.append(f"; {status.value} statuses: {listed}")
+    return "".join(parts)
 
 
 def _summary(items: list[ItemResult], target: str) -> SendResult:
     counts = {s: sum(1 for i in items if i.status is s) for s in _PRECEDENCE}
     status = next(s for s in _PRECEDENCE if counts[s])
     detail = ", ".join(f"{n} {s.value}" for s, n in counts.items() if n)
-    reason = f"{len(items)} instance(s) to {target}: {detail}"
+    reason = f"{len(items)} instance(s) to {target}: {detail}{_status_reasons(items)}"
     logger.info("send finished: %s", reason)
     return SendResult(status, reason, items)

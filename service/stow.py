@@ -12,8 +12,11 @@ outcome values (:class:`SendResult` / :class:`ItemResult`), never exceptions:
   instance stored; 202 some failed; 409 every instance failed. Instances in the Referenced
   SOP Sequence (0008,1199) are SUCCESS (WARNING with a Warning Reason (0008,1196)); those
   in the Failed SOP Sequence (0008,1198) FAILURE, with their Failure Reason (0008,1197) as
-  ``status_code``. Any other HTTP status fails every instance, the status in the reason;
-* nothing listening (or no route / no such host) -> REFUSED; the whole request (connect,
+  ``status_code`` (their meaning in the result's reason, as for C-STORE statuses:
+  ``0xA700 Refused: Out of Resources``). Any other HTTP status
+  fails every instance, the status in the reason;
+* nothing listening (or no route / no such host) -> REFUSED, so is a server whose
+  certificate ``tls_ca`` does not verify (the reason says so); the whole request (connect,
   upload, response) is bounded by ``timeout_seconds`` -> TIMED_OUT; ``SendHandle.cancel``
   -> INTERRUPTED; a connection dropped before the response -> ABORTED.
 """
@@ -44,6 +47,7 @@ from service.sender import (
     _summary,
     _unsent,
     read_files,
+    status_text,
 )
 
 logger = logging.getLogger(__name__)
@@ -163,6 +167,15 @@ def _exchange(
         connection.connect()
     except TimeoutError:
         return (SendStatus.TIMED_OUT, "connect timed out"), None
+    except ssl.SSLCertVerificationError as exc:
+        why = exc.verify_message or exc.reason or "verification failed"
+        return (
+            SendStatus.REFUSED,
+            f"TLS handshake failed: the server's certificate does not verify ({why}):"
+            " is tls_ca the CA that signed it?",
+        ), None
+    except ssl.SSLError as exc:
+        return (SendStatus.REFUSED, f"TLS handshake failed: {exc.reason or exc}"), None
     except OSError as exc:  # refused, unreachable, no such host
         return (SendStatus.REFUSED, f"cannot connect: {exc.strerror or exc}"), None
     if connection.sock is not None:
@@ -200,9 +213,18 @@ def _first(item: Any, tag: str) -> Any:
     return values[0] if values else None
 
 
-def _parse(body: bytes) -> tuple[dict[str, bool], dict[str, int | None]]:
-    """``({stored uid: with warning}, {failed uid: failure reason})`` from the JSON answer;
-    empty when the body is not a DICOM JSON data set."""
+def _reason(item: Any, tag: str) -> tuple[bool, int | None]:
+    """Whether ``item`` has the reason ``tag``, and its code (None when not a number)."""
+    value = _first(item, tag)
+    return value is not None, value if isinstance(value, int) else None
+
+
+def _parse(
+    body: bytes,
+) -> tuple[dict[str, tuple[bool, int | None]], dict[str, int | None]]:
+    """``({stored uid: (with a Warning Reason, its code)}, {failed uid: Failure Reason})``
+    from the JSON answer (a code None when absent or not a number); empty when the body is
+    not a DICOM JSON data set."""
     try:
         data = json.loads(body) if body.strip() else {}
     except (ValueError, UnicodeDecodeError):
@@ -211,17 +233,16 @@ def _parse(body: bytes) -> tuple[dict[str, bool], dict[str, int | None]]:
         data = data[0] if data else {}
     if not isinstance(data, dict):
         return {}, {}
-    stored: dict[str, bool] = {}
+    stored: dict[str, tuple[bool, int | None]] = {}
     for item in _values(data.get(REFERENCED_SOP_SEQUENCE)):
         uid = _first(item, REFERENCED_SOP_INSTANCE_UID)
         if isinstance(uid, str):
-            stored[uid] = _first(item, WARNING_REASON) is not None
+            stored[uid] = _reason(item, WARNING_REASON)
     failed: dict[str, int | None] = {}
     for item in _values(data.get(FAILED_SOP_SEQUENCE)):
         uid = _first(item, REFERENCED_SOP_INSTANCE_UID)
         if isinstance(uid, str):
-            reason = _first(item, FAILURE_REASON)
-            failed[uid] = reason if isinstance(reason, int) else None
+            failed[uid] = _reason(item, FAILURE_REASON)[1]
     return stored, failed
 
 
@@ -244,10 +265,12 @@ def _outcome(
         if uid in failed:
             reason_code = failed[uid]
             items.append(ItemResult(uid, SendStatus.FAILURE, reason_code, item.path))
-            logger.warning("%s: %s not stored, failure reason %s", target, uid, reason_code)
+            meaning = "none given" if reason_code is None else status_text(reason_code)
+            logger.warning("%s: %s not stored, failure reason %s", target, uid, meaning)
         elif uid in stored:
-            status = SendStatus.WARNING if stored[uid] else SendStatus.SUCCESS
-            items.append(ItemResult(uid, status, None, item.path))
+            warned, warning_code = stored[uid]
+            status = SendStatus.WARNING if warned else SendStatus.SUCCESS
+            items.append(ItemResult(uid, status, warning_code, item.path))
         elif code == 200:  # "all instances stored", even if the answer omits some
             items.append(ItemResult(uid, SendStatus.SUCCESS, None, item.path))
         else:

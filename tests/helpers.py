@@ -49,6 +49,7 @@ def write_config(
         "poll_seconds": 0.5,
         "shutdown_seconds": 20,
         "workers": workers,
+        "http": "",  # no console (a fixed port would collide across parallel tests)
         **service,
     }
     lines = "\n".join(f"{key} = {json.dumps(value)}" for key, value in settings.items())

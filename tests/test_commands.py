@@ -124,7 +124,7 @@ def test_studies_and_study_history_of_a_real_run(
         "study_uid": study_uid,
         "state": "send_failed",
     }
-    assert "0xA700" in row["reason"]
+    assert "failure statuses: 0xA700 Refused: Out of Resources (2)" in row["reason"]
     assert row["updated_at"].endswith("Z") and "T" in row["updated_at"]
     assert "node" in row
     assert json.loads(cli(config, "studies", "--json", "--state", "sent").stdout) == []
@@ -150,11 +150,13 @@ def test_studies_and_study_history_of_a_real_run(
     outputs = {o["sop_instance_uid"] for o in run["outputs"]}
     assert {i["sop_instance_uid"] for i in send["items"]} == outputs
     assert {(i["status"], i["status_code"]) for i in send["items"]} == {("failure", 0xA700)}
+    assert {i["status_text"] for i in send["items"]} == {"0xA700 Refused: Out of Resources"}
 
     plain = cli(config, "study", "3", study_uid)
     assert plain.returncode == 0, plain.stderr
     assert "rejected notes.txt: not a DICOM file" in plain.stdout
-    assert "failure 0xA700" in plain.stdout and "TESTPACS@127.0.0.1" in plain.stdout
+    assert "failure 0xA700 Refused: Out of Resources" in plain.stdout
+    assert "TESTPACS@127.0.0.1" in plain.stdout
     assert PATIENT_NAME not in plain.stdout + history.stdout
     assert cli(config, "study", "3", "1.2.3").returncode == 1
     assert cli(config, "study", "4", study_uid).returncode == 1

@@ -245,11 +245,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     openssl("rsa", "-in", str(files["client.key"]), "-aes256", "-passout", "pass:secret",
             "-out", "encrypted.key", cwd=folder)  # fmt: skip
     (folder / "junk.pem").write_text("not a certificate\n")
+    (folder / "pacs-password").write_text("file-Pa55\n")
     return {
         **files,
         "other.key": other["client.key"],
         "encrypted.key": folder / "encrypted.key",
         "junk.pem": folder / "junk.pem",
+        "pacs-password": folder / "pacs-password",
     }
 
 
@@ -269,6 +271,7 @@ def non_default_pacs(pki: dict[str, Path]) -> dict[str, Any]:
         "url": "http://web.example:8042/dicom-web",
         "username": "gateway",
         "password": "pw",
+        "password_file": str(pki["pacs-password"]),
         "token": "tok",
     }
     assert set(values) == {f.name for f in dataclasses.fields(PacsConfig)}
@@ -280,6 +283,7 @@ WEB_COMPANIONS: dict[str, tuple[str, ...]] = {
     "url": (),
     "username": ("url", "password"),
     "password": ("url", "username"),
+    "password_file": ("url", "username"),
     "token": ("url",),
 }
 
@@ -571,3 +575,192 @@ def test_dicomweb_errors_name_the_key(data: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as err:
         from_mapping(data)
     assert err.value.key == key
+
+
+def test_password_file_is_read_stripped_and_resolved_from_the_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``password_file``: its content is the password, trailing newlines stripped (inner
+    spaces kept); relative to the config file's folder; masked by ``config --show``."""
+    from service.config import render_settings
+
+    folder = tmp_path / "etc"
+    (folder / "secrets").mkdir(parents=True)
+    (folder / "secrets" / "pacs").write_text("pa ss w0rd \r\n\n")
+    path = folder / "gateway.toml"
+    path.write_text(
+        '[pacs]\nurl = "https://pacs.example/dicom-web"\nusername = "gateway"\n'
+        'password_file = "secrets/pacs"\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    config = load_config(path, environ={})
+    assert config.pacs.password == "pa ss w0rd "
+    assert config.pacs.password_file == str(folder / "secrets" / "pacs")
+    assert "pa ss" not in repr(config.pacs) and "tok3n" not in repr(PacsConfig(token="tok3n"))
+    settings = effective_settings(config)
+    shown = settings["gateways"]["*"]["pacs"]
+    assert shown["password_file"] == {
+        "value": MASK,
+        "source": "file",
+        "from": "pacs.password_file",
+    }
+    assert shown["password"] == {"value": MASK, "source": "file", "from": "pacs.password_file"}
+    assert "pa ss" not in render_settings(settings) and "pa ss" not in str(settings)
+
+
+def test_password_file_from_the_environment_wins_over_the_file_password(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    path = write(
+        tmp_path,
+        '[pacs]\nurl = "https://pacs.example/dw"\nusername = "u"\npassword = "in-the-file"\n',
+    )
+    env = {"GATEWAY_PACS_PASSWORD_FILE": str(pki["pacs-password"])}
+    config = load_config(path, environ=env)
+    assert config.pacs.password == "file-Pa55"
+    assert config.pacs.password_file == str(pki["pacs-password"])
+    shown = effective_settings(config)["gateways"]["*"]["pacs"]
+    assert (
+        shown["password"]["from"]
+        == shown["password_file"]["from"]
+        == ("GATEWAY_PACS_PASSWORD_FILE")
+    )
+    # and GATEWAY_PACS_PASSWORD over a file's password_file
+    path = write(
+        tmp_path,
+        f'[pacs]\nurl = "https://pacs.example/dw"\nusername = "u"\n'
+        f'password_file = "{pki["pacs-password"]}"\n',
+    )
+    config = load_config(path, environ={"GATEWAY_PACS_PASSWORD": "from-env"})
+    assert (config.pacs.password, config.pacs.password_file) == ("from-env", "")
+
+
+def test_a_gateway_inherits_password_file_and_replaces_both_with_either(
+    pki: dict[str, Path],
+) -> None:
+    web = {"url": "https://pacs.example/dw", "username": "u"}
+    secret = str(pki["pacs-password"])
+    config = from_mapping(
+        {
+            "pacs": {**web, "password_file": secret},
+            "gateways": {
+                "6": {"pacs": {"max_associations": 1}},
+                "7": {"pacs": {"password": "own"}},
+                "8": {"pacs": {"host": "dimse.example"}},
+            },
+        }
+    )
+    six, seven, eight = (config.destination(g) for g in ("6", "7", "8"))
+    assert (six.password, six.password_file) == ("file-Pa55", secret)
+    assert (seven.password, seven.password_file) == ("own", "")
+    assert (eight.password, eight.password_file, eight.username) == ("", "", "")
+    config = from_mapping(
+        {
+            "pacs": {**web, "password": "pacs-pw"},
+            "gateways": {"7": {"pacs": {"password_file": secret}}},
+        }
+    )
+    assert config.destination("7").password == "file-Pa55"
+    assert config.pacs.password == "pacs-pw"
+
+
+@pytest.mark.parametrize(
+    ("pacs", "own", "key"),
+    [
+        ({"password_file": "missing"}, None, "pacs.password_file"),
+        ({"password_file": "."}, None, "pacs.password_file"),  # a folder
+        ({"password_file": "empty"}, None, "pacs.password_file"),
+        ({"password_file": "binary"}, None, "pacs.password_file"),
+        ({}, {"password_file": "missing"}, "gateways.7.pacs.password_file"),
+        ({"password": "pw", "password_file": "pacs-password"}, None, "pacs.password_file"),
+        ({}, {"password": "pw", "password_file": "pacs-password"}, "gateways.7.pacs.password_file"),
+    ],
+)
+def test_a_password_file_that_cannot_be_used_is_refused_naming_the_key(
+    pacs: dict[str, str], own: dict[str, str] | None, key: str, tmp_path: Path
+) -> None:
+    (tmp_path / "pacs-password").write_text("not-to-be-shown\n")
+    (tmp_path / "empty").write_text("\n")
+    (tmp_path / "binary").write_bytes(b"\xff\xfe\x00")
+
+    def files(table: dict[str, str]) -> dict[str, str]:
+        return {k: str(tmp_path / v) if k == "password_file" else v for k, v in table.items()}
+
+    web = {"url": "https://pacs.example/dw", "username": "u"}
+    if not pacs:
+        web["password"] = "pacs-pw"
+    data: dict[str, Any] = {"pacs": {**web, **files(pacs)}}
+    if own is not None:
+        data["gateways"] = {"7": {"pacs": files(own)}}
+    with pytest.raises(ConfigError) as err:
+        from_mapping(data)
+    assert err.value.key == key
+    assert "not-to-be-shown" not in str(err.value)
+    if "password" in (own or pacs):  # both given: the message names both keys
+        prefix = key.rpartition(".")[0]
+        assert f"{prefix}.password " in str(err.value) and f"{prefix}.password_file" in str(
+            err.value
+        )
+
+
+def test_both_password_variables_are_refused_naming_both(pki: dict[str, Path]) -> None:
+    env = {
+        "GATEWAY_PACS_URL": "https://pacs.example/dw",
+        "GATEWAY_PACS_USERNAME": "u",
+        "GATEWAY_PACS_PASSWORD": "pw",
+        "GATEWAY_PACS_PASSWORD_FILE": str(pki["pacs-password"]),
+    }
+    with pytest.raises(ConfigError) as err:
+        load_config(None, environ=env)
+    assert err.value.key == "pacs.password_file" and "pacs.password " in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["https://web.example/dicom-web", "https://web7.example/dw"], ids=["pacs", "gateway"]
+)
+def test_an_unloadable_tls_ca_of_a_dicomweb_destination_is_refused_naming_it(
+    url: str, pki: dict[str, Path]
+) -> None:
+    junk = str(pki["junk.pem"])
+    if "web7" in url:
+        data: dict[str, Any] = {"gateways": {"7": {"pacs": {"url": url, "tls_ca": junk}}}}
+        key = "gateways.7.pacs.tls_ca"
+    else:
+        data, key = {"pacs": {"url": url, "tls_ca": junk}}, "pacs.tls_ca"
+    with pytest.raises(ConfigError) as err:
+        from_mapping(data)
+    assert err.value.key == key and "cannot load" in str(err.value)
+
+
+def test_plain_http_with_credentials_or_tls_files_is_warned_about(pki: dict[str, Path]) -> None:
+    """Names the destination (``[pacs]`` or the gateway) and the url, never a secret."""
+    from service.config import plain_http_warnings
+
+    config = from_mapping(
+        {
+            "pacs": {"url": "http://pacs.example/dw", "username": "u", "password": "hunter2"},
+            "gateways": {
+                "5": {"pacs": {"url": "https://secure.example/dw"}},
+                "7": {
+                    "pacs": {
+                        "url": "http://web7.example/dw",
+                        "token": "tok3n",
+                        **{"username": "", "password": ""},  # not [pacs]'s
+                    }
+                },
+                "8": {"pacs": {"url": "http://web8.example/dw", "tls_ca": str(pki["ca.pem"])}},
+                "9": {"pacs": {"host": "dimse.example"}},
+            },
+        }
+    )
+    warnings = plain_http_warnings(config)
+    assert len(warnings) == 4, warnings
+    pacs, seven, eight_credentials, eight = warnings  # 8 inherits [pacs]'s credentials
+    assert eight_credentials.startswith("gateway 8:") and "unencrypted" in eight_credentials
+    assert pacs.startswith("[pacs]") and "http://pacs.example/dw" in pacs
+    assert "unencrypted" in pacs and "username and password" in pacs
+    assert seven.startswith("gateway 7:") and "http://web7.example/dw" in seven
+    assert "token" in seven and "unencrypted" in seven
+    assert eight.startswith("gateway 8:") and "tls_ca" in eight and "not used" in eight
+    assert not any("hunter2" in w or "tok3n" in w for w in warnings)
+    assert plain_http_warnings(from_mapping({"pacs": {"url": "http://open.example/dw"}})) == []

@@ -123,3 +123,17 @@ def test_compose_command_is_a_real_cli_command_with_a_valid_config(
     config = load_config(ROOT / args.config, environ=env)
     assert config.destination("1").host == "orthanc"
     assert [rule.model for rule in config.defaults.rules] == ["cxr-densenet121", "annotate"]
+
+
+def test_console_port_is_exposed_and_published(compose: dict[str, Any]) -> None:
+    """The console listens on every interface in the container, on the port the Dockerfile
+    EXPOSEs and the compose file publishes."""
+    from service.config import split_listen
+
+    env = {**dockerfile_env(), **gateway_env(compose)}
+    host, port = split_listen(load_config(environ={"GATEWAY_HTTP": env["GATEWAY_HTTP"]}).http)
+    assert host == "0.0.0.0"
+    exposed = re.findall(r"^EXPOSE\s+(\d+)", DOCKERFILE.read_text(), re.MULTILINE)
+    assert str(port) in exposed
+    published = {str(p).split(":")[-1] for p in compose["services"]["gateway"]["ports"]}
+    assert str(port) in published

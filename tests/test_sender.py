@@ -561,3 +561,18 @@ def test_send_cancelled_before_it_starts_connects_to_nothing(
     assert result.reason == INTERRUPTED_REASON
     assert_all(result.items, SendStatus.INTERRUPTED, None)
     assert peer.connections == 0
+
+
+def test_status_text_names_each_storage_status_from_the_standard_table() -> None:
+    """Every status of PS3.4 Annex B's Storage Service Class table (pynetdicom's copy) with
+    its meaning; a code the table lacks as its hex alone."""
+    from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
+
+    from service.sender import status_text
+
+    for code, (category, meaning) in STORAGE_SERVICE_CLASS_STATUS.items():
+        assert status_text(code) == f"0x{code:04X} {meaning or category}"
+    assert status_text(0xA700) == "0xA700 Refused: Out of Resources"
+    assert status_text(0xA7FF) == "0xA7FF Refused: Out of Resources"
+    assert status_text(0x0000) == "0x0000 Success"
+    assert status_text(0xB0F1) == "0xB0F1"

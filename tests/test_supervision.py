@@ -25,6 +25,7 @@ from tests.helpers import (
     write_config,
 )
 from tests.test_faults import CountingScp
+from tests.test_notify import Hook
 
 
 @pytest.fixture
@@ -153,7 +154,9 @@ def _health(config: Path) -> tuple[int, str]:
 def test_unwritable_state_stops_the_service_with_exit_1(
     tmp_path: Path, small_state: Path, fault: str
 ) -> None:
-    config = write_config(tmp_path)
+    """... and announces it to the webhook (a real local HTTP server)."""
+    hook = Hook()
+    config = write_config(tmp_path, f'[notify]\nwebhook_url = "{hook.url}"\n')
     gw = tmp_path / "INPUT/gateway_1"
     copy_series(shared_file("series/ct-4-noise"), gw, limit=1)
     proc = start_service(config)
@@ -186,6 +189,10 @@ def test_unwritable_state_stops_the_service_with_exit_1(
     assert "ledger.sqlite3" in out or str(small_state) in out, out
     code, message = _health(config)
     assert code == 1 and "unhealthy" in message, message
+    hook.close()
+    stopped = [b for b in hook.bodies if b["state"] == "service_stopped"]
+    assert len(stopped) == 1, hook.bodies
+    assert "ledger.sqlite3" in stopped[0]["reason"] or str(small_state) in stopped[0]["reason"]
 
 
 def test_health_is_unhealthy_once_the_service_is_gone(tmp_path: Path) -> None:
