@@ -15,12 +15,13 @@ waiting in INPUT, and sends to dcmtk ``storescp --ignore``. It measures, from th
   and the same again once those are sent (*warm*): the time per study from the end of
   their quiet period to the last one sent, divided by their number.
 
-Baselines measured in the same run, each in a fresh process: ``python -c "import torch"``;
-the naive torchxrayvision script a researcher writes (import torchxrayvision, load the
-DenseNet, ``read_xray_dcm`` + ``XRayCenterCrop`` + ``XRayResizer`` + forward on one image),
-from its start to its first scores; that script's time per image once warm (median of 7);
-and, with ``--old REF``, the service of git revision REF (``git archive``, run with the same
-virtual environment) on the same workload.
+Baselines measured in the same run, each in a fresh process just before each service run
+(the machine may be shared: each run is compared with what was measured under the same
+load): ``python -c "import torch"``; the naive torchxrayvision script a researcher writes
+(import torchxrayvision, load the DenseNet, ``read_xray_dcm`` + ``XRayCenterCrop`` +
+``XRayResizer`` + forward on one image), from its start to its first scores; that script's
+time per image once warm (median of 7). With ``--old REF``, the service of git revision REF
+(``git archive``, run with the same virtual environment) on the same workload, last.
 
 The first run is "cold" only in that it is the first process of the bench to start the
 service (the page cache is not dropped: that needs root on a shared machine); the others
@@ -45,6 +46,7 @@ from bench.common import (
     ROOT,
     SHARED,
     StagedStudy,
+    cpu_seconds,
     cxr_study,
     free_port,
     ledger,
@@ -82,13 +84,13 @@ def one(path):
 
 one(sys.argv[2])
 first = time.perf_counter() - t0
-times = []
+times, cpu = [], []
 for _ in range(7):
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     one(sys.argv[2])
     times.append(time.perf_counter() - t1)
-times.sort()
-print(first, times[3])
+    cpu.append(time.process_time() - c1)
+print(first, sorted(times)[3], sorted(cpu)[3])
 """
 
 
@@ -159,6 +161,20 @@ def footprint(service_pid: int) -> list[Footprint]:
     return found
 
 
+def tree_cpu(service_pid: int) -> float:
+    """CPU seconds (user + system) of the service and its live descendants so far."""
+    seconds = 0.0
+    pending = [service_pid]
+    while pending:
+        pid = pending.pop()
+        try:
+            seconds += cpu_seconds(pid)
+            pending += _children(pid)
+        except (OSError, IndexError, ValueError):
+            continue
+    return seconds
+
+
 def total(prints: list[Footprint], attr: str) -> float:
     return sum(float(getattr(p, attr)) for p in prints)
 
@@ -173,6 +189,7 @@ class StartRun:
     first_sent_s: float = float("nan")
     after_drop_per_study: float = float("nan")
     warm_per_study: float = float("nan")
+    cpu_per_study: list[float] = field(default_factory=list)  # per drop
     at_first: list[Footprint] = field(default_factory=list)
     at_end: list[Footprint] = field(default_factory=list)
     code: int = 0
@@ -262,6 +279,7 @@ def run_service(
         run.at_first = footprint(service.pid)
         time.sleep(max(0.0, t0 + DROP_AFTER_S - time.time()))
         for batch in batches:
+            cpu0 = tree_cpu(service.pid)
             for study in batch:
                 study.drop(folder / "INPUT")
             wait_until(
@@ -269,6 +287,7 @@ def run_service(
                 900,
                 "the studies",
             )
+            run.cpu_per_study.append((tree_cpu(service.pid) - cpu0) / len(batch))
         run.after_drop_per_study = per_study(state, batches[0], args.stable)
         run.warm_per_study = per_study(state, batches[1], args.stable)
         run.at_end = footprint(service.pid)
@@ -300,6 +319,23 @@ def python_seconds(code: str, *argv: str) -> tuple[float, str]:
     return time.perf_counter() - t0, done.stdout
 
 
+@dataclass(frozen=True)
+class Baseline:
+    torch_s: float  # python -c "import torch", wall
+    first_s: float  # the naive script, from its start to its first scores, wall
+    image_s: float  # ... then per image, warm (median of 7), wall
+    cpu_s: float  # ... and its CPU time per image
+
+
+def baseline(weights: Path, threads: int) -> Baseline:
+    torch_s, _ = python_seconds("import torch")
+    first_s, out = python_seconds(
+        NAIVE, str(weights.parent), str(SHARED / "cxr" / CXR_FILES[0]), str(threads)
+    )
+    _, image_s, cpu_s = (float(v) for v in out.split()[-3:])
+    return Baseline(torch_s, first_s, image_s, cpu_s)
+
+
 def memory_cells(prints: list[Footprint]) -> str:
     parts = ", ".join(f"{p.role} {p.rss:.0f}" for p in prints)
     return f"{total(prints, 'rss'):.0f} MiB RSS ({parts}); PSS {total(prints, 'pss'):.0f} MiB"
@@ -323,31 +359,17 @@ def main() -> int:
         weights = Path(out.strip().splitlines()[-1])
         port = free_port()
         scp = start_storescp(port)
+        plan = [("cold" if i == 0 else f"warm {i}", ROOT / "main.py") for i in range(args.runs)]
+        if args.old:
+            plan.append((f"old {args.old}", old_tree(args.old, folder)))
+        runs: list[tuple[StartRun, Baseline]] = []
         try:
-            runs = [
-                run_service(
-                    "cold" if i == 0 else f"warm {i}",
-                    ROOT / "main.py",
-                    folder / f"run-{i}",
-                    weights,
-                    port,
-                    args,
-                )
-                for i in range(args.runs)
-            ]
-            old = None
-            if args.old:
-                old_main = old_tree(args.old, folder)
-                old = run_service(
-                    f"old {args.old}", old_main, folder / "old-run", weights, port, args
-                )
+            for i, (label, main_py) in enumerate(plan):
+                base = baseline(weights, args.threads)  # just before: the same load
+                run = run_service(label, main_py, folder / f"run-{i}", weights, port, args)
+                runs.append((run, base))
         finally:
             stop_process(scp)
-        torch_s, _ = python_seconds("import torch")
-        naive_wall, out = python_seconds(
-            NAIVE, str(weights.parent), str(SHARED / "cxr" / CXR_FILES[0]), str(args.threads)
-        )
-        naive_first, naive_image = (float(v) for v in out.split()[-2:])
 
     print("Start-up benchmark: python main.py serve, fresh process and fresh STATE each run")
     print(
@@ -355,35 +377,50 @@ def main() -> int:
         f"models.cxr.threads = {args.threads}; RANDOM-INIT checkpoint in the published format"
     )
     print()
-    print(f"baseline: python -c 'import torch': {torch_s:.2f} s")
+    print("baselines, each measured just before the run on its line:")
     print(
-        f"baseline: naive torchxrayvision script, start to first scores: {naive_wall:.2f} s "
-        f"(in-process {naive_first:.2f} s); then {naive_image * 1e3:.0f} ms per image "
-        "(read_xray_dcm + XRayCenterCrop + XRayResizer + forward, median of 7)"
+        f"{'run':<12}{'import torch':>13}{'naive 1st':>10}{'naive/img':>10}{'CPU/img':>9}"
+        f"   (naive = torchxrayvision's read_xray_dcm + XRayCenterCrop + XRayResizer +"
+        " forward)"
     )
+    for run, base in runs:
+        print(
+            f"{run.label:<12}{base.torch_s:>12.2f}s{base.first_s:>9.2f}s"
+            f"{base.image_s * 1e3:>8.0f}ms{base.cpu_s * 1e3:>7.0f}ms"
+        )
     print()
     print(
         f"{'run':<12}{'healthy':>9}{'1st sent':>10}{'vs naive':>9}"
         f"{'8 s drop':>10}{'ratio':>7}{'warm':>8}{'ratio':>7}  memory after the drops"
     )
-    for run in [*runs, *([old] if old else [])]:
+    for run, base in runs:
         print(
             f"{run.label:<12}{run.healthy_s:>8.2f}s{run.first_sent_s:>9.2f}s"
-            f"{run.first_sent_s / naive_wall:>9.2f}"
-            f"{run.after_drop_per_study:>9.3f}s{run.after_drop_per_study / naive_image:>7.2f}"
-            f"{run.warm_per_study:>7.3f}s{run.warm_per_study / naive_image:>7.2f}"
+            f"{run.first_sent_s / base.first_s:>9.2f}"
+            f"{run.after_drop_per_study:>9.3f}s{run.after_drop_per_study / base.image_s:>7.2f}"
+            f"{run.warm_per_study:>7.3f}s{run.warm_per_study / base.image_s:>7.2f}"
             f"  {memory_cells(run.at_end)}"
         )
     print()
     print("healthy / 1st sent: s from starting serve (one CXR study waiting in INPUT); vs naive =")
-    print("1st sent / the naive script's start to first scores; 8 s drop / warm: s per study from")
-    print(f"the quiet period's end to the last of {args.studies} sent, dropped 8 s after start /")
-    print("once those were sent; ratio = that / the naive script's time per image (warm).")
+    print("1st sent / the naive script's start to its first scores; 8 s drop / warm: s per study")
+    print(
+        f"from the quiet period's end to the last of {args.studies} sent, dropped 8 s after start"
+    )
+    print("/ once those were sent; ratio = that / the naive script's time per image (warm).")
+    print("CPU per study (service and workers, all threads; OpenMP spin-waiting inflates it on")
+    print("contended cores, for both) against the naive script's CPU per image:")
+    for run, base in runs:
+        cells = ", ".join(
+            f"{name} {c * 1e3:.0f} ms = {c / base.cpu_s:.2f}x"
+            for name, c in zip(("8 s drop", "warm"), run.cpu_per_study, strict=False)
+        )
+        print(f"  {run.label:<12} {cells}")
     print("Memory in MiB per process; peak resident (VmHWM) per process:")
-    for run in [*runs, *([old] if old else [])]:
+    for run, _ in runs:
         peaks = ", ".join(f"{p.role} {p.peak:.0f}" for p in run.at_end)
         print(f"  {run.label:<12} at first study: {memory_cells(run.at_first)}; peaks: {peaks}")
-    bad = [r for r in [*runs, *([old] if old else [])] if r.code or r.not_sent]
+    bad = [run for run, _ in runs if run.code or run.not_sent]
     for run in bad:
         print(f"{run.label}: exit {run.code}, {run.not_sent} studies not sent")
         print(run.log[-3000:])

@@ -13,10 +13,11 @@ import pydicom
 import pytest
 
 from service.config import CxrConfig
+from service.errors import ModelNotReady
 from service.models.annotate import AnnotateModel
 from service.models.base import Applicability, ModelResult, Prepared, RunContext
 from service.models.cxr import CxrModel
-from service.pipeline import Finished, Job, Outcome, Pipeline, merge_parts
+from service.pipeline import Finished, Job, Outcome, Pipeline, _failure, merge_parts
 from service.uids import UidFactory
 from service.values import Study
 from tests.conftest import dciodvfy, shared_file
@@ -250,3 +251,10 @@ def test_studies_are_prepared_while_the_network_loads(tmp_path: Path) -> None:
     model.loading = False
     (outcome,) = pipeline.pump()
     assert outcome.finished.error == "" and outcome.timings["batch"] == 1.0
+
+
+def test_a_network_that_failed_to_load_makes_its_studies_wait() -> None:
+    """Studies accepted while the network loaded, whose forward then finds it failed, wait
+    (transient: tried again, then ``waiting_model``), they do not fail."""
+    failed = _failure(ModelNotReady("cannot load weights file w.pt: EOFError"))
+    assert failed.transient and "cannot load weights file" in failed.error
