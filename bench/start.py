@@ -349,6 +349,7 @@ def main() -> int:
     parser.add_argument("--stable", type=float, default=1.0, help="stable_seconds")
     parser.add_argument("--threads", type=int, default=2, help="models.cxr.threads")
     parser.add_argument("--old", default="", help="also run the service of this git revision")
+    parser.add_argument("--log", action="store_true", help="print the first run's service log")
     args = parser.parse_args()
     for name in CXR_FILES:
         if not (SHARED / "cxr" / name).exists():
@@ -420,6 +421,8 @@ def main() -> int:
     for run, _ in runs:
         peaks = ", ".join(f"{p.role} {p.peak:.0f}" for p in run.at_end)
         print(f"  {run.label:<12} at first study: {memory_cells(run.at_first)}; peaks: {peaks}")
+    if args.log:
+        print(runs[0][0].log)
     bad = [run for run, _ in runs if run.code or run.not_sent]
     for run in bad:
         print(f"{run.label}: exit {run.code}, {run.not_sent} studies not sent")
