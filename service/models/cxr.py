@@ -456,7 +456,9 @@ class CxrModel:
         if self._not_ready:
             self._loaded.set()
         else:
-            threading.Thread(target=self._load, name="cxr-load", daemon=True).start()
+            # not a daemon: a process that ends while torch is still loading waits for it
+            # (torch's C++ state torn down under a running load aborts the process)
+            threading.Thread(target=self._load, name="cxr-load", daemon=False).start()
 
     def _check(self) -> None:
         """The weights file exists and has the pinned digest; else why not (nothing loads)."""
