@@ -31,6 +31,7 @@ are warm. The CXR model uses a RANDOM-INIT checkpoint in the published format.
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tarfile
@@ -187,6 +188,7 @@ class StartRun:
     label: str
     healthy_s: float = float("nan")
     first_sent_s: float = float("nan")
+    first_timings: dict[str, float] = field(default_factory=dict)  # its run's, from t0
     after_drop_per_study: float = float("nan")
     warm_per_study: float = float("nan")
     cpu_per_study: list[float] = field(default_factory=list)  # per drop
@@ -214,6 +216,17 @@ def sent_at(state_dir: Path, study: StagedStudy) -> float:
         (study.gateway_id, study.study_uid),
     )
     return float(rows[0]["finished"]) if rows and rows[0]["finished"] else float("nan")
+
+
+def first_run_timings(state_dir: Path, study: StagedStudy, t0: float) -> dict[str, float]:
+    """The study's run timings: moments as seconds since ``t0``, durations as they are."""
+    rows = ledger(
+        state_dir,
+        "SELECT timings FROM runs WHERE gateway_id=? AND study_uid=? ORDER BY run_id LIMIT 1",
+        (study.gateway_id, study.study_uid),
+    )
+    timings: dict[str, float] = json.loads(rows[0]["timings"]) if rows else {}
+    return {k: v - t0 if k.endswith("_at") else v for k, v in timings.items()}
 
 
 def poll_until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
@@ -276,6 +289,7 @@ def run_service(
         run.healthy_s = poll_until(lambda: health(state).ok, 300, "healthy") - t0
         poll_until(lambda: study_state(state, first) in FINAL, 300, "the first study")
         run.first_sent_s = sent_at(state, first) - t0
+        run.first_timings = first_run_timings(state, first, t0)
         run.at_first = footprint(service.pid)
         time.sleep(max(0.0, t0 + DROP_AFTER_S - time.time()))
         for batch in batches:
@@ -421,6 +435,10 @@ def main() -> int:
     for run, _ in runs:
         peaks = ", ".join(f"{p.role} {p.peak:.0f}" for p in run.at_end)
         print(f"  {run.label:<12} at first study: {memory_cells(run.at_first)}; peaks: {peaks}")
+    print("the first study's run (moments in s from starting serve, durations in s):")
+    for run, _ in runs:
+        cells = ", ".join(f"{k} {v:.2f}" for k, v in sorted(run.first_timings.items()))
+        print(f"  {run.label:<12} {cells}")
     if args.log:
         print(runs[0][0].log)
     bad = [run for run, _ in runs if run.code or run.not_sent]
