@@ -286,7 +286,13 @@ def run_service(
             stderr=subprocess.STDOUT,
         )
     try:
-        run.healthy_s = poll_until(lambda: health(state).ok, 300, "healthy") - t0
+
+        def healthy() -> bool:
+            if service.poll() is not None:
+                raise RuntimeError(f"{label}: serve exited {service.returncode}: {log.read_text()}")
+            return health(state).ok
+
+        run.healthy_s = poll_until(healthy, 300, "healthy") - t0
         poll_until(lambda: study_state(state, first) in FINAL, 300, "the first study")
         run.first_sent_s = sent_at(state, first) - t0
         run.first_timings = first_run_timings(state, first, t0)
