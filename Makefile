@@ -8,9 +8,12 @@ RUN_PORT ?= 11112
 
 .PHONY: run test venv test-deps sample lint bench clean
 
+# The first install fills about 6.4 GB (`du -sh .venv`; torch and its CUDA libraries take
+# 4.4 GB of it): pip shows each package and a progress bar.
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	@echo "installing the Python packages into $(VENV) (about 6.4 GB; minutes on a first run)"
+	$(BIN)/pip install --progress-bar on --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
 	touch $@
 
 venv: $(BIN)/.installed
