@@ -255,19 +255,24 @@ print(sorted({m.split(".")[0] for m in sys.modules} & {"torch", "torchxrayvision
 """
 
 
-def imports_of_a_model(weights: Path) -> tuple[str, str]:
-    """In a fresh process: the model's readiness and which of torch, torchxrayvision and
-    torchvision it imported."""
+def _probe(script: str, path: Path) -> str:
+    """What ``script`` prints, run in a fresh process from the repository root with
+    ``path`` as its argument."""
     root = Path(__file__).resolve().parent.parent
-    probe = subprocess.run(
-        [sys.executable, "-c", IMPORTS_PROBE, str(weights)],
+    return subprocess.run(
+        [sys.executable, "-c", script, str(path)],
         capture_output=True,
         text=True,
         cwd=root,
         check=True,
         timeout=300,
-    )
-    reason, modules = probe.stdout.splitlines()[-2:]
+    ).stdout
+
+
+def imports_of_a_model(weights: Path) -> tuple[str, str]:
+    """In a fresh process: the model's readiness and which of torch, torchxrayvision and
+    torchvision it imported."""
+    reason, modules = _probe(IMPORTS_PROBE, weights).splitlines()[-2:]
     return reason, modules
 
 
@@ -346,16 +351,7 @@ def test_loading_leaves_the_openmp_team_to_the_forward_thread(checkpoint: Path) 
     a team started while loading (in the background loading thread), in another thread
     than the engine's forward, made libgomp stop spin-waiting and the service's forward
     2.4x slower on 2 cores."""
-    root = Path(__file__).resolve().parent.parent
-    probe = subprocess.run(
-        [sys.executable, "-c", OPENMP_PROBE, str(checkpoint)],
-        capture_output=True,
-        text=True,
-        cwd=root,
-        check=True,
-        timeout=300,
-    )
-    started_by_forward = int(probe.stdout.splitlines()[-1])
+    started_by_forward = int(_probe(OPENMP_PROBE, checkpoint).splitlines()[-1])
     assert started_by_forward == 1  # threads=2: the calling thread and one worker
 
 
