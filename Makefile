@@ -2,21 +2,25 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-APT_PACKAGES = orthanc orthanc-dicomweb dicom3tools dcmtk chromium chromium-driver postgresql
+APT_PACKAGES = orthanc orthanc-dicomweb dicom3tools dcmtk chromium chromium-driver s3fs postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUN_PORT ?= 11112
 
 .PHONY: run test venv test-deps sample lint bench clean
 
+# The first install fills about 6.4 GB (`du -sh .venv`; torch and its CUDA libraries take
+# 4.4 GB of it): pip shows each package and a progress bar.
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	@echo "installing the Python packages into $(VENV) (about 6.4 GB; minutes on a first run)"
+	$(BIN)/pip install --progress-bar on --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
 	touch $@
 
 venv: $(BIN)/.installed
 
 # Debian packages the tests use: a real PACS (Orthanc), dciodvfy (dicom3tools), storescu (dcmtk),
-# a real browser for the console test (chromium, chromium-driver).
+# a real browser for the console test (chromium, chromium-driver), s3fs (a real FUSE cloud
+# mount over a local S3 server).
 test-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -1,4 +1,4 @@
-"""End-to-end benchmark of the gateway: ``python bench/pipeline.py [--cxr N] [--series N]``.
+"""End-to-end benchmark of the gateway: ``python bench/pipeline.py [--cxr N] [--device D]``.
 
 Builds a workload from real files (``../shared/data``), re-identified with fresh UIDs, drops
 it into a temporary INPUT the way a gateway app does (copy the files, then add the image.db
@@ -9,6 +9,9 @@ rows), and runs ``python main.py serve`` against dcmtk ``storescp --ignore`` on 
 2. *flood*: ``--flood`` CXR studies on gateway_1 at once, then one on gateway_2 right after:
    throughput, and the gateway_2 study's latency (fair share across gateways);
 3. *series*: one CT/MR study of ``--series`` instances (``annotate``): instances/s.
+
+On a GPU machine, ``--device cuda`` runs the forward there (and the bare forward (b)):
+the flood's studies/s and mean studies per forward are the cross-study batching's figures.
 
 The whole workload runs once per ``--workers`` setting (``service.workers``, fresh folders
 each time); ratios are against the first setting.
@@ -85,7 +88,13 @@ class Measured:
 
 
 def write_config(
-    folder: Path, port: int, weights: Path, stable: float, threads: int, workers: int
+    folder: Path,
+    port: int,
+    weights: Path,
+    stable: float,
+    threads: int,
+    workers: int,
+    device: str = "cpu",
 ) -> Path:
     sections = f"""
 [pacs]
@@ -94,7 +103,7 @@ port = {port}
 ae_title = "STORESCP"
 [models.cxr]
 weights = "{weights}"
-device = "cpu"
+device = "{device}"
 threads = {threads}
 """
     return helpers.write_config(
@@ -151,18 +160,22 @@ def measure(state_dir: Path, study: StagedStudy, stable: float) -> Measured:
 # -- baselines -----------------------------------------------------------------------------
 
 
-def bare_forward(weights: Path, threads: int, repeat: int = 7) -> float:
-    """Median seconds of torchxrayvision's forward pass, batch 1 (the compute lower bound)."""
+def bare_forward(weights: Path, threads: int, repeat: int = 7, device: str = "cpu") -> float:
+    """Median seconds of torchxrayvision's forward pass, batch 1 (the compute lower bound),
+    on ``device`` (``auto``: CUDA when present), the result copied back to the CPU."""
     if threads:
         torch.set_num_threads(threads)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     model = xrv.models.DenseNet(weights="densenet121-res224-all", cache_dir=str(weights.parent))
+    model = model.to(device)
     x = torch.zeros(1, 1, 224, 224)
     times = []
     with torch.inference_mode():
-        model(x)
+        model(x.to(device)).cpu()
         for _ in range(repeat):
             start = time.perf_counter()
-            model(x)
+            model(x.to(device)).cpu()
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -270,7 +283,9 @@ def run_service(
     lone = cxr_study("2", cxr_sources[0], staging)
     series_sources = sorted((SHARED / SERIES_DIR).iterdir())
     series = series_study("2", series_sources, args.series, staging)
-    config = write_config(folder, port, weights, args.stable, args.threads, workers)
+    config = write_config(
+        folder, port, weights, args.stable, args.threads, workers, device=args.device
+    )
     state = folder / "STATE"
     service = start_service(config, folder / "service.log")
     try:
@@ -311,6 +326,9 @@ def main() -> int:
     parser.add_argument("--stable", type=float, default=2.0, help="stable_seconds")
     parser.add_argument("--threads", type=int, default=2, help="models.cxr.threads")
     parser.add_argument(
+        "--device", default="cpu", help="models.cxr.device: cpu | auto | cuda (GPU machine)"
+    )
+    parser.add_argument(
         "--workers", default="0,1,2", help="service.workers settings to compare (first = base)"
     )
     parser.add_argument("--no-naive", action="store_true", help="skip baseline (a)")
@@ -332,7 +350,7 @@ def main() -> int:
         dcmtk_series = storescu_seconds(port, base.series.outputs)
         stop_process(scp)
         # (b) bare forward
-        forward = bare_forward(weights, args.threads)
+        forward = bare_forward(weights, args.threads, device=args.device)
         # (a) naive baseline, on fresh copies of the flood workload
         naive: tuple[list[float], float, NaiveHandler] | None = None
         if not args.no_naive:
@@ -344,7 +362,11 @@ def main() -> int:
             naive = naive_baseline(naive_studies, weights, folder)
 
     print("End-to-end gateway benchmark (python main.py serve, watch=native, dcmtk storescp)")
-    print(f"machine: {torch.get_num_threads()} torch threads, CPU only; torch {torch.__version__}")
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    print(
+        f"machine: {torch.get_num_threads()} torch threads, models.cxr.device = {args.device}, "
+        f"GPU {gpu}; torch {torch.__version__}"
+    )
     print("cxr-densenet121 with a RANDOM-INIT checkpoint in the published format")
     print(f"stable_seconds={args.stable:g}; latencies in s from the end of the quiet period")
     print()

@@ -261,6 +261,7 @@ def serve(config: Config, *, once: bool = False, timeout: float = 3600.0) -> int
     signal.signal(signal.SIGINT, on_signal)
     from service.console import Console
     from service.engine import Engine
+    from service.fsutil import MountProbe
     from service.models import build_models
     from service.notify import Notifier, ledger_recorder
     from service.supervision import AlreadyServing, Heartbeat, InstanceLock
@@ -283,7 +284,16 @@ def serve(config: Config, *, once: bool = False, timeout: float = 3600.0) -> int
         notifier.close(config.notify.timeout_seconds + 1.0)
         raise
     engines.append(engine)
-    heartbeat = Heartbeat(config.state_dir, engine.queue, on_fatal)
+    watcher: StudyWatcher | None = None
+    probes = {"INPUT": MountProbe(config.input_dir), "OUTPUT": MountProbe(config.output_dir)}
+
+    def unreachable() -> dict[str, str]:
+        found = {name: why for name, probe in probes.items() if (why := probe.check())}
+        if "INPUT" not in found and watcher is not None and watcher.unreachable:
+            found["INPUT"] = watcher.unreachable
+        return found
+
+    heartbeat = Heartbeat(config.state_dir, engine.queue, on_fatal, unreachable)
     engine.ledger.observers.append(notifier.on_applied)
     console = Console(config, engine.queue, lambda: dict(notifier.outcomes))
     console.start()  # a port in use: a warning naming it, the service runs on
@@ -296,6 +306,8 @@ def serve(config: Config, *, once: bool = False, timeout: float = 3600.0) -> int
             mode=config.watch,
             rescan_seconds=config.rescan_seconds,
             poll_seconds=config.poll_seconds,
+            finished_seconds=config.finished_poll_seconds,
+            is_pending=engine.is_pending,
         )
         engine.discover()
         watcher.scan()

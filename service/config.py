@@ -130,6 +130,7 @@ class Config:
     watch: str = "native"
     rescan_seconds: float = 30.0
     poll_seconds: float = 2.0
+    finished_poll_seconds: float = 300.0  # polling: each finished study listed once per
     shutdown_seconds: float = 30.0
     max_file_bytes: int = 2 * 1024**3
     max_pixels: int = 512 * 1024 * 1024  # Rows x Columns x frames
@@ -484,7 +485,7 @@ def _service(table: dict[str, Any], out: dict[str, Any]) -> None:
             out[key] = validate_uid_root(value, name)
         elif key == "watch":
             out[key] = _as_choice(value, name, WATCH_MODES)
-        elif key in ("rescan_seconds", "poll_seconds", "shutdown_seconds"):
+        elif key in ("rescan_seconds", "poll_seconds", "shutdown_seconds", "finished_poll_seconds"):
             out[key] = _as_float(value, name, 0.05)
         elif key in ("max_file_bytes", "max_pixels", "max_elements"):
             out[key] = _as_int(value, name, 1)
@@ -610,6 +611,7 @@ ENV_KEYS: dict[str, str] = {
     "GATEWAY_WATCH": "service.watch",
     "GATEWAY_RESCAN_SECONDS": "service.rescan_seconds",
     "GATEWAY_POLL_SECONDS": "service.poll_seconds",
+    "GATEWAY_FINISHED_POLL_SECONDS": "service.finished_poll_seconds",
     "GATEWAY_LOG_LEVEL": "service.log_level",
     "GATEWAY_WORKERS": "service.workers",
     "GATEWAY_WORKER_MEMORY_MB": "service.worker_memory_mb",

@@ -50,6 +50,7 @@ from service.readiness import (
 from service.record import describe, run_transition
 from service.uids import UidFactory
 from service.values import (
+    FINAL_STUDY_STATES,
     SENT_OK,
     RunState,
     SendState,
@@ -139,6 +140,13 @@ class Engine:
             else:
                 pending.next_check = min(pending.next_check, now) if reprocess else 0.0
                 pending.force_generation |= reprocess
+
+    def is_pending(self, gateway_id: str, study_name: str) -> bool:
+        """Whether the study still has work here (touched, or a run in the pipeline); the
+        polling watcher lists such studies every pass, the others on a slower cadence."""
+        key = (gateway_id, study_name)
+        with self._lock:
+            return key in self._pending or key in self._in_flight
 
     @property
     def pending_count(self) -> int:
@@ -299,6 +307,15 @@ class Engine:
                 self.ledger.apply(Transition(gateway_id, "", events=[("WARNING", verdict.event)]))
             return True
         if isinstance(verdict, Transient):
+            state = self.ledger.study_state(gateway_id, study_name)
+            if state is not None and state[0] in FINAL_STUDY_STATES | {StudyState.WRITTEN}:
+                # a finished study that cannot be looked at now (mount away): its outcome
+                # stands; it is looked at again after the backoff, its state unchanged
+                attempt = self._attempts.get(key, 0) + 1
+                self._attempts[key] = attempt
+                watch.transient = True
+                watch.next_check = now + retry_delay(attempt)
+                return False
             return self._wait_transient(key, study_name, watch, now, verdict.reason)
         if isinstance(verdict, Receiving):
             # 'receiving' for a new study or one seen changing; a re-touched finished study

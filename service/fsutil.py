@@ -94,3 +94,29 @@ def safe_name(value: str, max_len: int = 64) -> str | None:
     if any(ch in value for ch in "/\\\x00") or any(ord(ch) < 32 for ch in value):
         return None
     return value
+
+
+class MountProbe:
+    """Whether a configured folder (INPUT, OUTPUT) is reachable now: it can be stat'ed (a
+    FUSE mount whose daemon died answers ENOTCONN, a failing disk EIO, NFS ESTALE), and a
+    folder that was a mount point when first probed still is (a mount that vanished
+    leaves its empty mount point)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._mount: bool | None = None
+
+    def check(self) -> str:
+        """Why the folder is unreachable now, or ""."""
+        try:
+            os.stat(self.path)
+        except FileNotFoundError:
+            return "does not exist" if self._mount else ""
+        except OSError as exc:
+            return exc.strerror or str(exc)
+        mount = os.path.ismount(self.path)
+        if self._mount is None:
+            self._mount = mount
+        elif self._mount and not mount:
+            return "its mount point is no longer mounted"
+        return ""

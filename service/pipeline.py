@@ -21,6 +21,9 @@ hence processes rather than threads.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import importlib
 import logging
 import multiprocessing
@@ -41,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from service.conformance import Finding, check_files
-from service.errors import GatewayError, TransientError
+from service.errors import GatewayError, ModelNotReady, TransientError
 from service.models.base import (
     BatchedModel,
     Model,
@@ -133,7 +136,8 @@ def _failure(exc: BaseException) -> Finished:
         return Finished(error=reason, recycle=True)
     if not isinstance(exc, EXPECTED_ERRORS):
         logger.error("unexpected error in a run stage", exc_info=exc)
-    transient = isinstance(exc, TransientError | OSError)
+    # a model whose network failed to load after its studies were accepted: they wait
+    transient = isinstance(exc, TransientError | OSError | ModelNotReady)
     return Finished(error=f"{type(exc).__name__}: {exc}", transient=transient)
 
 
@@ -255,10 +259,30 @@ _STARTS: Any = None
 
 def _task(token: int, fn: Callable[..., Any], *args: Any) -> Any:
     """Run one stage task in a worker, first telling the service which process runs it
-    (so that it can kill that worker at the run's deadline)."""
+    (so that it can kill that worker at the run's deadline); then give the memory the task
+    freed back to the system."""
     if _STARTS is not None:
         _STARTS.put((token, os.getpid()))
-    return fn(*args)
+    try:
+        return fn(*args)
+    finally:
+        release_memory()
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    return trim if callable(trim) else None
+
+
+def release_memory() -> None:
+    """Return freed heap memory to the system (glibc ``malloc_trim``; nothing elsewhere):
+    a decoded radiograph's buffers or a batch's activations would otherwise stay resident
+    between studies (bench/start.py: 10-35 MB per worker; a few ms)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _address_space() -> int:
@@ -305,10 +329,11 @@ def _init_worker(
     starts: Any = None,
 ) -> None:
     """Workers log like the service, leave signals to it (it drains them on SIGTERM and
-    SIGINT), end with it even when it is killed, use one torch thread (they never run the
-    network) and import the models' modules, calling their ``warm_up()``, before the first
-    study; then their memory is limited to ``memory_mb`` more (RLIMIT_AS) and each task
-    reports its start on ``starts``."""
+    SIGINT), end with it even when it is killed, and import the models' modules, calling
+    their ``warm_up()``, before the first study; then their memory is limited to
+    ``memory_mb`` more (RLIMIT_AS) and each task reports its start on ``starts``. They never
+    run a network and never import torch (the models' modules do not: ``tests/test_pipeline``
+    checks it); one OpenMP thread each all the same, for any library that uses OpenMP."""
     global _STARTS
     _STARTS = starts
     level, fmt = log
@@ -334,6 +359,15 @@ def _log_settings() -> tuple[int, str | None]:
 def _ready() -> int:
     time.sleep(0.2)  # let every starting worker take one of these
     return os.getpid()
+
+
+#: How often the service looks whether a loading network is ready for prepared studies.
+LOADING_POLL_SECONDS = 0.05
+
+
+def _loading(model: Model) -> bool:
+    """Whether ``model``'s network is still loading (a model without one never is)."""
+    return bool(getattr(model, "loading", False))
 
 
 class _Inline(Executor):
@@ -373,6 +407,8 @@ class Pipeline:
         self._tokens = 0
         self._killed: set[int] = set()  # pool generations whose worker we killed ourselves
         self._pool: Executor | None = None  # started by start() or the first submit
+        self._warming: list[Future[Any]] = []  # each worker's first task, until all are done
+        self._warming_since = 0.0
         self._generation = 0  # worker pools started so far, minus one
         self._preparing: list[tuple[Job, Future[Any]]] = []
         self._ready: list[Job] = []
@@ -391,8 +427,9 @@ class Pipeline:
         return self._pool
 
     def _new_executor(self) -> Executor:
-        """The worker pool, started and warmed up before it is used (a worker imports
-        torch and highdicom: seconds that should not land on the first study)."""
+        """The worker pool, starting: each worker imports the models' modules and warms
+        them up (about a second) while the service goes on; tasks submitted meanwhile
+        queue. :attr:`started` tells when every worker took a first task."""
         if self.workers == 0:
             return _Inline()
         t0 = time.monotonic()
@@ -405,10 +442,18 @@ class Pipeline:
             initializer=_init_worker,
             initargs=(os.getpid(), self.modules, _log_settings(), self.memory_mb, self._starts),
         )
-        for future in [pool.submit(_ready) for _ in range(self.workers)]:
-            future.result()
-        logger.info("%d worker process(es) ready in %.1f s", self.workers, time.monotonic() - t0)
+        self._warming = [pool.submit(_ready) for _ in range(self.workers)]
+        self._warming_since = t0
         return pool
+
+    @property
+    def started(self) -> bool:
+        """Whether every worker process is up (always, with ``workers = 0``)."""
+        if self._warming and all(f.done() for f in self._warming):
+            seconds = time.monotonic() - self._warming_since
+            logger.info("%d worker process(es) ready in %.1f s", self.workers, seconds)
+            self._warming = []
+        return not self._warming
 
     @property
     def in_flight(self) -> int:
@@ -493,6 +538,7 @@ class Pipeline:
 
     def pump(self) -> list[Outcome]:
         """Advance every stage without blocking (except for the forward pass itself)."""
+        _ = self.started  # logs when the workers are up
         self._police()
         outcomes: list[Outcome] = []
         for job, result in self._collect("_preparing"):
@@ -570,7 +616,7 @@ class Pipeline:
         return failed
 
     def _batch_due(self) -> bool:
-        if not self._ready:
+        if not self._ready or _loading(self._ready[0].model):
             return False
         rows = sum(len(j.prepared.inputs) for j in self._ready if j.prepared is not None)
         waited = time.monotonic() - min(j.ready_at for j in self._ready)
@@ -601,6 +647,7 @@ class Pipeline:
         except Exception as exc:
             return [Outcome(job, _failure(exc)) for job in batch]
         forward_s = time.perf_counter() - t0
+        release_memory()
         start = 0
         for job, rows in zip(batch, inputs, strict=True):
             job.timings.update(forward_s=forward_s, batch=float(len(batch)))
@@ -628,7 +675,9 @@ class Pipeline:
             timeout = min(timeout, 0.25)  # the watchdog (_police) runs at each pump
         futures = [f for _, f in (*self._preparing, *self._finishing)] + list(others)
         futures += [f for _, parts in self._parts for f in parts if not f.done()]
-        if self._ready:
+        if self._ready and _loading(self._ready[0].model):
+            timeout = min(timeout, LOADING_POLL_SECONDS)  # the forward waits for the network
+        elif self._ready:
             oldest = min(j.ready_at for j in self._ready)
             timeout = max(0.0, min(timeout, oldest + self.batch_wait - time.monotonic()))
         if futures:

@@ -158,7 +158,11 @@ class Readiness:
         gateway_dir = self.config.input_dir / f"{GATEWAY_PREFIX}{gateway_id}"
         folder = gateway_dir / study_name
         key = (gateway_id, study_name)
-        if study_uid is None or folder.is_symlink() or not is_within(folder, gateway_dir):
+        try:
+            unsafe = study_uid is None or folder.is_symlink() or not is_within(folder, gateway_dir)
+        except OSError as exc:  # ENOTCONN, EIO, ESTALE: the mount is away
+            return Transient(f"study folder cannot be reached: {exc.strerror or exc}")
+        if unsafe or study_uid is None:
             logger.warning("gateway=%s ignoring unsafe study folder name", gateway_id)
             return Drop(f"unsafe study folder name ignored: {printable(study_name)!r}")
         try:
@@ -218,7 +222,8 @@ class Readiness:
             return Skip("no usable DICOM instance in the study", records, listing)
         if study.refused:  # e.g. instances of two patients: a verdict on the content
             return Refuse(study.refused, records, listing)
-        imagedb = ImageDb(gateway_dir / "image.db")
+        copies = self.config.state_dir / "imagedb" / f"{GATEWAY_PREFIX}{gateway_id}"
+        imagedb = ImageDb(gateway_dir / "image.db", copy_dir=copies)  # WAL: a local snapshot
         expected = imagedb.expected_instances(study_uid)
         waited = now - watch.stable_since
         recheck = now + min(RECHECK_SECONDS, gw.max_wait_seconds - waited)

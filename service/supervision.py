@@ -115,9 +115,11 @@ class Heartbeat:
         state_dir: Path,
         queue: Callable[[], dict[str, int]],
         on_error: Callable[[BaseException], None],
+        unreachable: Callable[[], dict[str, str]] | None = None,
     ) -> None:
         self.path = state_dir / HEARTBEAT_NAME
         self._queue = queue
+        self._unreachable = unreachable
         self._on_error = on_error
         self._stop = threading.Event()
         self._last_turn = time.monotonic()
@@ -138,6 +140,9 @@ class Heartbeat:
         }
         if fatal:
             data["fatal"] = fatal
+        unreachable = self._unreachable() if self._unreachable is not None else {}
+        if unreachable:
+            data["unreachable"] = unreachable
         payload = json.dumps(data).encode()
         atomic_write(self.path, lambda fh: fh.write(payload))
 
@@ -185,5 +190,9 @@ def health(state_dir: Path, now: float | None = None) -> Health:
     loop_age = float(info.get("loop_age_s", 0.0))
     if loop_age > LOOP_STALL_SECONDS:
         return Health(False, f"unhealthy: the service loop has not turned for {loop_age:.0f} s")
+    unreachable = info.get("unreachable")
+    if isinstance(unreachable, dict) and unreachable:
+        what = "; ".join(f"{name} unreachable: {why}" for name, why in sorted(unreachable.items()))
+        return Health(False, f"unhealthy: {what} (studies wait and are retried)")
     queue = ", ".join(f"{info[k]} {k}" for k in ("pending", "running", "sending") if k in info)
     return Health(True, f"healthy ({queue})" if queue else "healthy")

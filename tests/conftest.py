@@ -40,4 +40,5 @@ pytest_plugins = [
     "tests.orthanc",  # the session-scoped `orthanc` fixture (a real Orthanc)
     "tests.peers",  # `start_peer`, `start_proxy` (a trickling PACS), `ct`/`mr` sources
     "tests.postgres",  # the session-scoped `postgres` fixture (a real PostgreSQL)
+    "tests.cloudmount",  # `s3_server` (moto on loopback), `s3_mount` (s3fs, FUSE)
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,11 +28,17 @@ from service.config import CxrConfig
 from service.errors import ModelError, ModelNotReady
 from service.models.base import RunContext
 from service.models.cxr import (
+    INPUT_SIZE,
+    LABELS,
+    OP_THRESHS,
     PREFERRED_DECODERS,
+    PUBLISHED_SHA256,
     WEIGHTS_NAME,
+    WEIGHTS_URL,
     CxrModel,
     decode,
     default_weights_path,
+    fetch_weights,
     load_radiograph,
     model_input,
     to_xrv_range,
@@ -227,6 +234,73 @@ def test_default_weights_path_is_xrv_cache() -> None:
     assert path.parent == Path(xrv.utils.get_cache_dir())
 
 
+def test_constants_are_torchxrayvisions() -> None:
+    """The labels, thresholds and file the service copies from xrv's ``model_urls``."""
+    spec = xrv.models.model_urls[WEIGHTS_NAME]
+    assert list(LABELS) == spec["labels"]
+    assert list(OP_THRESHS) == spec["op_threshs"]
+    assert spec["weights_url"] == WEIGHTS_URL
+    assert spec["input_resolution"] == INPUT_SIZE
+
+
+IMPORTS_PROBE = """
+import sys
+from service.config import CxrConfig
+from service.models.cxr import CxrModel
+
+model = CxrModel(CxrConfig(weights=sys.argv[1], device="cpu"))
+model.wait_loaded(120)
+print(model.ready().reason or "ready")
+print(sorted({m.split(".")[0] for m in sys.modules} & {"torch", "torchxrayvision", "torchvision"}))
+"""
+
+
+def _probe(script: str, path: Path) -> str:
+    """What ``script`` prints, run in a fresh process from the repository root with
+    ``path`` as its argument."""
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run(
+        [sys.executable, "-c", script, str(path)],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        check=True,
+        timeout=300,
+    ).stdout
+
+
+def imports_of_a_model(weights: Path) -> tuple[str, str]:
+    """In a fresh process: the model's readiness and which of torch, torchxrayvision and
+    torchvision it imported."""
+    reason, modules = _probe(IMPORTS_PROBE, weights).splitlines()[-2:]
+    return reason, modules
+
+
+def test_missing_weights_import_no_torch(tmp_path: Path) -> None:
+    """Without weights nothing loads: no torch import, no seconds spent, the reason given."""
+    reason, modules = imports_of_a_model(tmp_path / PUBLISHED_NAME)
+    assert "is missing" in reason and modules == "[]"
+
+
+def test_the_network_loads_with_torch_alone(checkpoint: Path) -> None:
+    """The published file loads without torchxrayvision (nor torchvision) in the process."""
+    assert imports_of_a_model(checkpoint) == ("ready", "['torch']")
+
+
+def test_a_failed_download_says_in_two_lines_how_to_place_the_file(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/weights.pt"  # nothing listens there
+    target = tmp_path / "models" / PUBLISHED_NAME
+    with pytest.raises(ModelError) as failed:
+        fetch_weights(CxrConfig(weights=str(target)), url=url, timeout=10)
+    first, second = str(failed.value).splitlines()
+    assert first.startswith(f"cannot download the CXR weights from {url}: ")
+    assert str(target) in second and PUBLISHED_SHA256 in second
+    assert "models.cxr.weights" in second
+    assert list(target.parent.iterdir()) == []  # no partial file left
+
+
 @pytest.mark.parametrize("shape", [(230, 230), (300, 1000), (1001, 999), (2100, 1700)])
 def test_model_input_equals_xrv_transforms_for_any_size(shape: tuple[int, int]) -> None:
     """The fast resize path gives skimage's ``resize`` result (float32 rounding aside)."""
@@ -252,36 +326,32 @@ def test_unusable_preferred_decoder_falls_back(monkeypatch: pytest.MonkeyPatch) 
 
 
 OPENMP_PROBE = """
-import os, sys
+import os, sys, threading
 import numpy as np
 from service.config import CxrConfig
 from service.models.cxr import CxrModel
 
-def tasks() -> int:
-    return len(os.listdir("/proc/self/task"))
+def tasks() -> set[str]:
+    return set(os.listdir("/proc/self/task"))
 
 model = CxrModel(CxrConfig(weights=sys.argv[1], device="cpu", threads=2))
+assert model.wait_loaded(120) and model.network is not None
+for thread in threading.enumerate():  # the loading thread ends (its task may linger)
+    if thread.name == "cxr-load":
+        thread.join()
 loaded = tasks()
 model.forward(np.zeros((1, 1, 224, 224), np.float32))
-print(tasks() - loaded)
+print(len(tasks() - loaded))
 """
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 def test_loading_leaves_the_openmp_team_to_the_forward_thread(checkpoint: Path) -> None:
     """The forward's first call starts the process's OpenMP team (threads - 1 workers):
-    a team started while loading, in another thread than the engine's forward, made
-    libgomp stop spin-waiting and the service's forward 2.4x slower on 2 cores."""
-    root = Path(__file__).resolve().parent.parent
-    probe = subprocess.run(
-        [sys.executable, "-c", OPENMP_PROBE, str(checkpoint)],
-        capture_output=True,
-        text=True,
-        cwd=root,
-        check=True,
-        timeout=300,
-    )
-    started_by_forward = int(probe.stdout.splitlines()[-1])
+    a team started while loading (in the background loading thread), in another thread
+    than the engine's forward, made libgomp stop spin-waiting and the service's forward
+    2.4x slower on 2 cores."""
+    started_by_forward = int(_probe(OPENMP_PROBE, checkpoint).splitlines()[-1])
     assert started_by_forward == 1  # threads=2: the calling thread and one worker
 
 

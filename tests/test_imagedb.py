@@ -91,3 +91,49 @@ def test_db_without_gateway_tables_returns_none(tmp_path: Path) -> None:
     db = ImageDb(path)
     assert db.expected_instances(STUDY) is None
     assert "lacks table" in db.last_error
+
+
+def wal_db_with_pending_frames(folder: Path) -> tuple[sqlite3.Connection, str, str]:
+    """A WAL-mode copy of the sample image.db in ``folder`` whose newest rows (a study
+    with one instance) are only in ``image.db-wal``: the writer stays open, no checkpoint."""
+    path = folder / "image.db"
+    shutil.copyfile(shared_file(SAMPLE) / "image.db", path)
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("PRAGMA journal_mode=WAL")
+    writer.execute("PRAGMA wal_autocheckpoint=0")
+    writer.execute("INSERT INTO study (id, referenceId, StudyInstanceUID) VALUES (7, 1, '1.2.7')")
+    writer.execute(
+        "INSERT INTO series (id, referenceId, SeriesInstanceUID) VALUES (7, 7, '1.2.7.1')"
+    )
+    writer.execute("INSERT INTO image (referenceId, SOPInstanceUID) VALUES (7, '1.2.7.1.1')")
+    assert (folder / "image.db-wal").stat().st_size > 0
+    return writer, "1.2.7", "1.2.7.1.1"
+
+
+def test_wal_db_is_read_from_a_local_snapshot_that_follows_changes(tmp_path: Path) -> None:
+    """A WAL database is read from a copy of image.db and image.db-wal (its newest rows
+    included), refreshed when either changes; nothing in the app's folder changes."""
+    app = tmp_path / "app"
+    app.mkdir()
+    writer, study, sop = wal_db_with_pending_frames(app)
+    try:
+        before = {p.name: p.read_bytes() for p in app.iterdir()}
+        db = ImageDb(app / "image.db", copy_dir=tmp_path / "copies")
+        assert db.expected_instances(study) == {sop}
+        assert db.expected_instances(STUDY) == SOPS
+        writer.execute("INSERT INTO image (referenceId, SOPInstanceUID) VALUES (7, '1.2.7.1.2')")
+        assert db.expected_instances(study) == {sop, "1.2.7.1.2"}  # the -wal grew: copied again
+        after = {p.name: p.read_bytes() for p in app.iterdir()}
+    finally:
+        writer.close()
+    assert set(after) == set(before)  # no -shm or other file created beside it
+    assert after["image.db"] == before["image.db"]
+    assert (tmp_path / "copies" / "image.db").is_file()
+
+
+def test_wal_db_without_a_copy_dir_is_read_in_place(tmp_path: Path) -> None:
+    writer, study, sop = wal_db_with_pending_frames(tmp_path)
+    try:
+        assert ImageDb(tmp_path / "image.db").expected_instances(study) == {sop}
+    finally:
+        writer.close()

@@ -13,10 +13,11 @@ import pydicom
 import pytest
 
 from service.config import CxrConfig
+from service.errors import ModelNotReady
 from service.models.annotate import AnnotateModel
 from service.models.base import Applicability, ModelResult, Prepared, RunContext
 from service.models.cxr import CxrModel
-from service.pipeline import Finished, Job, Outcome, Pipeline, merge_parts
+from service.pipeline import Finished, Job, Outcome, Pipeline, _failure, merge_parts
 from service.uids import UidFactory
 from service.values import Study
 from tests.conftest import dciodvfy, shared_file
@@ -52,7 +53,7 @@ def run_all(pipeline: Pipeline, jobs: list[Job], timeout: float = 120) -> list[O
 
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
-    """Two worker processes (started once: each imports torch and highdicom)."""
+    """Two worker processes (started once: each imports pydicom and highdicom)."""
     output = tmp_path_factory.mktemp("workers") / "OUTPUT"
     pipeline = Pipeline(2, output, max_batch=8, batch_wait=30.0)
     yield pipeline
@@ -204,3 +205,56 @@ def test_a_failed_write_still_reports_what_was_written(tmp_path: Path) -> None:
     (written,) = outcome.finished.written
     assert written.path.is_file()
     assert written.sop_instance_uid == outcome.job.ctx.uids.uid("good")
+
+
+def test_workers_never_import_torch(tmp_path: Path, model: CxrModel) -> None:
+    """Workers decode and build DICOM: after CXR runs, neither maps torch's library (it
+    would cost seconds at start and hundreds of MB each)."""
+    pipeline = Pipeline(2, tmp_path / "OUTPUT", max_batch=8, batch_wait=0.0)
+    try:
+        study = study_of(shared_file(f"cxr/{CXR[0]}"))
+        outcomes = run_all(pipeline, [job(1, study, model), job(2, study, model)])
+        assert [o.finished.error for o in outcomes] == ["", ""]
+        processes = list(pipeline._pool._processes.values())  # type: ignore[union-attr, attr-defined]
+        assert len(processes) == 2
+        for process in processes:
+            maps = Path(f"/proc/{process.pid}/maps").read_text()
+            assert "libtorch" not in maps
+    finally:
+        pipeline.close()
+
+
+class LoadingModel(FaultModel):
+    """A batched model whose network is still loading until the test says otherwise."""
+
+    loading = True
+
+    def prepare(self, study: Study, ctx: RunContext) -> Prepared:
+        return Prepared(np.zeros((1, 1), np.float32))
+
+    def forward(self, inputs: np.ndarray) -> np.ndarray:
+        return inputs
+
+    def finish(self, prepared: Prepared, outputs: np.ndarray, ctx: RunContext) -> ModelResult:
+        return ModelResult([])
+
+    def run(self, study: Study, ctx: RunContext) -> ModelResult:
+        return ModelResult([])
+
+
+def test_studies_are_prepared_while_the_network_loads(tmp_path: Path) -> None:
+    pipeline = Pipeline(0, tmp_path / "OUTPUT", max_batch=8, batch_wait=0.0)
+    model = LoadingModel()
+    study = study_of(shared_file(f"cxr/{CXR[0]}"))
+    pipeline.submit(job(1, study, model))
+    assert pipeline.pump() == [] and pipeline.in_flight == 1  # prepared, no forward yet
+    model.loading = False
+    (outcome,) = pipeline.pump()
+    assert outcome.finished.error == "" and outcome.timings["batch"] == 1.0
+
+
+def test_a_network_that_failed_to_load_makes_its_studies_wait() -> None:
+    """Studies accepted while the network loaded, whose forward then finds it failed, wait
+    (transient: tried again, then ``waiting_model``), they do not fail."""
+    failed = _failure(ModelNotReady("cannot load weights file w.pt: EOFError"))
+    assert failed.transient and "cannot load weights file" in failed.error

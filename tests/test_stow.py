@@ -274,20 +274,12 @@ def test_the_service_sends_with_stow_and_records_the_outcome(
     """The service as a process, its destination DICOMweb from the environment: the send
     and each instance's outcome are in the ledger, the password in no log."""
     password = PASSWORD if good else "wrong-Pa55-xyz"
-    config = write_config(tmp_path, "[pacs]\ntimeout_seconds = 10\n")
     env = {
         "GATEWAY_PACS_URL": orthanc_web.dicomweb_url,
         "GATEWAY_PACS_USERNAME": USER,
         "GATEWAY_PACS_PASSWORD": password,
     }
-    uids = UidFactory(DEFAULT_UID_ROOT, "test-stow-e2e", uuid.uuid4().hex)
-    source = tmp_path / "source"
-    source.mkdir()
-    copy_with_new_uids("CT_small.dcm", source, uids, "ct")
-    study_uid, _ = copy_series(source, tmp_path / "INPUT/gateway_1")
-    proc = start_service(config, "--once", "--once-timeout", "120", env=env)
-    code, log = wait_service(proc, 150)
-    assert code == 0, log
+    study_uid, log, _ = _service_once(tmp_path, "[pacs]\ntimeout_seconds = 10\n", env)
     assert password not in log
     # credentials over plain http://: a warning at start naming the destination and url
     (warning,) = [line for line in log.splitlines() if "would travel unencrypted" in line]

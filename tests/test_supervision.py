@@ -207,6 +207,32 @@ def test_health_is_unhealthy_once_the_service_is_gone(tmp_path: Path) -> None:
     assert code == 1 and "no service is running" in message, message
 
 
+def test_health_says_output_unreachable_while_its_mount_is_away(tmp_path: Path) -> None:
+    """OUTPUT is a mount point (a tmpfs); unmounted (an empty mount point left), health
+    says so and exits 1; mounted again, healthy. Needs root for the mount."""
+    output = tmp_path / "OUTPUT"
+    output.mkdir()
+    (tmp_path / "INPUT").mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(output)]
+    mounted = subprocess.run(mount, capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root or CAP_SYS_ADMIN): {mounted.stderr!r}")
+    config = write_config(tmp_path)
+    proc = start_service(config)
+    try:
+        wait_for(lambda: _health(config)[0] == 0, 60, "a healthy service")
+        subprocess.run(["umount", "-l", str(output)], check=True)
+        wait_for(lambda: _health(config)[0] == 1, 30, "unhealthy")
+        away = _health(config)
+        subprocess.run(mount, check=True)
+        wait_for(lambda: _health(config)[0] == 0, 30, "healthy again")
+    finally:
+        code, log = stop_service(proc)
+        subprocess.run(["umount", "-l", str(output)], capture_output=True)
+    assert code == 0, log
+    assert "OUTPUT unreachable: its mount point is no longer mounted" in away[1], away
+
+
 # -- names that are not UTF-8 -------------------------------------------------------------
 
 

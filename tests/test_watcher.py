@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -177,3 +178,66 @@ def test_failing_callback_does_not_stop_the_watcher(
 )
 def test_gateway_folder_names(name: str, expected: str | None) -> None:
     assert gateway_id_from_folder(name) == expected
+
+
+def _studies(root: Path, count: int) -> list[tuple[str, str]]:
+    for n in range(count):
+        folder = root / "gateway_1" / f"1.2.3.{n}" / "series"
+        folder.mkdir(parents=True)
+        (folder / "file").write_bytes(b"x")
+    return [("1", f"1.2.3.{n}") for n in range(count)]
+
+
+def test_polling_lists_pending_studies_every_pass_and_finished_ones_spread(
+    tmp_path: Path,
+) -> None:
+    """20 finished studies, cadence 10 s, a pass every 1 s: 2 finished studies listed per
+    pass, each once per 10 passes; the pending study every pass."""
+    keys = _studies(tmp_path, 21)
+    pending = {keys[0]}
+    touches = Touches()
+    watcher = StudyWatcher(
+        tmp_path,
+        touches,
+        mode="polling",
+        poll_seconds=1.0,
+        finished_seconds=10.0,
+        is_pending=lambda gid, name: (gid, name) in pending,
+    )
+    watcher.scan(now=100.0)
+    assert len(touches.calls) == 21
+    touches.clear()
+    per_pass = []
+    for n in range(1, 11):
+        before = watcher.listings_made
+        watcher.poll(now=100.0 + n)
+        per_pass.append(watcher.listings_made - before - 2)  # less the root and gateway_1
+    assert per_pass == [3] * 10  # the pending study + 2 finished ones, no burst
+    assert touches.calls == []  # nothing changed
+    # a late file in a finished study is found within the cadence (10 passes), the pending
+    # study's at the next pass
+    (tmp_path / "gateway_1" / "1.2.3.7" / "series" / "late").write_bytes(b"late")
+    (tmp_path / "gateway_1" / "1.2.3.0" / "series" / "more").write_bytes(b"more")
+    watcher.poll(now=111.0)
+    assert ("1", "1.2.3.0") in touches.calls
+    for n in range(12, 22):
+        watcher.poll(now=100.0 + n)
+    assert touches.calls.count(("1", "1.2.3.7")) == 1
+    assert touches.calls.count(("1", "1.2.3.0")) == 1
+
+
+def test_polling_trusts_listings_not_folder_mtimes(tmp_path: Path) -> None:
+    """A file added with the folder's mtime put back (as s3fs and gcsfuse report folders)
+    is still found: polling compares listings."""
+    keys = _studies(tmp_path, 1)
+    series = tmp_path / "gateway_1" / keys[0][1] / "series"
+    touches = Touches()
+    watcher = StudyWatcher(tmp_path, touches, mode="polling", is_pending=lambda *_: True)
+    watcher.scan(now=1.0)
+    touches.clear()
+    st = series.stat()
+    (series / "added").write_bytes(b"a")
+    os.utime(series, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.utime(series.parent, ns=(st.st_atime_ns, st.st_mtime_ns))
+    watcher.poll(now=3.0)
+    assert touches.calls == [keys[0]]

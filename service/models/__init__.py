@@ -23,7 +23,8 @@ def routed_model_names(config: Config) -> set[str]:
 
 
 def build_models(config: Config, names: Iterable[str] | None = None) -> dict[str, Model]:
-    """Load each named model once (default: those the rules route to)."""
+    """Load each named model once (default: those the rules route to); a network may
+    go on loading in the background (``loading``)."""
     wanted = sorted(routed_model_names(config) if names is None else set(names))
     models: dict[str, Model] = {}
     for name in wanted:
@@ -38,10 +39,11 @@ def build_models(config: Config, names: Iterable[str] | None = None) -> dict[str
         else:
             raise ConfigError("rules.model", f"unknown model {name!r}; known: {MODEL_NAMES}")
         verdict = models[name].ready()
-        logger.info(
-            "model %s version %s loaded%s",
-            name,
-            models[name].version,
-            "" if verdict.ok else f" but not ready: {verdict.reason}",
-        )
+        if not verdict.ok:
+            state = f"not ready: {verdict.reason}"
+        elif getattr(models[name], "loading", False):
+            state = "loading in the background (studies are prepared meanwhile)"
+        else:
+            state = "loaded"
+        logger.info("model %s version %s %s", name, models[name].version, state)
     return models

@@ -35,7 +35,7 @@ from pydicom.uid import (
 )
 
 from service.dicomrules import iod_of, uses_functional_groups
-from service.errors import InputError, ModelError
+from service.errors import InputError, ModelError, TransientError
 from service.models.base import Applicability, ModelResult, RunContext, nothing_produced
 from service.models.derived import lossy_history, mark_lossy
 from service.models.dicomio import read_dicom
@@ -293,8 +293,10 @@ class AnnotateModel:
         for inst in sorted(usable, key=lambda i: (i.series_instance_uid, i.sop_instance_uid)):
             try:
                 ds = derive(_read(inst.path), ctx, now)
-            except ModelError:
+            except (ModelError, TransientError):  # a mount away is not this instance's fault
                 raise
+            except OSError as exc:
+                raise TransientError(f"cannot read {inst.path.name}: {exc}") from exc
             except Exception as exc:  # pixel decoding or encoding of this instance failed
                 skipped[inst.sop_instance_uid] = f"cannot annotate: {type(exc).__name__}: {exc}"
                 logger.warning("annotate skipped %s: %s", inst.sop_instance_uid, exc)

@@ -1,10 +1,16 @@
 """Chest radiograph classifier: torchxrayvision DenseNet-121 ``densenet121-res224-all``.
 
-The weights are the file torchxrayvision publishes, loaded once at construction the way
-torchxrayvision loads it. Pixels are prepared from the DICOM data exactly as
-torchxrayvision expects: stored values through the Modality LUT (PS3.3 C.11.1),
-MONOCHROME1 inverted (PS3.3 C.7.6.3.1.2), scaled to [-1024, 1024] from the bit depth in
-the header, centre-cropped to a square and resized to 224 x 224.
+The weights are the file torchxrayvision publishes, loaded once, in a background thread of
+the service process, the way torchxrayvision loads it (:mod:`service.models.cxr_net`).
+Pixels are prepared from the DICOM data exactly as torchxrayvision expects: stored values
+through the Modality LUT (PS3.3 C.11.1), MONOCHROME1 inverted (PS3.3 C.7.6.3.1.2), scaled
+to [-1024, 1024] from the bit depth in the header, centre-cropped to a square and resized
+to 224 x 224.
+
+This module imports neither torch nor torchxrayvision: worker processes unpickle the model
+from it to prepare and finish studies, and start in about a second without them. The
+constants torchxrayvision's ``model_urls`` holds for these weights are copied here
+(``tests/test_cxr.py`` checks them against torchxrayvision's).
 """
 
 from __future__ import annotations
@@ -14,14 +20,16 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
+import threading
+import time
+import urllib.request
+import warnings
 from dataclasses import dataclass
+from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torchxrayvision as xrv
 from pydicom import Dataset
 from pydicom.pixels.processing import apply_modality_lut
 from pydicom.sr.codedict import codes
@@ -36,12 +44,68 @@ from service.models.dicomio import read_dicom
 from service.models.pixels import decode_pixels, undecodable_reason
 from service.values import Instance, Study
 
+if TYPE_CHECKING:
+    from service.models.cxr_net import Network
+
 logger = logging.getLogger(__name__)
 
 NAME = "cxr-densenet121"
 WEIGHTS_NAME = "densenet121-res224-all"
 FETCH_HINT = "python main.py models fetch"
 INPUT_SIZE = 224
+
+#: torchxrayvision's ``model_urls["densenet121-res224-all"]``: the published file, the
+#: labels in output order and the operating thresholds.
+WEIGHTS_URL = (
+    "https://github.com/mlmed/torchxrayvision/releases/download/v1/"
+    "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-"
+    "seed0-best.pt"
+)
+#: The published file's sha256 as public projects quote it (not checked here: the file
+#: cannot be downloaded on the development machine); printed when a download fails.
+PUBLISHED_SHA256 = "56524913dd16a906422e8d8b66a7a5c46be1d82eb7ac012d8103776f1aa68899"
+LABELS = (
+    "Atelectasis",
+    "Consolidation",
+    "Infiltration",
+    "Pneumothorax",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Effusion",
+    "Pneumonia",
+    "Pleural_Thickening",
+    "Cardiomegaly",
+    "Nodule",
+    "Mass",
+    "Hernia",
+    "Lung Lesion",
+    "Fracture",
+    "Lung Opacity",
+    "Enlarged Cardiomediastinum",
+)
+OP_THRESHS = (
+    0.07422872,
+    0.038290843,
+    0.09814756,
+    0.0098118475,
+    0.023601074,
+    0.0022490358,
+    0.010060724,
+    0.103246614,
+    0.056810737,
+    0.026791653,
+    0.050318155,
+    0.023985857,
+    0.01939503,
+    0.042889766,
+    0.053369623,
+    0.035975814,
+    0.20204692,
+    0.05015312,
+)
+#: torchxrayvision's cache folder (``xrv.utils.get_cache_dir()``).
+XRV_CACHE = Path("~/.torchxrayvision/models_data")
 
 #: SOP classes accepted (PS3.4 B.5): CR, DX For Presentation, Secondary Capture.
 CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -59,8 +123,7 @@ VIEWS = {"PA", "AP", ""}
 
 def default_weights_path() -> Path:
     """Where torchxrayvision caches the published file (``~/.torchxrayvision/models_data``)."""
-    url = str(xrv.models.model_urls[WEIGHTS_NAME]["weights_url"])
-    return Path(str(xrv.utils.get_cache_dir())) / os.path.basename(url)
+    return XRV_CACHE.expanduser() / os.path.basename(WEIGHTS_URL)
 
 
 def weights_path(config: CxrConfig) -> Path:
@@ -76,46 +139,34 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch_weights(config: CxrConfig) -> Path:
-    """Download the published weights via torchxrayvision to :func:`weights_path`."""
+def fetch_weights(config: CxrConfig, url: str = WEIGHTS_URL, timeout: float = 30.0) -> Path:
+    """Download the published weights to :func:`weights_path` (atomically: a temporary
+    file beside it, then a rename). A failed download raises :class:`ModelError` whose
+    message is two lines: what failed, and how to place the file by hand instead."""
     target = weights_path(config)
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".tmp-", dir=target.parent) as tmp:
-            os.replace(xrv.models.get_weights(WEIGHTS_NAME, cache_dir=tmp), target)
+            partial = Path(tmp) / target.name
+            try:
+                with (
+                    urllib.request.urlopen(url, timeout=timeout) as answer,
+                    open(partial, "wb") as out,
+                ):
+                    for block in iter(lambda: answer.read(1 << 20), b""):
+                        out.write(block)
+            except OSError as exc:  # URLError, HTTPError, timeouts are OSErrors
+                reason = getattr(exc, "reason", None) or exc
+                raise ModelError(
+                    f"cannot download the CXR weights from {url}: {reason}\n"
+                    f"place the file by hand at {target} (published sha256 "
+                    f"{PUBLISHED_SHA256}) or set models.cxr.weights (GATEWAY_CXR_WEIGHTS) "
+                    "to its path"
+                ) from None
+            os.replace(partial, target)
     if config.sha256 and sha256_file(target) != config.sha256:
         raise ModelError(f"{target}: sha256 differs from models.cxr.sha256")
     return target
-
-
-def load_densenet(path: Path) -> xrv.models.DenseNet:
-    """Load ``path`` as torchxrayvision's ``DenseNet(weights=WEIGHTS_NAME)`` does.
-
-    The published file is a whole pickled ``xrv.models.DenseNet`` (``torch.save(model)``),
-    not a state dict: torch's ``weights_only`` unpickler refuses its classes, so it is
-    loaded with ``weights_only=False`` as torchxrayvision does. That runs pickle code, so
-    only load a trusted file; pin its digest with ``models.cxr.sha256``. A bare state dict
-    is accepted too. Labels, operating thresholds and input size come from
-    ``xrv.models.model_urls``, not the file, exactly as in torchxrayvision.
-    """
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(saved, torch.nn.Module):
-        for module in saved.modules():  # xrv's patch for models pickled by old torch
-            if not hasattr(module, "_non_persistent_buffers_set"):
-                module._non_persistent_buffers_set = set()
-        state = saved.state_dict()
-    elif isinstance(saved, Mapping):
-        state = dict(saved)
-    else:
-        raise ModelError(f"{path}: neither a pickled model nor a state dict")
-    spec = xrv.models.model_urls[WEIGHTS_NAME]
-    model = xrv.models.DenseNet(weights=None, num_classes=len(spec["labels"]))
-    model.load_state_dict(state)
-    model.targets = list(spec["labels"])
-    model.pathologies = model.targets
-    model.op_threshs = torch.tensor(spec["op_threshs"])
-    model.input_resolution = spec["input_resolution"]
-    return model.eval()
 
 
 def warm_up() -> None:
@@ -123,13 +174,6 @@ def warm_up() -> None:
     from service.models.cxr_outputs import warm_up as load_tables
 
     load_tables()
-
-
-def pick_device(setting: str) -> torch.device:
-    """``auto`` is the first CUDA device when there is one, else the CPU."""
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
 
 
 # -- DICOM in ------------------------------------------------------------------------------
@@ -256,7 +300,14 @@ def to_xrv_range(ds: Dataset) -> np.ndarray:
     low, high = stored_range(ds)
     values = np.clip(np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64), low, high)
     values = high - values if ds.PhotometricInterpretation == "MONOCHROME1" else values - low
-    return np.asarray(xrv.utils.normalize(values, high - low), dtype=np.float32)
+    return normalize(values, high - low)
+
+
+def normalize(image: np.ndarray, maxval: float) -> np.ndarray:
+    """``xrv.utils.normalize``: [0, maxval] to [-1024, 1024], in float32."""
+    if image.max() > maxval:
+        raise InputError(f"max image value ({image.max()}) higher than expected ({maxval})")
+    return np.asarray((2 * (image.astype(np.float32) / maxval) - 1.0) * 1024, dtype=np.float32)
 
 
 def model_input(image: np.ndarray) -> np.ndarray:
@@ -265,10 +316,24 @@ def model_input(image: np.ndarray) -> np.ndarray:
     A square larger than 224 (every real radiograph) takes :func:`_downsample`, which
     computes what skimage's ``resize`` computes for it, only at the pixels the result uses.
     """
-    cropped = xrv.datasets.XRayCenterCrop()(image[None, ...])
+    cropped = center_crop(image[None, ...])
     if cropped.shape[1] <= INPUT_SIZE or cropped.dtype != np.float32:
-        return np.asarray(xrv.datasets.XRayResizer(INPUT_SIZE)(cropped), dtype=np.float32)
+        from skimage.transform import resize  # xrv.datasets.XRayResizer(224)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            size = (1, INPUT_SIZE, INPUT_SIZE)
+            resized = resize(cropped, size, mode="constant", preserve_range=True)  # type: ignore[no-untyped-call]
+        return np.asarray(resized, dtype=np.float32)
     return _downsample(cropped[0])[None, ...]
+
+
+def center_crop(image: np.ndarray) -> np.ndarray:
+    """``xrv.datasets.XRayCenterCrop``: the centred square of a (1, rows, columns) image."""
+    _, y, x = image.shape
+    size = min(y, x)
+    top, left = y // 2 - size // 2, x // 2 - size // 2
+    return image[:, top : top + size, left : left + size]
 
 
 @dataclass(frozen=True)
@@ -367,26 +432,36 @@ def load_radiograph(inst: Instance) -> Radiograph:
 
 
 class CxrModel:
-    """The ``cxr-densenet121`` model: 18 findings per PA/AP chest radiograph."""
+    """The ``cxr-densenet121`` model: 18 findings per PA/AP chest radiograph.
+
+    Construction checks the weights file (present, sha256) at once and starts loading the
+    network in a background thread, so that the service takes studies while it loads:
+    :meth:`ready` is true while it loads, :attr:`loading` says whether it still does, and
+    :meth:`forward` waits for it. Missing or mismatched weights load nothing (no torch
+    import) and :meth:`ready` gives the reason.
+    """
 
     name = NAME
 
     def __init__(self, config: CxrConfig) -> None:
         self.config = config
         self.weights_path = weights_path(config)
-        self.device = pick_device(config.device)
         self.sha256 = ""
-        self.network: xrv.models.DenseNet | None = None
+        self.network: Network | None = None
+        self.load_seconds = 0.0  # how long the network took to load (in its thread)
         self._not_ready = ""
-        self._load()
-        self.version = f"xrv{xrv.__version__}-{self.sha256[:12] or 'noweights'}"
+        self._loaded = threading.Event()
+        self._check()
+        self.version = f"xrv{package_version('torchxrayvision')}-{self.sha256[:12] or 'noweights'}"
+        if self._not_ready:
+            self._loaded.set()
+        else:
+            # not a daemon: a process that ends while torch is still loading waits for it
+            # (torch's C++ state torn down under a running load aborts the process)
+            threading.Thread(target=self._load, name="cxr-load", daemon=False).start()
 
-    def _load(self) -> None:
-        """Load the network on one torch thread, so that the thread that runs the forward
-        (the service's engine thread) owns the process's only OpenMP thread team: with a
-        second team (the loading thread's) libgomp counts more threads than cores and stops
-        spin-waiting between the forward's parallel regions, which made the forward 2.4x
-        slower on 2 cores (``bench/pipeline.py``, forward_s in the run timings)."""
+    def _check(self) -> None:
+        """The weights file exists and has the pinned digest; else why not (nothing loads)."""
         path = self.weights_path
         if not path.is_file():
             self._not_ready = f"weights file {path} is missing; fetch it with `{FETCH_HINT}`"
@@ -400,31 +475,53 @@ class CxrModel:
             return
         if not self.config.sha256:
             logger.warning("models.cxr.sha256 is not set: weights %s are not pinned", path)
-        threads = self.config.threads or torch.get_num_threads()
-        torch.set_num_threads(1)  # see the docstring
+
+    def _load(self) -> None:
+        """Import torch and load the network (:func:`service.models.cxr_net.load`: on one
+        torch thread, leaving the OpenMP team to the thread that runs the forward)."""
+        t0 = time.monotonic()
         try:
-            self.network = load_densenet(path).to(self.device)
+            from service.models.cxr_net import load
+
+            self.network = load(
+                self.weights_path,
+                len(LABELS),
+                OP_THRESHS,
+                self.config.device,
+                self.config.threads,
+            )
+            self.load_seconds = time.monotonic() - t0
+            logger.info("model %s loaded in %.1f s", NAME, self.load_seconds)
         except Exception as exc:
-            self._not_ready = f"cannot load weights file {path}: {type(exc).__name__}: {exc}"
+            self._not_ready = (
+                f"cannot load weights file {self.weights_path}: {type(exc).__name__}: {exc}"
+            )
             logger.error("%s", self._not_ready)
-            return
         finally:
-            torch.set_num_threads(threads)
-        warm_up()
+            self._loaded.set()
+
+    @property
+    def loading(self) -> bool:
+        """Whether the network is still loading (studies are prepared meanwhile)."""
+        return not self._loaded.is_set()
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Wait until the network loaded or failed to; False on timeout."""
+        return self._loaded.wait(timeout)
 
     @property
     def pathologies(self) -> list[str]:
-        """The model's findings in output order, without the unused "" slots."""
-        return [p for p in xrv.models.model_urls[WEIGHTS_NAME]["labels"] if p]
+        """The model's findings in output order."""
+        return list(LABELS)
 
     @property
     def thresholds(self) -> dict[str, float]:
         """The operating thresholds on the sigmoid output (a score of 0.5 after op_norm)."""
-        spec = xrv.models.model_urls[WEIGHTS_NAME]
-        return {p: float(t) for p, t in zip(spec["labels"], spec["op_threshs"], strict=True) if p}
+        return dict(zip(LABELS, OP_THRESHS, strict=True))
 
     def ready(self) -> Applicability:
-        if self.network is None:
+        """Ready once the weights check passed, also while the network still loads."""
+        if self._not_ready:
             return Applicability(False, self._not_ready)
         return Applicability(True)
 
@@ -444,22 +541,26 @@ class CxrModel:
         """Pickled for worker processes without the network: they only prepare and finish."""
         state = dict(self.__dict__)
         state["network"] = None
+        state["_loaded"] = None
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._loaded = threading.Event()
+        self._loaded.set()  # a copy never loads the network
+
     def forward(self, inputs: np.ndarray) -> np.ndarray:
-        """Scores (N, 18) for a batch (N, 1, 224, 224): ``model(x)`` of torchxrayvision."""
+        """Scores (N, 18) for a batch (N, 1, 224, 224): ``model(x)`` of torchxrayvision;
+        waits for the network to load."""
+        self._loaded.wait()
         if self.network is None:
-            raise ModelNotReady(self._not_ready)
-        with torch.inference_mode():
-            batch = torch.from_numpy(np.ascontiguousarray(inputs)).to(self.device)
-            out: np.ndarray = self.network(batch).float().cpu().numpy()
-        return out
+            raise ModelNotReady(self._not_ready or f"{NAME}: the network is not loaded here")
+        return self.network.forward(inputs)
 
     predict = forward
 
     def scores(self, row: np.ndarray) -> dict[str, float]:
-        labels = xrv.models.model_urls[WEIGHTS_NAME]["labels"]
-        return {p: float(v) for p, v in zip(labels, row, strict=True) if p}
+        return {p: float(v) for p, v in zip(LABELS, row, strict=True)}
 
     def prepare(self, study: Study, ctx: RunContext) -> Prepared:
         """Read and preprocess every applicable radiograph; the others are skipped."""
@@ -500,6 +601,7 @@ class CxrModel:
         return ModelResult(datasets=datasets, findings=findings, skipped_instances=skipped)
 
     def run(self, study: Study, ctx: RunContext) -> ModelResult:
+        self._loaded.wait()
         if self.network is None:
             raise ModelNotReady(self._not_ready)
         prepared = self.prepare(study, ctx)
