@@ -1,7 +1,11 @@
 """The conformance gate every output object passes before it is sent to a PACS.
 
 :func:`check_file` reads a written file back and lists its problems (empty list: it
-passes); a failing object is not sent, and :func:`quarantine_file` moves it aside.
+passes); a failing object is not sent, and :func:`quarantine_file` moves it aside. The
+pipeline uses :func:`check_dataset` instead: the same checks on the data set in memory and
+the exact bytes that are written for it (:func:`service.writers.encode_dataset`), without
+reading the file back; the bytes are parsed strictly and must round-trip, and the
+value-level checks run on the in-memory data set those bytes encode.
 
 Strict reading is done *locally*, without touching pydicom's process-wide
 ``config.settings.reading_validation_mode`` (other threads read clinical input files at the
@@ -98,15 +102,62 @@ def check_file(
     ds, problems = _read_strict(data)
     if ds is None:
         return problems
-    problems += _check_file_meta(ds)  # first: the round trip rewrites ds.file_meta
-    problems += _check_round_trip(ds, data)
-    problems += _check_required(ds)
-    problems += _check_pixel_data_length(ds)
-    problems += _check_values_and_uids(ds)
-    problems += _check_references(ds, {*source_sop_uids, *run_sop_uids})
-    problems += _check_uniqueness(ds, source_sop_uids, run_sop_uids, seen_uids)
+    problems += _check_encoding(ds, data)
+    problems += _check_content(ds, ds, source_sop_uids, run_sop_uids, seen_uids)
     if problems:
         logger.info("output %s fails conformance: %d problem(s)", path.name, len(problems))
+    return problems
+
+
+def check_dataset(
+    ds: Dataset,
+    data: bytes,
+    *,
+    name: str,
+    source_sop_uids: AbstractSet[str],
+    seen_uids: set[str] | None = None,
+    run_sop_uids: AbstractSet[str] = frozenset(),
+) -> list[str]:
+    """:func:`check_file` for the output ``ds`` about to be written as ``data``.
+
+    ``data`` must be ``ds`` encoded by :func:`service.writers.encode_dataset`, and those
+    bytes, not a new encoding, are what is written and sent. ``data`` is parsed strictly,
+    its File Meta Information checked and it must round-trip (as in :func:`check_file`);
+    since ``ds`` encodes to exactly ``data``, the attribute, value, reference and UID checks
+    run on ``ds`` itself, whose values are already decoded (reading them back from ``data``
+    is most of the cost of :func:`check_file`). ``name`` (the file's name) is only logged.
+    """
+    parsed, problems = _read_strict(data)
+    if parsed is None:
+        return problems
+    problems += _check_encoding(parsed, data)
+    problems += _check_content(ds, parsed, source_sop_uids, run_sop_uids, seen_uids)
+    if problems:
+        logger.info("output %s fails conformance: %d problem(s)", name, len(problems))
+    return problems
+
+
+def _check_encoding(parsed: Dataset, data: bytes) -> list[str]:
+    """The checks of the encoded file: File Meta Information and round trip."""
+    problems = _check_file_meta(parsed)  # first: the round trip rewrites parsed.file_meta
+    problems += _check_round_trip(parsed, data)
+    return problems
+
+
+def _check_content(
+    ds: Dataset,
+    parsed: Dataset,
+    source_sop_uids: AbstractSet[str],
+    run_sop_uids: AbstractSet[str],
+    seen_uids: set[str] | None,
+) -> list[str]:
+    """The checks of the data set's attributes and values (``parsed``: ``ds`` as read from
+    its encoding, for the File Meta Information and the Pixel Data length as written)."""
+    problems = _check_required(ds)
+    problems += _check_pixel_data_length(parsed)
+    problems += _check_values_and_uids(ds, parsed.file_meta)
+    problems += _check_references(ds, {*source_sop_uids, *run_sop_uids})
+    problems += _check_uniqueness(ds, source_sop_uids, run_sop_uids, seen_uids)
     return problems
 
 
@@ -124,6 +175,30 @@ def check_files(
         for path in paths
         for message in check_file(
             path, source_sop_uids=source_sop_uids, seen_uids=seen, run_sop_uids=run_sop_uids
+        )
+    ]
+
+
+def check_datasets(
+    outputs: Iterable[tuple[Path, Dataset, bytes]],
+    *,
+    source_sop_uids: AbstractSet[str],
+    run_sop_uids: AbstractSet[str] = frozenset(),
+    seen_uids: set[str] | None = None,
+) -> list[Finding]:
+    """:func:`check_dataset` for every output (its path, data set and encoded bytes) of one
+    run, sharing ``seen_uids``."""
+    seen = set() if seen_uids is None else seen_uids
+    return [
+        Finding(path, message)
+        for path, ds, data in outputs
+        for message in check_dataset(
+            ds,
+            data,
+            name=path.name,
+            source_sop_uids=source_sop_uids,
+            seen_uids=seen,
+            run_sop_uids=run_sop_uids,
         )
     ]
 
@@ -272,7 +347,7 @@ def _plain_raw(elem: RawDataElement) -> bool:
     return elem.VR is not None and elem.VR not in ("SQ", "UN") and " or " not in elem.VR
 
 
-def _check_values_and_uids(ds: Dataset) -> list[str]:
+def _check_values_and_uids(ds: Dataset, file_meta: Dataset) -> list[str]:
     """Every value must conform to its VR (PS3.5 §6.2); every UID to PS3.5 §9.1.
 
     A raw element identical to one already checked (same tag, VR, encoded bytes and
@@ -281,7 +356,7 @@ def _check_values_and_uids(ds: Dataset) -> list[str]:
     """
     problems: list[str] = []
     checked: dict[tuple[object, ...], list[str]] = {}
-    for parent in (ds.file_meta, ds):
+    for parent in (file_meta, ds):
         for holder, elem in _walk(parent):
             if elem.VR in BULK_VRS:
                 continue
@@ -375,6 +450,8 @@ def _describe(exc: BaseException) -> str:
 
 __all__ = [
     "Finding",
+    "check_dataset",
+    "check_datasets",
     "check_file",
     "check_files",
     "kind_of",

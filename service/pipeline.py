@@ -6,8 +6,9 @@ A run goes through three stages:
 2. *forward* (service process): the one model instance runs on a batch of rows gathered
    across studies: up to ``max_batch`` rows, waiting at most ``batch_wait_seconds`` for
    studies still being prepared (a lone study never waits);
-3. *finish* (worker): build the result objects, write them atomically and check them with
-   the conformance gate.
+3. *finish* (worker): build the result objects, encode each once in memory, write those
+   bytes atomically and check the same bytes and data sets with the conformance gate
+   (:func:`service.conformance.check_dataset`: nothing is read back).
 
 A model without stages runs whole in one worker task; a :class:`SplitModel` (``annotate``)
 runs as one task per worker, each on a part of the study's instances, merged into one
@@ -42,8 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom import Dataset
 
-from service.conformance import Finding, check_files
+from service.conformance import Finding, check_datasets
 from service.errors import GatewayError, ModelNotReady, TransientError
 from service.models.base import (
     BatchedModel,
@@ -55,7 +57,7 @@ from service.models.base import (
     nothing_produced,
 )
 from service.values import Study
-from service.writers import output_path, write_dataset
+from service.writers import encode_dataset, output_path, write_encoded
 
 logger = logging.getLogger(__name__)
 
@@ -146,18 +148,21 @@ def _write_and_gate(
 ) -> Finished:
     t0 = time.perf_counter()
     written: list[Written] = []
+    encoded: list[tuple[Path, Dataset, bytes]] = []  # what the gate checks is what is written
     for ds in result.datasets:
         try:
             target = output_path(output_dir, study.gateway_id, layout, ds)
-            write_dataset(ds, target)
+            data = encode_dataset(ds)
+            write_encoded(data, target)
         except Exception as exc:  # what was written so far is still reported
             failed = _failure(exc)
             failed.written = written
             return failed
         written.append(Written(target, ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID))
+        encoded.append((target, ds, data))
     t1 = time.perf_counter()
-    problems = check_files(
-        [w.path for w in written],
+    problems = check_datasets(
+        encoded,
         source_sop_uids=study.sop_uids,
         run_sop_uids={w.sop_instance_uid for w in written},
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
@@ -42,6 +43,34 @@ def output_path(output_root: Path, gateway_id: str, layout: str, ds: Dataset) ->
     if not is_within(target, output_root):
         raise OutputError(f"output path for {sop_uid} leaves the output folder")
     return target
+
+
+def encode_dataset(ds: Dataset) -> bytes:
+    """``ds`` encoded as a DICOM file (preamble, ``DICM``, File Meta, PS3.10 §7), in memory.
+
+    The File Meta Information is completed from the dataset (``enforce_file_format``); its
+    Transfer Syntax UID must be set. Raises OutputError when pydicom cannot encode it.
+    """
+    buffer = io.BytesIO()
+    try:
+        dcmwrite(buffer, ds, enforce_file_format=True)
+    except Exception as exc:
+        raise OutputError(
+            f"cannot write {ds.get('SOPInstanceUID', '?')}: {type(exc).__name__}: {exc}"
+        ) from exc
+    return buffer.getvalue()
+
+
+def write_encoded(data: bytes, target: Path) -> None:
+    """Write ``data`` (from :func:`encode_dataset`) to ``target`` atomically, unchanged: the
+    bytes the conformance gate checked are the bytes written. On any error ``target`` is
+    left as it was."""
+    try:
+        with atomic_writer(target) as fh:
+            fh.write(data)
+    except OSError as exc:  # a full disk, an I/O error, OUTPUT away: may pass
+        raise TransientError(f"cannot write {target.name}: {exc.strerror or exc}") from exc
+    logger.debug("wrote %s", target.name)
 
 
 def write_dataset(ds: Dataset, target: Path) -> None:

@@ -18,9 +18,16 @@ from pydicom.dataelem import DataElement
 from pydicom.sr.codedict import codes
 
 from devtools.sample import pydicom_file
-from service.conformance import check_file, check_files, quarantine_file
+from service.conformance import (
+    check_dataset,
+    check_datasets,
+    check_file,
+    check_files,
+    quarantine_file,
+)
 from service.errors import OutputError
 from service.uids import UidFactory
+from service.writers import encode_dataset, write_encoded
 from tests.conftest import dciodvfy
 
 UIDS = UidFactory("1.2.826.0.1.3680043.10.999.", "gateway-1", "test-conformance")
@@ -408,3 +415,112 @@ def test_iod_specific_type1_is_required(tmp_path: Path) -> None:
     del ds.RescaleSlope
     problems = check_file(write(ds, tmp_path), source_sop_uids=SOURCE_UIDS)
     assert has(problems, "RescaleSlope missing", "Type 1", "module ct-image of IOD ct-image")
+
+
+# -- the gate in memory (the pipeline's path): the same outcome as reading the file back --
+
+
+def _invalid_pn(ds: Dataset) -> None:
+    set_unchecked(ds, "PatientName", "Confidential" * 10)
+
+
+def _repeated_invalid_uid(ds: Dataset) -> None:
+    ds.SourceImageSequence.append(copy.deepcopy(ds.SourceImageSequence[0]))
+    for item in ds.SourceImageSequence:
+        set_unchecked(item, "ReferencedSOPClassUID", "1.02.3")
+
+
+def _no_iod(ds: Dataset) -> None:
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.6"
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+
+
+def _no_rescale_slope(ds: Dataset) -> None:
+    del ds.RescaleSlope
+
+
+def _sr_root_not_container(ds: Dataset) -> None:
+    ds.ValueType = "TEXT"
+
+
+def _stripped_functional_groups(ds: Dataset) -> None:
+    for elem in list(ds):
+        if elem.VR == "SQ" and elem.keyword not in OLD_KEPT_SEQUENCES:
+            del ds[elem.tag]
+
+
+BREAKAGES: dict[str, Callable[[Dataset], None]] = {
+    f.__name__.strip("_"): f
+    for f in (
+        _drop_study_uid,
+        _long_uid,
+        _leading_zero_in_sequence,
+        _unknown_source,
+        _short_pixels,
+        _source_uid_reused,
+        _empty_type1,
+        _no_type2,
+        _no_rows,
+        _invalid_pn,
+        _repeated_invalid_uid,
+        _no_iod,
+        _no_rescale_slope,
+    )
+}
+
+IN_MEMORY_CASES: list[tuple[Callable[[], Dataset], Callable[[Dataset], None] | None]] = [
+    *((builder, None) for builder in BUILDERS.values()),
+    (legacy_enhanced_ct, None),
+    (legacy_enhanced_ct, _stripped_functional_groups),
+    (measurement_sr, _sr_root_not_container),
+    *((derived_ct, breakage) for breakage in BREAKAGES.values()),
+]
+
+
+@pytest.mark.parametrize(
+    ("build", "breakage"),
+    IN_MEMORY_CASES,
+    ids=[f"{b.__name__}-{k.__name__.strip('_') if k else 'intact'}" for b, k in IN_MEMORY_CASES],
+)
+def test_in_memory_gate_finds_what_reading_back_finds(
+    build: Callable[[], Dataset], breakage: Callable[[Dataset], None] | None, tmp_path: Path
+) -> None:
+    """check_dataset on the data set and its bytes lists exactly the problems check_file
+    lists for the file those bytes were written to (intact objects: none)."""
+    ds = build()
+    if breakage is not None:
+        breakage(ds)
+    data = encode_dataset(ds)
+    path = tmp_path / "out.dcm"
+    write_encoded(data, path)
+    assert path.read_bytes() == data
+    for sources in (SOURCE_UIDS, set()):  # set(): every reference is unknown
+        from_file = check_file(path, source_sop_uids=sources)
+        in_memory = check_dataset(ds, data, name=path.name, source_sop_uids=sources)
+        assert in_memory == from_file
+    assert (check_file(path, source_sop_uids=SOURCE_UIDS) == []) is (breakage is None)
+
+
+def test_in_memory_gate_checks_the_bytes_themselves() -> None:
+    """The encoding is checked on the bytes: truncated bytes, or File Meta Information
+    that does not match the data set, fail although the data set itself is sound."""
+    ds = derived_ct()
+    data = encode_dataset(ds)
+    assert check_dataset(ds, data, name="ct", source_sop_uids=SOURCE_UIDS) == []
+    cut = check_dataset(ds, data[: len(data) // 2], name="ct", source_sop_uids=SOURCE_UIDS)
+    assert has(cut, "file is truncated"), cut
+    ds.file_meta.MediaStorageSOPInstanceUID = UIDS.uid("other")
+    buffer = io.BytesIO()
+    dcmwrite(buffer, ds, enforce_file_format=False)  # enforce_file_format repairs the meta
+    problems = check_dataset(ds, buffer.getvalue(), name="ct", source_sop_uids=SOURCE_UIDS)
+    assert has(problems, "MediaStorageSOPInstanceUID", "differs from SOPInstanceUID")
+
+
+def test_in_memory_gate_reports_duplicates_across_a_run(tmp_path: Path) -> None:
+    ds = derived_ct()
+    data = encode_dataset(ds)
+    first, second = tmp_path / "a.dcm", tmp_path / "b.dcm"
+    findings = check_datasets([(first, ds, data), (second, ds, data)], source_sop_uids=SOURCE_UIDS)
+    assert [(f.path, "used by another output object" in f.message) for f in findings] == [
+        (second, True)
+    ]

@@ -11,7 +11,7 @@ from pydicom.dataelem import DataElement
 from devtools.sample import pydicom_file
 from service.errors import OutputError
 from service.fsutil import TMP_PREFIX
-from service.writers import output_path, write_dataset
+from service.writers import encode_dataset, output_path, write_dataset, write_encoded
 from tests.conftest import dciodvfy
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
@@ -105,3 +105,24 @@ def test_failed_rewrite_keeps_previous_file(tmp_path: Path) -> None:
         write_dataset(bad, target)
     assert target.read_bytes() == before
     assert _temp_files(tmp_path) == []
+
+
+def test_encoded_bytes_are_written_unchanged(tmp_path: Path) -> None:
+    """The pipeline encodes once, gates those bytes and writes them: the file holds exactly
+    what write_dataset would have written."""
+    ds = _ct()
+    data = encode_dataset(ds)
+    target = output_path(tmp_path / "a", "1", "flat", ds)
+    write_encoded(data, target)
+    write_dataset(ds, output_path(tmp_path / "b", "1", "flat", ds))
+    assert target.read_bytes() == data
+    assert data == output_path(tmp_path / "b", "1", "flat", ds).read_bytes()
+    assert dcmread(target).SOPInstanceUID == ds.SOPInstanceUID
+    assert _temp_files(tmp_path) == []
+
+
+def test_unencodable_dataset_is_an_output_error() -> None:
+    bad = _ct()
+    bad.add(DataElement(0x00280010, "US", "not a number", validation_mode=config.IGNORE))
+    with pytest.raises(OutputError):
+        encode_dataset(bad)
