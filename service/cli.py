@@ -309,6 +309,7 @@ def serve(config: Config, *, once: bool = False, timeout: float = 3600.0) -> int
             finished_seconds=config.finished_poll_seconds,
             is_pending=engine.is_pending,
         )
+        engine.on_intake_taken = lambda _gateways: watcher.scan() if watcher else None
         engine.discover()
         watcher.scan()
         logger.info(

@@ -148,6 +148,9 @@ class Config:
     #: "" = the SQLite ledger in STATE; or a ``postgresql://`` URL (its password masked in
     #: ``config --show``, in messages and in the repr)
     ledger: str = field(default="", repr=False)
+    #: with a PostgreSQL ledger: how long a node's hold on a gateway's intake lasts unless
+    #: renewed (``intake:<gateway_id>`` leases, renewed with the node's heartbeat)
+    intake_lease_seconds: float = 30.0
     #: the operator console's ``host:port`` (:mod:`service.console`); "" = no console
     http: str = "127.0.0.1:8080"
     #: Bearer token that allows the console's actions (resend, reprocess); "" = disabled
@@ -501,6 +504,8 @@ def _service(table: dict[str, Any], out: dict[str, Any]) -> None:
                 raise ConfigError(name, f"must be 0 (no limit) or at least 64; got {value!r}")
         elif key == "run_timeout_seconds":
             out[key] = _as_float(value, name)
+        elif key == "intake_lease_seconds":
+            out[key] = _as_float(value, name, 1.0)
         elif key == "log_level":
             out[key] = _as_choice(str(value).upper(), name, ("DEBUG", "INFO", "WARNING", "ERROR"))
         elif key == "node_name":
@@ -618,6 +623,7 @@ ENV_KEYS: dict[str, str] = {
     "GATEWAY_RUN_TIMEOUT_SECONDS": "service.run_timeout_seconds",
     "GATEWAY_NODE_NAME": "service.node_name",
     "GATEWAY_LEDGER": "service.ledger",
+    "GATEWAY_INTAKE_LEASE_SECONDS": "service.intake_lease_seconds",
     "GATEWAY_HTTP": "service.http",
     "GATEWAY_HTTP_TOKEN": "service.http_token",
     "GATEWAY_NOTIFY_WEBHOOK_URL": "notify.webhook_url",

@@ -11,10 +11,11 @@ again with a bounded backoff; only content problems end it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -66,6 +67,8 @@ RETRY_FIRST_SECONDS = 5.0
 NODE_HEARTBEAT_SECONDS = 10.0
 #: What a node does (every node does everything until node roles exist).
 NODE_ROLES = ("intake", "run", "send")
+#: The lease a node holds to watch and scan a gateway on a PostgreSQL ledger.
+INTAKE_LEASE = "intake:{}"
 RETRY_MAX_SECONDS = 300.0
 
 
@@ -92,6 +95,14 @@ class Engine:
         self._last_gateway = ""  # the gateway whose study ran last (round-robin start)
         self._runs_started = 0
         self._node_beat: float | None = None  # monotonic time of the last node heartbeat
+        #: PostgreSQL ledger: the gateways whose intake lease this node holds, each with the
+        #: monotonic time its hold ends unless renewed; None (SQLite): every gateway is ours
+        self._intake: dict[str, float] | None = {} if self.config.ledger else None
+        self._intake_beat: float | None = None  # monotonic time of the last lease renewal
+        self._gateways: list[str] = []  # the gateways found by the last discover()
+        #: called with the gateways whose intake this node has just taken (the service
+        #: rescans INPUT then, so that their studies are touched here)
+        self.on_intake_taken: Callable[[list[str]], None] | None = None
         #: studies with a run in the pipeline, with their listing digest at the start
         self._in_flight: dict[tuple[str, str], bytes] = {}
         self.outbox = Outbox(self.config, self.ledger)
@@ -129,8 +140,12 @@ class Engine:
         self._pipeline.start()
 
     def touch(self, gateway_id: str, study_name: str, *, reprocess: bool = False) -> None:
-        """Mark a study folder as touched (thread-safe; called by the watcher)."""
+        """Mark a study folder as touched (thread-safe; called by the watcher). On a
+        PostgreSQL ledger a gateway whose intake lease another node holds is not ours: its
+        touches are dropped (an operator's reprocess request still counts)."""
         now = time.monotonic()
+        if not reprocess and not self.holds_intake(gateway_id, now):
+            return
         with self._lock:
             pending = self._pending.get((gateway_id, study_name))
             if pending is None:
@@ -171,6 +186,7 @@ class Engine:
         """
         now = time.monotonic() if now is None else now
         self._node_heartbeat()
+        self._renew_intake()
         completed = self._complete_finished()
         room = self._pipeline.has_capacity
         busy = self.outbox.busy_studies()
@@ -181,6 +197,7 @@ class Engine:
                 if (p.next_check <= now or (p.queued and room))
                 and k not in self._in_flight
                 and (k[0], k[1]) not in busy
+                and (self.holds_intake(k[0]) or p.force_generation)
             ]
         served: set[str] = set()
         for (gateway_id, study_name), pending in fair_order(due, self._last_gateway):
@@ -567,7 +584,63 @@ class Engine:
                 if self.ledger.add_gateway(gid, child):
                     logger.info("gateway=%s discovered", gid)
                 found.append(gid)
+        self._gateways = found
+        self._renew_intake(force=True)
         return found
+
+    # -- intake leases (PostgreSQL ledger: one node watches a gateway) -----------------------
+
+    def holds_intake(self, gateway_id: str, now: float | None = None) -> bool:
+        """Whether this node does the gateway's intake: always on SQLite; on PostgreSQL
+        while its ``intake:<gateway_id>`` lease, as last renewed, has not run out (counted
+        from before the renewal, so never later than the database's own expiry)."""
+        if self._intake is None:
+            return True
+        until = self._intake.get(gateway_id)
+        return until is not None and (time.monotonic() if now is None else now) < until
+
+    def _renew_intake(self, *, force: bool = False) -> None:
+        """Take or renew the intake lease of every gateway found, every third of
+        ``intake_lease_seconds`` (at most every :data:`NODE_HEARTBEAT_SECONDS`). A gateway
+        newly taken is rescanned (``on_intake_taken``); one lost stops its intake here: its
+        touched studies are dropped, its runs and sends in progress finish."""
+        if self._intake is None:
+            return
+        lease = self.config.intake_lease_seconds
+        start = time.monotonic()
+        every = min(NODE_HEARTBEAT_SECONDS, lease / 3)
+        if not force and self._intake_beat is not None and start - self._intake_beat < every:
+            return
+        self._intake_beat = start
+        node = self.config.node_name
+        taken: list[str] = []
+        for gid in self._gateways:
+            held_before = self.holds_intake(gid, start)
+            if self.ledger.take_lease(INTAKE_LEASE.format(gid), node, lease):
+                self._intake[gid] = start + lease
+                if not held_before:
+                    logger.info("gateway=%s intake taken (lease %g s)", gid, lease)
+                    taken.append(gid)
+            elif self._intake.pop(gid, None) is not None:
+                logger.warning("gateway=%s intake lease lost: another node took it", gid)
+        for gid in list(self._intake):
+            if not self.holds_intake(gid, start) or gid not in self._gateways:
+                del self._intake[gid]
+        with self._lock:
+            for key in [k for k, p in self._pending.items() if not p.force_generation]:
+                if not self.holds_intake(key[0], start):
+                    del self._pending[key]
+        if taken and self.on_intake_taken is not None:
+            self.on_intake_taken(taken)
+
+    def _release_intake(self) -> None:
+        """Give the intake leases up at a clean stop, so another node takes them at once."""
+        if not self._intake:
+            return
+        for gid in list(self._intake):
+            with contextlib.suppress(LedgerUnavailable):
+                self.ledger.release_lease(INTAKE_LEASE.format(gid), self.config.node_name)
+        self._intake.clear()
 
     @property
     def busy(self) -> bool:
@@ -637,6 +710,7 @@ class Engine:
         the next start."""
         self._pipeline.close()
         self.outbox.close()
+        self._release_intake()
         self.ledger.close()
 
 

@@ -17,11 +17,12 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from service import requests
 from service.config import load_config
 from service.engine import Engine
-from service.ledger import RunState, StudyState
+from service.ledger import Ledger, RunState, StudyState
 from service.models import build_models
 from service.watcher import StudyWatcher
 from tests.conftest import free_port, shared_file
 from tests.helpers import copy_series, run_cli, temp_files, tree_digest, write_config
+from tests.postgres import Postgres
 
 
 @pytest.fixture
@@ -326,3 +327,48 @@ pacs = {{ host = "127.0.0.1", port = {fast}, ae_title = "FASTPACS" }}
         assert engine.ledger.study_state("1", held)[0] == StudyState.SENT  # type: ignore[index]
     finally:
         engine.close()
+
+
+def test_intake_only_while_holding_the_gateway_lease_on_postgresql(
+    tmp_path: Path, postgres: Postgres
+) -> None:
+    """With a PostgreSQL ledger the engine takes ``intake:<gateway_id>`` at discovery; while
+    another node holds it, touches of that gateway are dropped and nothing runs here; once
+    the lease is free the next renewal takes it and asks for a rescan of the gateway."""
+    url = postgres.database()
+    (tmp_path / "INPUT/gateway_1").mkdir(parents=True)
+    config = load_config(
+        write_config(tmp_path, ledger=url, node_name="here", intake_lease_seconds=30),
+        environ={},
+    )
+    other = Ledger(url, "there")
+    engine = Engine(config, build_models(config))
+    taken: list[list[str]] = []
+    engine.on_intake_taken = taken.append
+    try:
+        assert other.take_lease("intake:1", "there", 30)
+        assert engine.discover() == ["1"]
+        assert not engine.holds_intake("1") and taken == []
+        engine.touch("1", "1.2.3")
+        assert engine.pending_count == 0  # another node's gateway: not ours to look at
+        assert other.release_lease("intake:1", "there")
+        engine.discover()  # a renewal: the lease is free now
+        assert engine.holds_intake("1") and taken == [["1"]]
+        assert {(x["name"], x["node"]) for x in other.leases() if x["live"]} == {
+            ("intake:1", "here")
+        }
+        engine.touch("1", "1.2.3")
+        assert engine.pending_count == 1
+        assert not other.take_lease("intake:1", "there", 30)  # held and renewed by "here"
+    finally:
+        engine.close()
+    assert other.leases() == []  # a clean close gives the lease up
+    other.close()
+
+
+def test_intake_needs_no_lease_on_sqlite(engine: Engine, tmp_path: Path) -> None:
+    (tmp_path / "INPUT/gateway_1").mkdir(parents=True, exist_ok=True)
+    engine.discover()
+    assert engine.holds_intake("1") and engine.ledger.leases() == []
+    engine.touch("1", "1.2.3")
+    assert engine.pending_count == 1

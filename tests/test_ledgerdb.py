@@ -8,6 +8,7 @@ peer, and the CLI reads that ledger back.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,13 @@ from devtools.sample import build_sample
 from service.ledger import Ledger
 from service.ledgerdb import PgRow
 from service.values import FINAL_STUDY_STATES
+from tests.conftest import shared_file
 from tests.helpers import (
+    copy_series,
+    kill,
     run_cli,
     start_service,
+    stop_service,
     stored_uid,
     wait_for,
     wait_service,
@@ -173,4 +178,117 @@ def test_postgresql_restarted_during_a_run_stops_the_service_and_nothing_is_lost
     outputs = ledger.query("SELECT sop_instance_uid FROM outputs o JOIN runs r USING (run_id)")
     ledger.close()
     assert sorted(stored) == sorted(r["sop_instance_uid"] for r in outputs)  # each once
+    assert len(set(stored)) == len(stored) > 0
+
+
+def _ledger_rows(url: str, sql: str) -> list[Any]:
+    ledger = Ledger.open_readonly(url)
+    if ledger is None:
+        return []
+    try:
+        return [tuple(row) for row in ledger.query(sql)]
+    finally:
+        ledger.close()
+
+
+def _intake_holders(url: str) -> dict[str, str]:
+    """Gateway id → the node holding its live ``intake:<id>`` lease."""
+    ledger = Ledger.open_readonly(url)
+    if ledger is None:
+        return {}  # no node has created the tables yet
+    try:
+        return {
+            lease["name"].removeprefix("intake:"): lease["node"]
+            for lease in ledger.leases()
+            if lease["live"] and lease["name"].startswith("intake:")
+        }
+    finally:
+        ledger.close()
+
+
+def test_two_nodes_one_intake_lease_each_study_once_and_takeover_after_sigkill(
+    tmp_path: Path, postgres: Postgres, start_peer: Callable[..., Peer]
+) -> None:
+    """Two ``serve`` processes on one PostgreSQL ledger and the same INPUT/OUTPUT (each its
+    own STATE): only the node holding a gateway's ``intake:<id>`` lease runs its studies, each
+    once, each result stored once; after the holder is SIGKILLed the other node takes the
+    leases over when they expire and processes a study dropped afterwards (the takeover
+    time is printed: at most the lease plus a third of it, one renewal, is expected)."""
+    stored: list[str] = []
+
+    def store(event: evt.Event) -> int:
+        stored.append(stored_uid(event))
+        return 0x0000
+
+    peer = start_peer(on_store=store, sop_classes=ALL_STORAGE)
+    pacs = f'[pacs]\nhost = "127.0.0.1"\nport = {peer.port}\nae_title = "{peer.ae_title}"\n'
+    url = postgres.database()
+    for gateway_id in ("1", "2"):  # the sample's gateways, present before the nodes start
+        (tmp_path / f"INPUT/gateway_{gateway_id}").mkdir(parents=True)
+    configs = {}
+    for name in ("node-a", "node-b"):
+        (tmp_path / name).mkdir()
+        configs[name] = write_config(
+            tmp_path / name,
+            pacs,
+            stable=0.2,
+            node_name=name,
+            input_dir=str(tmp_path / "INPUT"),
+            output_dir=str(tmp_path / "OUTPUT"),
+            ledger=url,
+            intake_lease_seconds=10,
+        )
+    # node-a pauses 3 s after each run starts: a node watching without the lease would see
+    # the run ``running`` meanwhile and resume it, running and sending it twice
+    paused = {"GATEWAY_FAILPOINTS": "after-commit:running=sleep:3"}
+    first = start_service(configs["node-a"], env=paused)
+    second = None
+    try:
+        wait_for(
+            lambda: _intake_holders(url) == {"1": "node-a", "2": "node-a"},
+            120,
+            "node-a holding the intake of both gateways",
+        )
+        second = start_service(configs["node-b"])
+        wait_for(
+            lambda: ("node-b",) in _ledger_rows(url, "SELECT node FROM nodes"),
+            120,
+            "node-b's heartbeat",
+        )
+        build_sample(tmp_path / "INPUT")  # both nodes watch it: node-a holds the intake
+
+        def final(count: int) -> bool:
+            states = _ledger_rows(url, "SELECT state FROM studies")
+            return len(states) == count and all(s in FINAL_STUDY_STATES for (s,) in states)
+
+        wait_for(lambda: final(2), 120, "the sample's two studies final")
+        runs = _ledger_rows(url, "SELECT gateway_id, study_uid, node FROM runs")
+        assert len(runs) == 2 and {(g, s) for g, s, _ in runs} == set(
+            _ledger_rows(url, "SELECT gateway_id, study_uid FROM studies")
+        )  # each study run once
+        assert {node for _, _, node in runs} == {"node-a"}  # by the intake holder
+        assert _intake_holders(url) == {"1": "node-a", "2": "node-a"}
+
+        kill(first)  # SIGKILL: node-a's leases are no longer renewed
+        killed = time.monotonic()
+        wait_for(
+            lambda: _intake_holders(url) == {"1": "node-b", "2": "node-b"},
+            60,
+            "node-b taking the intake over after node-a's leases expired",
+        )
+        print(f"intake taken over {time.monotonic() - killed:.1f} s after the SIGKILL")
+        late, _ = copy_series(shared_file("series/mr-phantom-63"), tmp_path / "INPUT/gateway_2", 3)
+        wait_for(lambda: final(3), 120, "the study dropped after the takeover final")
+        runs = _ledger_rows(url, "SELECT gateway_id, study_uid, node FROM runs")
+        assert len(runs) == 3
+        assert [node for g, s, node in runs if s == late] == ["node-b"]
+        code, log = stop_service(second)
+        assert code == 0, log
+        assert _intake_holders(url) == {}  # a clean stop gives its leases up
+    finally:
+        kill(first)
+        if second is not None:
+            kill(second)
+    outputs = _ledger_rows(url, "SELECT sop_instance_uid FROM outputs")
+    assert sorted(stored) == sorted(uid for (uid,) in outputs)  # every result stored once
     assert len(set(stored)) == len(stored) > 0
