@@ -24,7 +24,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -334,17 +335,8 @@ class Ledger:
             db = self._db
             for attempt in range(self.RETRIES + 1):
                 try:
-                    db.begin()
-                    try:
-                        result = work(db)
-                    except BaseException:
-                        try:
-                            db.rollback()
-                        except db.errors:
-                            logger.exception("ledger rollback failed")
-                        raise
-                    db.commit()
-                    return result
+                    with _transaction(db):
+                        return work(db)
                 except db.errors as exc:
                     if db.retryable(exc) and attempt < self.RETRIES:
                         logger.debug("ledger: concurrent change, transaction runs again")
@@ -1153,12 +1145,27 @@ SCHEMA_VERSION = (
 )
 
 
+@contextmanager
+def _transaction(db: Database, *, serializable: bool = True) -> Iterator[None]:
+    """One write transaction on ``db``: committed when the block ends, rolled back whole
+    when it raises (a failed rollback is logged; the block's exception goes on)."""
+    db.begin(serializable=serializable)
+    try:
+        yield
+    except BaseException:
+        try:
+            db.rollback()
+        except db.errors:
+            logger.exception("ledger rollback failed")
+        raise
+    db.commit()
+
+
 def _migrate(db: Database) -> None:
     """Bring the ledger's tables up to the last of :data:`MIGRATIONS`, in one write
     transaction under the migration lock (so that two processes, or two nodes, opening an
     old ledger at once apply each step once)."""
-    db.begin(serializable=False)
-    try:
+    with _transaction(db, serializable=False):
         db.lock_for_migration()
         db.execute(db.ddl(SCHEMA_VERSION))
         row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
@@ -1180,13 +1187,6 @@ def _migrate(db: Database) -> None:
             logger.info(
                 "ledger %s: schema step %d (%s)", db.description, step.version, step.description
             )
-    except BaseException:
-        try:
-            db.rollback()
-        except db.errors:
-            logger.exception("ledger rollback failed")
-        raise
-    db.commit()
 
 
 def _log_change(t: Transition, applied: Applied) -> None:
