@@ -99,14 +99,7 @@ def check_file(
         data = path.read_bytes()
     except OSError as exc:
         return [f"cannot read output file: {exc.strerror or type(exc).__name__}"]
-    ds, problems = _read_strict(data)
-    if ds is None:
-        return problems
-    problems += _check_encoding(ds, data)
-    problems += _check_content(ds, ds, source_sop_uids, run_sop_uids, seen_uids)
-    if problems:
-        logger.info("output %s fails conformance: %d problem(s)", path.name, len(problems))
-    return problems
+    return _check_bytes(data, None, path.name, source_sop_uids, run_sop_uids, seen_uids)
 
 
 def check_dataset(
@@ -127,11 +120,25 @@ def check_dataset(
     run on ``ds`` itself, whose values are already decoded (reading them back from ``data``
     is most of the cost of :func:`check_file`). ``name`` (the file's name) is only logged.
     """
+    return _check_bytes(data, ds, name, source_sop_uids, run_sop_uids, seen_uids)
+
+
+def _check_bytes(
+    data: bytes,
+    ds: Dataset | None,
+    name: str,
+    source_sop_uids: AbstractSet[str],
+    run_sop_uids: AbstractSet[str],
+    seen_uids: set[str] | None,
+) -> list[str]:
+    """The checks of :func:`check_file` on the encoded object ``data``; the content checks
+    run on ``ds`` (the data set ``data`` encodes) when given, else on ``data`` parsed."""
     parsed, problems = _read_strict(data)
     if parsed is None:
         return problems
     problems += _check_encoding(parsed, data)
-    problems += _check_content(ds, parsed, source_sop_uids, run_sop_uids, seen_uids)
+    content = parsed if ds is None else ds
+    problems += _check_content(content, parsed, source_sop_uids, run_sop_uids, seen_uids)
     if problems:
         logger.info("output %s fails conformance: %d problem(s)", name, len(problems))
     return problems
