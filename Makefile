@@ -13,6 +13,8 @@ RUN_PORT ?= 11112
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	@echo "installing the Python packages into $(VENV) (about 6.4 GB; minutes on a first run)"
+	@free=$$(df -Pk $(VENV) | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	if [ "$$free" -lt 8 ]; then echo "warning: only $$free GB free where $(VENV) lies; the install needs about 7 GB" >&2; fi
 	$(BIN)/pip install --progress-bar on --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
 	touch $@
 
