@@ -485,8 +485,8 @@ class Engine:
         on SQLite."""
         if self._runs is None:
             return True
-        if "run" not in self.roles:
-            return False
+        if "run" not in self.roles or run_id in self._runs:
+            return False  # no run role, or it is in this node's pipeline already
         if not self.ledger.claim_run(run_id, self._node, self.config.run_lease_seconds):
             logger.info("run %d is executed by another node", run_id)
             return False
