@@ -365,7 +365,7 @@ class Ledger:
 
     def apply(self, t: Transition) -> Applied:
         """Apply ``t`` in one transaction, or refuse it whole (:class:`IllegalTransition`)."""
-        label = str(t.study or t.run or (t.send.state if t.send else "") or "event")
+        label = _label(t)
         now = time.time()
 
         def work(db: Database) -> Applied:
@@ -728,10 +728,12 @@ class Ledger:
                 ):
                     raise IllegalTransition(f"a claim of send {send.send_id} must start it")
                 claimed.append((send, t, self._apply_in(db, t, now)))
+                failpoints.hit(f"before-commit:{_label(t)}")
             return claimed
 
         claimed = self._write(work)
         for _, t, applied in claimed:
+            failpoints.hit(f"after-commit:{_label(t)}")
             _log_change(t, applied)
         return [send for send, _, _ in claimed]
 
@@ -1381,6 +1383,12 @@ def _migrate(db: Database) -> None:
             logger.info(
                 "ledger %s: schema step %d (%s)", db.description, step.version, step.description
             )
+
+
+def _label(t: Transition) -> str:
+    """A transition's failpoint label: the study state it sets, else the run's, else the
+    send's, else ``event``."""
+    return str(t.study or t.run or (t.send.state if t.send else "") or "event")
 
 
 def _log_change(t: Transition, applied: Applied) -> None:
