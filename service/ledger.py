@@ -262,6 +262,8 @@ class Transition:
     #: to apply; checked in its own transaction, and the lease is released with it. When
     #: the check fails nothing of it applies but a WARNING event (``Applied.discarded``).
     fence: str = ""
+    #: with ``fence``: keep the lease (not released with the transition)
+    keep_lease: bool = False
 
 
 @dataclass(frozen=True)
@@ -379,7 +381,7 @@ class Ledger:
                     db.execute("DELETE FROM leases WHERE name=? AND node=?", (t.fence, self.node))
                 return Applied(run_id=t.run_id, discarded=why)
             applied = self._apply_in(db, t, now)
-            if t.fence:
+            if t.fence and not t.keep_lease:
                 db.execute("DELETE FROM leases WHERE name=? AND node=?", (t.fence, self.node))
             failpoints.hit(f"before-commit:{label}")
             return applied

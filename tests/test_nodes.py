@@ -197,16 +197,39 @@ def test_an_outcome_is_recorded_only_under_its_run_lease(postgres: Postgres) -> 
 
 
 def test_a_lease_run_out_but_not_taken_over_still_records(postgres: Postgres) -> None:
+    """A node's own lease that ran out, no other node having taken it, still fences in;
+    a transient failure (``waiting``, ``keep_lease``) is recorded and keeps the lease; it
+    is fenced off like an outcome once another node holds the lease."""
     url = postgres.database()
-    a = Ledger(url, "node-a")
+    a, b = Ledger(url, "node-a"), Ledger(url, "node-b")
     try:
         run_id = _running_run(a)
         assert a.claim_run(run_id, "node-a", 30)
+        waiting = Transition(
+            "1",
+            "1.2.3",
+            StudyState.WAITING,
+            "OUTPUT away; retry 1 in 5 s",
+            run_id=run_id,
+            fence=f"run:{run_id}",
+            keep_lease=True,
+        )
+        assert not a.apply(waiting).discarded
+        assert [(x["name"], x["node"]) for x in a.leases()] == [(f"run:{run_id}", "node-a")]
+        assert not b.claim_run(run_id, "node-b", 30)  # kept, still live
+        expire(url, "node-a")
+        assert b.claim_run(run_id, "node-b", 30)
+        assert "held by node node-b" in a.apply(waiting).discarded
+        assert b.study_state("1", "1.2.3") == (StudyState.WAITING, "OUTPUT away; retry 1 in 5 s")
+        expire(url, "node-b")
+        assert a.claim_run(run_id, "node-a", 30)  # node-b stalled in turn: node-a takes it
+        a.apply(Transition("1", "1.2.3", StudyState.RUNNING, f"run {run_id}, resumed"))
         expire(url, "node-a")  # no other node took it: the outcome is still this node's
         assert a.apply(_written(run_id, f"run:{run_id}")).send_id is not None
         assert a.leases() == []
     finally:
         a.close()
+        b.close()
 
 
 def test_a_dead_nodes_open_send_is_interrupted_once_and_never_resent(
