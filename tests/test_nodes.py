@@ -536,3 +536,20 @@ def test_serve_role_intake_and_serve_role_run_send_as_processes(
     assert "roles=intake" in log_front and "worker process(es) ready" not in log_front
     assert "routed only" in log_front
     assert "watch=none" in log_back and "roles=run,send" in log_back
+
+
+def test_sqlite_one_node_takes_no_lease_and_records_no_node(tmp_path: Path) -> None:
+    """On SQLite nothing of the above is used: no run lease, no heartbeat, no fence, and
+    every role is this node's."""
+    copy_series(shared_file("series/ct-4-noise"), tmp_path / "INPUT/gateway_1", limit=2)
+    config = load_config(write_config(tmp_path), environ={})
+    engine = Engine(config, build_models(config))
+    try:
+        engine.recover()
+        scan(engine)
+        assert engine.drain(30)
+        assert [str(r.state) for r in engine.ledger.runs()] == ["written"]
+        assert engine.ledger.leases() == [] and engine.ledger.nodes() == []
+        assert engine.roles == {"intake", "run", "send"}
+    finally:
+        engine.close()
