@@ -35,12 +35,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import psycopg  # noqa: E402
+import psycopg
 
-from bench.ledger import timed  # noqa: E402
-from service.ledger import Ledger  # noqa: E402
-from tests.nodes import Cluster, Receiver, Staged, drop, stage_studies  # noqa: E402
-from tests.postgres import Postgres, start_postgres  # noqa: E402
+from bench.ledger import timed
+from service.ledger import Ledger
+from tests.nodes import Cluster, Receiver, Staged, drop, stage_studies
+from tests.postgres import Postgres, start_postgres
 
 GATEWAYS = ("1", "2", "3")
 
@@ -59,8 +59,9 @@ def commits(url: str) -> int:
 
 def one_round(
     folder: Path, server: Postgres | None, nodes: int, staged: list[Staged]
-) -> tuple[float, float | None]:
-    """Drop → every study final with ``nodes`` nodes: (seconds, transactions per study)."""
+) -> tuple[float, float | None, str]:
+    """Drop → every study final with ``nodes`` nodes: (seconds, transactions per study,
+    runs per node)."""
     receiver = Receiver()
     url = server.database() if server is not None else ""
     names = [f"node-{n + 1}" for n in range(nodes)]
@@ -93,7 +94,8 @@ def one_round(
             o["sop_instance_uid"] for o in outputs
         ):
             raise RuntimeError(f"round not clean: {states}, {len(stored)} stored")
-        return seconds, per_study
+        ran = Counter(r["node"] for r in cluster.query("SELECT node FROM runs"))
+        return seconds, per_study, " ".join(f"{n}:{ran[n]}" for n in names)
     finally:
         codes = cluster.close()
         receiver.close()
@@ -128,6 +130,7 @@ def main() -> None:
     rounds = [("SQLite", 1), ("PostgreSQL", 1), ("PostgreSQL", 2), ("PostgreSQL", 3)]
     seconds: dict[tuple[str, int], list[float]] = {r: [] for r in rounds}
     xacts: dict[tuple[str, int], list[float]] = {r: [] for r in rounds}
+    shares: dict[tuple[str, int], list[str]] = {r: [] for r in rounds}
     root = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     server = start_postgres()
     try:
@@ -135,12 +138,14 @@ def main() -> None:
         for repeat in range(args.repeat):
             for backend, nodes in rounds:
                 folder = root / f"{backend}-{nodes}-{repeat}"
-                s, x = one_round(folder, server if backend == "PostgreSQL" else None, nodes, staged)
+                pg = server if backend == "PostgreSQL" else None
+                s, x, ran = one_round(folder, pg, nodes, staged)
+                shares[(backend, nodes)].append(ran)
                 shutil.rmtree(folder, ignore_errors=True)
                 seconds[(backend, nodes)].append(s)
                 if x is not None:
                     xacts[(backend, nodes)].append(x)
-                print(f"  {backend} x{nodes} (run {repeat + 1}): {s:.2f} s")
+                print(f"  {backend} x{nodes} (run {repeat + 1}): {s:.2f} s; runs {ran}")
         lite_ms, pg_ms = ledger_cost(server, args.ledger_studies)
     finally:
         server.stop()
@@ -150,17 +155,17 @@ def main() -> None:
     print()
     print(
         "| ledger | nodes | drop → all final | studies/s | ratio to SQLite x1 |"
-        " ledger transactions / study | ledger ms / study (bench/ledger.py) |"
+        " ledger transactions / study | ledger ms / study (bench/ledger.py) | runs per node |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for backend, nodes in rounds:
         s = statistics.median(seconds[(backend, nodes)])
-        x = xacts[(backend, nodes)]
-        per_study = f"{statistics.median(x):.1f}" if x else "-"
+        counted = xacts[(backend, nodes)]
+        per_study = f"{statistics.median(counted):.1f}" if counted else "-"
         cost = lite_ms if backend == "SQLite" else pg_ms
         print(
             f"| {backend} | {nodes} | {s:.2f} s | {args.studies / s:.2f} | {base / s:.2f} |"
-            f" {per_study} | {cost:.2f} |"
+            f" {per_study} | {cost:.2f} | {' / '.join(shares[(backend, nodes)])} |"
         )
     print(f"\nLoad average at the end {os.getloadavg()}; {cores} cores shared by every node.")
 

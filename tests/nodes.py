@@ -250,15 +250,16 @@ class Cluster:
         for name in names:
             folder = root / name
             folder.mkdir(parents=True)
-            settings: dict[str, object] = {
-                "node_name": name,
-                "input_dir": str(self.input),
-                "output_dir": str(self.output),
-                "ledger": ledger,
-            }
-            if ledger:
-                settings["intake_lease_seconds"] = lease
-            config = write_config(folder, receiver.pacs(), stable=stable, **settings)
+            config = write_config(
+                folder,
+                receiver.pacs(),
+                stable=stable,
+                node_name=name,
+                input_dir=str(self.input),
+                output_dir=str(self.output),
+                ledger=ledger,
+                intake_lease_seconds=lease,  # unused on SQLite
+            )
             env = {"GATEWAY_RUN_LEASE_SECONDS": f"{lease:g}"}  # a warning where unknown
             if roles and name in roles:
                 env["GATEWAY_ROLES"] = roles[name]
@@ -346,8 +347,7 @@ class Cluster:
     def studies_json(self) -> list[dict[str, Any]]:
         """``python main.py studies --json`` (through the first node's config)."""
         done = subprocess.run(
-            [sys.executable, "main.py", "--config", str(self.nodes[0].config)]
-            + ["studies", "--json"],
+            [sys.executable, "main.py", "--config", str(self.nodes[0].config), "studies", "--json"],
             cwd=ROOT,
             capture_output=True,
             text=True,

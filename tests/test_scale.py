@@ -47,9 +47,7 @@ def test_three_nodes_one_sigkilled_mid_way_every_result_stored_once(
     staged = stage_studies(tmp_path / "staging", 30)
     try:
         cluster.start(SLOW_RUNS)
-        _wait(
-            lambda: len(cluster.query("SELECT node FROM nodes")) == 3, 60, "three heartbeats"
-        )
+        _wait(lambda: len(cluster.query("SELECT node FROM nodes")) == 3, 60, "three heartbeats")
         started = time.monotonic()
         drop(staged, cluster.input)
 
@@ -148,9 +146,7 @@ def test_postgresql_restarted_during_a_run_nodes_restarted_nothing_lost_or_sent_
 
     try:
         cluster.start(SLOW_RUNS)
-        _wait(
-            lambda: len(cluster.query("SELECT node FROM nodes")) == 2, 60, "two heartbeats"
-        )
+        _wait(lambda: len(cluster.query("SELECT node FROM nodes")) == 2, 60, "two heartbeats")
         drop(staged, cluster.input)
         _wait(
             lambda: cluster.final_count() >= 3 and cluster.in_flight(),
