@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import signal
@@ -21,7 +22,7 @@ from types import FrameType
 from typing import Any
 
 from service import __version__
-from service.config import Config, load_config, plain_http_warnings
+from service.config import Config, check_roles, load_config, parse_roles, plain_http_warnings
 from service.errors import ConfigError, GatewayError
 from service.ledger import StudyState
 
@@ -65,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--once-timeout", type=float, default=3600.0, help="seconds --once waits at most"
+    )
+    serve.add_argument(
+        "--role",
+        metavar="ROLES",
+        default=None,
+        help="what this node does: intake,run,send (default: service.roles, all three);"
+        " anything but all three needs a PostgreSQL ledger",
     )
 
     run = sub.add_parser(
@@ -189,6 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.warning("configuration: %s", warning)
     try:
         if command == "serve":
+            if getattr(args, "role", None) is not None:
+                config = dataclasses.replace(config, roles=parse_roles(args.role, "--role"))
+                check_roles(config, "--role")
             return serve(
                 config,
                 once=getattr(args, "once", False),
@@ -275,7 +286,7 @@ def serve(config: Config, *, once: bool = False, timeout: float = 3600.0) -> int
             folder.mkdir(parents=True, exist_ok=True)
         lock = InstanceLock(config.state_dir)
         lock.acquire()  # AlreadyServing (a GatewayError): exit 1 with the reason
-        engine = Engine(config, build_models(config))
+        engine = Engine(config, build_models(config, load="run" in config.roles))
     except (AlreadyServing, ConfigError):
         notifier.close(1.0)
         raise
@@ -300,24 +311,27 @@ def serve(config: Config, *, once: bool = False, timeout: float = 3600.0) -> int
     try:
         engine.recover()
         engine.start()
-        watcher = StudyWatcher(
-            config.input_dir,
-            engine.touch,
-            mode=config.watch,
-            rescan_seconds=config.rescan_seconds,
-            poll_seconds=config.poll_seconds,
-            finished_seconds=config.finished_poll_seconds,
-            is_pending=engine.is_pending,
-        )
-        engine.on_intake_taken = lambda _gateways: watcher.scan() if watcher else None
+        if "intake" in config.roles:  # a node without intake neither watches nor scans
+            watcher = StudyWatcher(
+                config.input_dir,
+                engine.touch,
+                mode=config.watch,
+                rescan_seconds=config.rescan_seconds,
+                poll_seconds=config.poll_seconds,
+                finished_seconds=config.finished_poll_seconds,
+                is_pending=engine.is_pending,
+            )
+            engine.on_intake_taken = lambda _gateways: watcher.scan() if watcher else None
         engine.discover()
-        watcher.scan()
+        if watcher is not None:
+            watcher.scan()
         logger.info(
-            "serving input=%s output=%s watch=%s gateways=%s",
+            "serving input=%s output=%s watch=%s gateways=%s roles=%s",
             config.input_dir,
             config.output_dir,
-            config.watch,
+            config.watch if watcher is not None else "none",
             ",".join(engine.discover()) or "none yet",
+            ",".join(config.roles),
         )
         if config.workers == 0:
             logger.warning(
@@ -350,12 +364,14 @@ def serve(config: Config, *, once: bool = False, timeout: float = 3600.0) -> int
             except BaseException as exc:  # the loop cannot go on: the service stops
                 on_fatal(exc)
 
-        watcher.start()
+        if watcher is not None:
+            watcher.start()
         worker = threading.Thread(target=loop, name="engine", daemon=True)
         worker.start()
         while worker.is_alive() and not stop.is_set():
             stop.wait(1.0)
-        watcher.stop()
+        if watcher is not None:
+            watcher.stop()
         worker.join(config.shutdown_seconds)
     except BaseException as exc:
         on_fatal(exc)

@@ -151,6 +151,12 @@ class Config:
     #: with a PostgreSQL ledger: how long a node's hold on a gateway's intake lasts unless
     #: renewed (``intake:<gateway_id>`` leases, renewed with the node's heartbeat)
     intake_lease_seconds: float = 30.0
+    #: with a PostgreSQL ledger: how long a node's hold on a run lasts unless renewed
+    #: (``run:<run_id>`` leases; a run's outcome is recorded only while it is held)
+    run_lease_seconds: float = 30.0
+    #: what this node does (``--role``): watch and scan (intake), execute runs (run),
+    #: open associations (send); anything but all three needs a PostgreSQL ledger
+    roles: tuple[str, ...] = ("intake", "run", "send")
     #: the operator console's ``host:port`` (:mod:`service.console`); "" = no console
     http: str = "127.0.0.1:8080"
     #: Bearer token that allows the console's actions (resend, reprocess); "" = disabled
@@ -504,8 +510,10 @@ def _service(table: dict[str, Any], out: dict[str, Any]) -> None:
                 raise ConfigError(name, f"must be 0 (no limit) or at least 64; got {value!r}")
         elif key == "run_timeout_seconds":
             out[key] = _as_float(value, name)
-        elif key == "intake_lease_seconds":
+        elif key in ("intake_lease_seconds", "run_lease_seconds"):
             out[key] = _as_float(value, name, 1.0)
+        elif key == "roles":
+            out[key] = parse_roles(value, name)
         elif key == "log_level":
             out[key] = _as_choice(str(value).upper(), name, ("DEBUG", "INFO", "WARNING", "ERROR"))
         elif key == "node_name":
@@ -516,6 +524,39 @@ def _service(table: dict[str, Any], out: dict[str, Any]) -> None:
             out[key] = _as_listen(value, name)
         elif key == "http_token":
             out[key] = _as_str(value, name)
+
+
+#: Every node role, in order (``service.roles``, ``serve --role``).
+NODE_ROLES = ("intake", "run", "send")
+
+
+def parse_roles(value: Any, key: str = "service.roles") -> tuple[str, ...]:
+    """Node roles: a comma-separated string (or a list) of intake, run and send, at least
+    one, each once; returned in :data:`NODE_ROLES` order."""
+    if isinstance(value, str):
+        items = [part.strip() for part in value.split(",")]
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        items = [v.strip() for v in value]
+    else:
+        raise ConfigError(key, f'expected roles like "intake,run,send"; got {value!r}')
+    items = [item for item in items if item]
+    unknown = sorted(set(items) - set(NODE_ROLES))
+    if unknown or not items or len(set(items)) != len(items):
+        raise ConfigError(
+            key,
+            f"must name each of {', '.join(NODE_ROLES)} at most once, at least one; got {value!r}",
+        )
+    return tuple(role for role in NODE_ROLES if role in items)
+
+
+def check_roles(config: Config, key: str = "service.roles") -> None:
+    """Roles other than all three need a ledger shared by nodes (PostgreSQL)."""
+    if tuple(config.roles) != NODE_ROLES and not config.ledger:
+        raise ConfigError(
+            key,
+            f"{','.join(config.roles)} needs a PostgreSQL ledger (service.ledger): with the"
+            " SQLite ledger in STATE the one node does every role (intake,run,send)",
+        )
 
 
 def _as_ledger_url(value: Any, name: str) -> str:
@@ -624,6 +665,8 @@ ENV_KEYS: dict[str, str] = {
     "GATEWAY_NODE_NAME": "service.node_name",
     "GATEWAY_LEDGER": "service.ledger",
     "GATEWAY_INTAKE_LEASE_SECONDS": "service.intake_lease_seconds",
+    "GATEWAY_RUN_LEASE_SECONDS": "service.run_lease_seconds",
+    "GATEWAY_ROLES": "service.roles",
     "GATEWAY_HTTP": "service.http",
     "GATEWAY_HTTP_TOKEN": "service.http_token",
     "GATEWAY_NOTIFY_WEBHOOK_URL": "notify.webhook_url",
@@ -899,7 +942,9 @@ def from_mapping(
     out["warnings"] = warnings
     out["sources"] = dict.fromkeys(_leaf_keys(data), "file") if sources is None else sources
     out["config_file"] = config_file
-    return Config(**out)
+    config = Config(**out)
+    check_roles(config)
+    return config
 
 
 def plain_http_warnings(config: Config) -> list[str]:

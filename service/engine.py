@@ -13,21 +13,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from service import assembly, requests
 from service.config import GATEWAY_ID_RE, Config
+from service.config import NODE_ROLES as ALL_ROLES
 from service.conformance import quarantine_file
 from service.fsutil import sweep_temp_files
 from service.ledger import (
+    RUN_LEASE,
     Ledger,
     LedgerUnavailable,
     NewRun,
     QueuedSend,
+    RunRow,
     SendChange,
     Transition,
     printable,
@@ -65,8 +69,12 @@ logger = logging.getLogger(__name__)
 RETRY_FIRST_SECONDS = 5.0
 #: Seconds between this node's heartbeats in a PostgreSQL ledger (``status`` lists nodes).
 NODE_HEARTBEAT_SECONDS = 10.0
-#: What a node does (every node does everything until node roles exist).
-NODE_ROLES = ("intake", "run", "send")
+#: Every role a node may have (``service.roles``; a node's own are ``config.roles``).
+NODE_ROLES = ALL_ROLES
+#: Seconds between a node's looks for runs and sends to take over (PostgreSQL ledger).
+CLAIM_SECONDS = 1.0
+#: Seconds before a run this node claimed but could not execute is claimed here again.
+CLAIM_RETRY_SECONDS = 30.0
 #: The lease a node holds to watch and scan a gateway on a PostgreSQL ledger.
 INTAKE_LEASE = "intake:{}"
 RETRY_MAX_SECONDS = 300.0
@@ -100,6 +108,14 @@ class Engine:
         self._intake: dict[str, float] | None = {} if self.config.ledger else None
         self._intake_beat: float | None = None  # monotonic time of the last lease renewal
         self._gateways: list[str] = []  # the gateways found by the last discover()
+        #: PostgreSQL ledger: the runs this node executes, by run id (their ``run:<id>``
+        #: leases are renewed while they are in the pipeline); None on SQLite (no leases)
+        self._runs: dict[int, tuple[str, str]] | None = {} if self.config.ledger else None
+        self._runs_beat: float | None = None  # monotonic time of the last run lease renewal
+        self._claim_beat: float | None = None  # monotonic time of the last look for work
+        #: runs claimed here that could not execute here, with when to try them again
+        self._not_here: dict[int, float] = {}
+        self.roles = frozenset(self.config.roles)
         #: called with the gateways whose intake this node has just taken (the service
         #: rescans INPUT then, so that their studies are touched here)
         self.on_intake_taken: Callable[[list[str]], None] | None = None
@@ -133,11 +149,19 @@ class Engine:
         requests.fail_interrupted(self.config.state_dir)
         recovery = self.ledger.recover()
         for send in recovery.queued:
-            self.outbox.add(send)
+            self._queue_send(send)
 
     def start(self) -> None:
-        """Start the pipeline's worker processes (else the first run starts them)."""
-        self._pipeline.start()
+        """Start the pipeline's worker processes (else the first run starts them); none
+        on a node without the ``run`` role."""
+        if "run" in self.roles:
+            self._pipeline.start()
+
+    def _queue_send(self, send: QueuedSend) -> None:
+        """Hand a queued send to the outbox (a node without the ``send`` role leaves it
+        queued in the ledger for a node that has it)."""
+        if "send" in self.roles:
+            self.outbox.add(send)
 
     def touch(self, gateway_id: str, study_name: str, *, reprocess: bool = False) -> None:
         """Mark a study folder as touched (thread-safe; called by the watcher). On a
@@ -187,7 +211,9 @@ class Engine:
         now = time.monotonic() if now is None else now
         self._node_heartbeat()
         self._renew_intake()
+        self._renew_runs()
         completed = self._complete_finished()
+        self._take_over()
         room = self._pipeline.has_capacity
         busy = self.outbox.busy_studies()
         with self._lock:
@@ -418,6 +444,8 @@ class Engine:
                 self._readiness.finished((gid, study.folder.name), listing)
                 return True
             run_id, generation = existing.run_id, existing.generation  # interrupted: finish it
+            if not self._lease_run(run_id):
+                return True  # another node executes it (or recorded its outcome)
             logger.info("gateway=%s study=%s resuming run %d", gid, suid, run_id)
             self._set(gid, suid, StudyState.RUNNING, f"run {run_id} ({model.name}), resumed")
         else:
@@ -443,8 +471,25 @@ class Engine:
             )
             assert applied.run_id is not None
             run_id = applied.run_id
+            if not self._lease_run(run_id):
+                pending.force_generation = False
+                return True  # another node claimed it first: it executes it
         pending.force_generation = False
         self.execute_run(run_id, study, model, digest, generation, stable_at=pending.stable_at)
+        return True
+
+    def _lease_run(self, run_id: int) -> bool:
+        """PostgreSQL ledger: take the lease ``run:<run_id>`` (the run still ``running``,
+        no other node holding it); True when this node may execute the run (never without
+        the ``run`` role: the run stays ``running`` for a node that has it). Always True
+        on SQLite."""
+        if self._runs is None:
+            return True
+        if "run" not in self.roles:
+            return False
+        if not self.ledger.claim_run(run_id, self._node, self.config.run_lease_seconds):
+            logger.info("run %d is executed by another node", run_id)
+            return False
         return True
 
     @property
@@ -482,6 +527,8 @@ class Engine:
         layout = self.config.gateway(gid).layout
         ctx = RunContext(uids=uids, run_id=run_id, started=datetime.now())
         self._in_flight[(gid, study.folder.name)] = b""
+        if self._runs is not None:
+            self._runs[run_id] = (gid, suid)
         self._pipeline.submit(PipelineJob(run_id, study, model, ctx, layout, timings))
 
     def _complete_finished(self) -> int:
@@ -506,6 +553,10 @@ class Engine:
         transition (:func:`service.record.run_transition`)."""
         job, done = outcome.job, outcome.finished
         run_id, gid, suid = job.run_id, job.study.gateway_id, job.study.study_uid
+        fence = ""
+        if self._runs is not None:  # PostgreSQL: recorded only while the lease is ours
+            self._runs.pop(run_id, None)
+            fence = RUN_LEASE.format(run_id)
         if done.error and done.transient:
             watch = Watch(first_seen=time.monotonic())
             self._wait_transient(key, suid, watch, time.monotonic(), f"run {run_id}: {done.error}")
@@ -513,8 +564,6 @@ class Engine:
                 self._pending.setdefault(key, watch)
             return
         self._attempts.pop(key, None)
-        if listing:
-            self._readiness.finished(key, listing)
         if not done.error:
             for finding in done.problems:  # the gate failed: nothing of the run leaves
                 if finding.path.exists():
@@ -531,9 +580,13 @@ class Engine:
         transition = run_transition(
             gid, suid, run_id, done, outcome.timings, listing or None, destination
         )
-        applied = self.ledger.apply(transition)
+        applied = self.ledger.apply(replace(transition, fence=fence))
+        if applied.discarded:  # another node took the run over: its outcome stands
+            return
+        if listing:
+            self._readiness.finished(key, listing)
         if applied.send_id is not None:
-            self.outbox.add(QueuedSend(applied.send_id, run_id, gid, suid))
+            self._queue_send(QueuedSend(applied.send_id, run_id, gid, suid))
 
     def resend(self, gateway_id: str, study_uid: str) -> int | None:
         """Queue one new send attempt of the study's latest run whose outputs passed the
@@ -559,7 +612,7 @@ class Engine:
             )
         )
         assert applied.send_id is not None
-        self.outbox.add(QueuedSend(applied.send_id, run.run_id, gateway_id, study_uid, True))
+        self._queue_send(QueuedSend(applied.send_id, run.run_id, gateway_id, study_uid, True))
         return applied.send_id
 
     # -- whole folders ---------------------------------------------------------------------
@@ -600,11 +653,15 @@ class Engine:
         return until is not None and (time.monotonic() if now is None else now) < until
 
     def _renew_intake(self, *, force: bool = False) -> None:
-        """Take or renew the intake lease of every gateway found, every third of
-        ``intake_lease_seconds`` (at most every :data:`NODE_HEARTBEAT_SECONDS`). A gateway
-        newly taken is rescanned (``on_intake_taken``); one lost stops its intake here: its
-        touched studies are dropped, its runs and sends in progress finish."""
-        if self._intake is None:
+        """Take or renew intake leases, every third of ``intake_lease_seconds`` (at most
+        every :data:`NODE_HEARTBEAT_SECONDS`): this node renews those it holds and takes
+        free ones while it holds fewer than ceil(gateways / live intake nodes) (live: a
+        heartbeat within the lease); it gives up those beyond that share, so that the
+        gateways spread over the intake nodes. A gateway newly taken is rescanned
+        (``on_intake_taken``); one lost or given up stops its intake here: its touched
+        studies are dropped, its runs and sends in progress finish. Nothing without the
+        ``intake`` role."""
+        if self._intake is None or "intake" not in self.roles:
             return
         lease = self.config.intake_lease_seconds
         start = time.monotonic()
@@ -613,9 +670,19 @@ class Engine:
             return
         self._intake_beat = start
         node = self.config.node_name
+        self._node_heartbeat()  # counted among the live intake nodes before sharing
+        live = set(self.ledger.live_nodes("intake", lease)) | {node}
+        share = math.ceil(len(self._gateways) / len(live))
+        held = sorted(g for g in self._gateways if self.holds_intake(g, start))
+        for gid in held[share:]:  # more than a fair share: the others take these
+            self.ledger.release_lease(INTAKE_LEASE.format(gid), node)
+            self._intake.pop(gid, None)
+            logger.info("gateway=%s intake given up: %d live intake nodes share it", gid, len(live))
         taken: list[str] = []
         for gid in self._gateways:
             held_before = self.holds_intake(gid, start)
+            if not held_before and sum(map(self.holds_intake, self._gateways)) >= share:
+                continue  # a fair share held: a free gateway is left to another node
             if self.ledger.take_lease(INTAKE_LEASE.format(gid), node, lease):
                 self._intake[gid] = start + lease
                 if not held_before:
@@ -632,6 +699,103 @@ class Engine:
                     del self._pending[key]
         if taken and self.on_intake_taken is not None:
             self.on_intake_taken(taken)
+
+    # -- taking work over (PostgreSQL ledger: any node with the role) ------------------------
+
+    def _take_over(self) -> None:
+        """Every :data:`CLAIM_SECONDS`: record the sends of dead nodes ``interrupted``;
+        with the ``send`` role, adopt the sends queued by any node; with the ``run`` role,
+        claim runs left ``running`` without a live lease (a dead or stalled node's, or
+        recorded by an intake-only node), oldest first, while the pipeline has room."""
+        if self._runs is None:
+            return
+        now = time.monotonic()
+        if self._claim_beat is not None and now - self._claim_beat < CLAIM_SECONDS:
+            return
+        self._claim_beat = now
+        self.ledger.interrupt_dead_sends(self.config.run_lease_seconds)
+        if "send" in self.roles:
+            self.outbox.adopt(self.ledger.queued_sends())
+        if "run" not in self.roles:
+            return
+        self._not_here = {k: t for k, t in self._not_here.items() if t > now}
+        for _ in range(max(1, self.config.workers)):
+            if not self._pipeline.has_capacity:
+                break
+            exclude = sorted({*self._runs, *self._not_here})
+            claimed = self.ledger.claim_runs(
+                self._node, self.config.run_lease_seconds, 1, exclude=exclude
+            )
+            if not claimed:
+                break
+            run = claimed[0]
+            why = self._resume_claimed(run)
+            if why:
+                logger.info(
+                    "gateway=%s study=%s run %d not executed here: %s",
+                    run.gateway_id,
+                    printable(run.study_uid),
+                    run.run_id,
+                    why,
+                )
+                self._not_here[run.run_id] = now + CLAIM_RETRY_SECONDS
+                self.ledger.release_lease(RUN_LEASE.format(run.run_id), self._node)
+
+    def _resume_claimed(self, run: RunRow) -> str:
+        """Execute a claimed run on its study folder as it is now, with the same
+        generation (so the same output UIDs); why not ("" when it started)."""
+        gid, folder = run.gateway_id, run.study_uid
+        model = self.models.get(run.model_name)
+        if model is None or model.version != run.model_version:
+            return f"model {run.model_name} {run.model_version} is not loaded on this node"
+        if not model.ready().ok:
+            return f"model {run.model_name} is not ready: {model.ready().reason}"
+        if (gid, folder) in self._in_flight:
+            return "its study has a run in the pipeline here"
+        rebuilt = self._readiness.rebuild(gid, folder)
+        if isinstance(rebuilt, str):
+            return rebuilt
+        study, listing = rebuilt
+        digest = assembly.inputs_digest(study.instances)
+        if digest != run.inputs_digest:
+            return "its inputs changed since it started: intake runs them anew"
+        logger.info(
+            "gateway=%s study=%s run %d taken over (started by node %s)",
+            gid,
+            printable(study.study_uid),
+            run.run_id,
+            run.node or "?",
+        )
+        self._set(
+            gid,
+            study.study_uid,
+            StudyState.RUNNING,
+            f"run {run.run_id} ({model.name}), taken over by node {self._node}",
+        )
+        self.execute_run(run.run_id, study, model, digest, run.generation)
+        self._in_flight[(gid, study.folder.name)] = listing
+        return ""
+
+    def _renew_runs(self) -> None:
+        """Renew the lease of every run this node executes, every third of
+        ``run_lease_seconds``. A lease lost (another node took the run over while this
+        one stalled) is logged; that run's outcome will be discarded here."""
+        if not self._runs:
+            return
+        lease = self.config.run_lease_seconds
+        now = time.monotonic()
+        if self._runs_beat is not None and now - self._runs_beat < lease / 3:
+            return
+        self._runs_beat = now
+        for run_id, (gid, suid) in list(self._runs.items()):
+            if not self.ledger.renew_lease(RUN_LEASE.format(run_id), self._node, lease):
+                logger.warning(
+                    "gateway=%s study=%s run %d: lease lost (another node took the run over);"
+                    " its outcome here will be discarded",
+                    gid,
+                    printable(suid),
+                    run_id,
+                )
 
     def _release_intake(self) -> None:
         """Give the intake leases up at a clean stop, so another node takes them at once."""
@@ -697,12 +861,17 @@ class Engine:
 
     def _node_heartbeat(self) -> None:
         """In a PostgreSQL ledger (shared by nodes): record this node alive, every
-        :data:`NODE_HEARTBEAT_SECONDS`. (An SQLite ledger has one node: nothing to say.)"""
+        :data:`NODE_HEARTBEAT_SECONDS` and every third of the leases at least (a node
+        whose heartbeat is older than ``run_lease_seconds`` counts as gone: its open sends
+        are recorded interrupted). (An SQLite ledger has one node: nothing to say.)"""
         beat = time.monotonic()
-        if self.config.ledger and (
-            self._node_beat is None or beat - self._node_beat >= NODE_HEARTBEAT_SECONDS
-        ):
-            self.ledger.heartbeat(self.config.node_name, NODE_ROLES)
+        every = min(
+            NODE_HEARTBEAT_SECONDS,
+            self.config.run_lease_seconds / 3,
+            self.config.intake_lease_seconds / 3,
+        )
+        if self.config.ledger and (self._node_beat is None or beat - self._node_beat >= every):
+            self.ledger.heartbeat(self.config.node_name, tuple(self.config.roles))
             self._node_beat = beat
 
     def close(self) -> None:
@@ -711,6 +880,9 @@ class Engine:
         self._pipeline.close()
         self.outbox.close()
         self._release_intake()
+        for run_id in list(self._runs or ()):  # unfinished: another node may take them now
+            with contextlib.suppress(LedgerUnavailable):
+                self.ledger.release_lease(RUN_LEASE.format(run_id), self._node)
         self.ledger.close()
 
 

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,6 +48,9 @@ from service.values import (
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: The lease a node holds while it executes a run (a ledger shared by nodes).
+RUN_LEASE = "run:{}"
 
 __all__ = [
     "FINAL_RUN_STATES",
@@ -254,6 +257,11 @@ class Transition:
     events: Sequence[tuple[str, str]] = ()  # (level, message)
     listing: bytes | None = None
     forget_listing: bool = False
+    #: fencing (a ledger shared by nodes): the name of the lease this node (the ledger's
+    #: ``node``) must still hold, with run ``run_id`` still ``running``, for the transition
+    #: to apply; checked in its own transaction, and the lease is released with it. When
+    #: the check fails nothing of it applies but a WARNING event (``Applied.discarded``).
+    fence: str = ""
 
 
 @dataclass(frozen=True)
@@ -263,6 +271,8 @@ class Applied:
     run_id: int | None = None
     send_id: int | None = None
     study_changed: bool = False
+    #: the transition was fenced off (:attr:`Transition.fence`): only its event recorded
+    discarded: str = ""
 
 
 @dataclass(frozen=True)
@@ -359,11 +369,31 @@ class Ledger:
         now = time.time()
 
         def work(db: Database) -> Applied:
+            why = self._fenced_off(db, t) if t.fence else ""
+            if why:
+                event = f"run {t.run_id}: outcome discarded: {why}"
+                self._apply_in(
+                    db, Transition(t.gateway_id, t.study_uid, events=[("WARNING", event)]), now
+                )
+                if t.fence:
+                    db.execute("DELETE FROM leases WHERE name=? AND node=?", (t.fence, self.node))
+                return Applied(run_id=t.run_id, discarded=why)
             applied = self._apply_in(db, t, now)
+            if t.fence:
+                db.execute("DELETE FROM leases WHERE name=? AND node=?", (t.fence, self.node))
             failpoints.hit(f"before-commit:{label}")
             return applied
 
         applied = self._write(work)
+        if applied.discarded:
+            logger.warning(
+                "gateway=%s study=%s run %s: outcome discarded: %s",
+                printable(t.gateway_id),
+                printable(t.study_uid),
+                t.run_id,
+                applied.discarded,
+            )
+            return applied
         failpoints.hit(f"after-commit:{label}")
         _log_change(t, applied)
         for observer in self.observers:
@@ -372,6 +402,23 @@ class Ledger:
             except Exception:  # an observer never undoes or stops a committed change
                 logger.exception("ledger observer %r failed", observer)
         return applied
+
+    def _fenced_off(self, db: Database, t: Transition) -> str:
+        """Why ``t`` must not apply under its fence ("" when it may): the lease
+        ``t.fence`` is held by another node (or by none), or run ``t.run_id`` is no longer
+        ``running`` (another node recorded its outcome). A lease this node still holds
+        counts even when it ran out: no other node has taken it over, and a node taking
+        it over now conflicts with this transaction (SERIALIZABLE; one of them runs
+        again and sees the other's change)."""
+        row = db.execute("SELECT node FROM leases WHERE name=?", (t.fence,)).fetchone()
+        if row is None or row[0] != self.node:
+            holder = f"node {row[0]}" if row is not None else "no node"
+            return f"lease {t.fence} is held by {holder}, not by {self.node}"
+        run = db.execute("SELECT state FROM runs WHERE run_id=?", (t.run_id,)).fetchone()
+        if run is None or run[0] != RunState.RUNNING:
+            state = run[0] if run is not None else "missing"
+            return f"run {t.run_id} is {state}, no longer running"
+        return ""
 
     def _apply_in(self, db: Database, t: Transition, now: float) -> Applied:
         gid, suid = printable(t.gateway_id), printable(t.study_uid)
@@ -648,20 +695,27 @@ class Ledger:
         return Recovery(interrupted=len(open_sends), queued=queued)
 
     def claim_queued_sends(
-        self, limit: int, start: Callable[[QueuedSend], Transition]
+        self,
+        limit: int,
+        start: Callable[[QueuedSend], Transition],
+        send_ids: Sequence[int] = (),
     ) -> list[QueuedSend]:
         """Claim up to ``limit`` queued sends, oldest first, each changed by ``start(send)``
         (its ``queued`` -> ``sending`` transition, committed before the association opens),
         all in one transaction: of several nodes claiming at once, exactly one gets each
         send. PostgreSQL: ``SELECT … FOR UPDATE SKIP LOCKED`` passes over the sends another
-        node is claiming; SQLite: the one writer claims them all in turn."""
+        node is claiming; SQLite: the one writer claims them all in turn. ``send_ids``:
+        only among these."""
+        only = f" AND s.send_id IN ({','.join('?' * len(send_ids))})" if send_ids else ""
 
         def work(db: Database) -> list[tuple[QueuedSend, Transition, Applied]]:
             rows = db.execute(
                 "SELECT s.send_id, s.run_id, r.gateway_id, r.study_uid, s.manual FROM sends s"
-                " JOIN runs r USING (run_id) WHERE s.state=? ORDER BY s.send_id LIMIT ?"
+                " JOIN runs r USING (run_id) WHERE s.state=?"
+                + only
+                + " ORDER BY s.send_id LIMIT ?"
                 + db.skip_locked("s"),
-                (str(SendState.QUEUED), limit),
+                (str(SendState.QUEUED), *send_ids, limit),
             ).fetchall()
             claimed = []
             now = time.time()
@@ -714,6 +768,146 @@ class Ledger:
             return row is not None
 
         return self._write(work)
+
+    def renew_lease(self, name: str, node: str, seconds: float) -> bool:
+        """Extend ``node``'s lease ``name`` to ``seconds`` from now; False when it does
+        not hold it any more (another node took it over, or it was released). Never
+        creates a lease, unlike :meth:`take_lease`."""
+
+        def work(db: Database) -> bool:
+            now = db.clock()
+            return (
+                db.execute(
+                    "UPDATE leases SET expires=? WHERE name=? AND node=?",
+                    (now + seconds, name, node),
+                ).rowcount
+                > 0
+            )
+
+        return self._write(work)
+
+    def claim_runs(
+        self,
+        node: str,
+        seconds: float,
+        limit: int,
+        exclude: Sequence[int] = (),
+        run_ids: Sequence[int] = (),
+    ) -> list[RunRow]:
+        """Claim up to ``limit`` runs left ``running`` whose lease ``run:<run_id>`` is
+        absent or expired (or already ``node``'s), oldest first, skipping ``exclude``
+        (or only among ``run_ids`` when given): each one's lease taken for ``node`` for
+        ``seconds``, all in one transaction. PostgreSQL: ``FOR UPDATE SKIP LOCKED`` passes
+        over the runs another node is claiming; of several nodes claiming at once exactly
+        one gets each run."""
+        if limit <= 0:
+            return []
+
+        def work(db: Database) -> list[RunRow]:
+            now = db.clock()
+            sql = (
+                "SELECT r.* FROM runs r WHERE r.state=? AND NOT EXISTS (SELECT 1 FROM leases l"
+                " WHERE l.name = 'run:' || CAST(r.run_id AS TEXT) AND l.node <> ?"
+                " AND l.expires >= ?)"
+            )
+            params: list[Any] = [str(RunState.RUNNING), node, now]
+            if exclude:
+                sql += f" AND r.run_id NOT IN ({','.join('?' * len(exclude))})"
+                params.extend(exclude)
+            if run_ids:
+                sql += f" AND r.run_id IN ({','.join('?' * len(run_ids))})"
+                params.extend(run_ids)
+            sql += " ORDER BY r.run_id LIMIT ?" + db.skip_locked("r")
+            rows = [_run_row(r) for r in db.execute(sql, [*params, limit]).fetchall()]
+            for run in rows:
+                db.execute(
+                    "INSERT INTO leases (name, node, expires) VALUES (?, ?, ?) ON CONFLICT"
+                    " (name) DO UPDATE SET node=excluded.node, expires=excluded.expires",
+                    (RUN_LEASE.format(run.run_id), node, now + seconds),
+                )
+                db.execute("UPDATE runs SET node=? WHERE run_id=?", (node, run.run_id))
+            return [replace(run, node=node) for run in rows]
+
+        return self._write(work)
+
+    def claim_run(self, run_id: int, node: str, seconds: float) -> bool:
+        """Take the lease of run ``run_id`` for ``node`` if the run is still ``running``
+        and no other node holds its lease (see :meth:`claim_runs`)."""
+        return bool(self.claim_runs(node, seconds, 1, run_ids=(run_id,)))
+
+    def live_nodes(self, role: str, seconds: float) -> list[str]:
+        """The nodes with ``role`` whose heartbeat is at most ``seconds`` old."""
+        with self._lock:
+            try:
+                now = self._db.clock()
+            except self._db.operational as exc:
+                raise self._unavailable(exc) from exc
+        rows = self.query(
+            "SELECT node, roles FROM nodes WHERE heartbeat >= ? ORDER BY node", (now - seconds,)
+        )
+        return [r["node"] for r in rows if role in r["roles"].split(",")]
+
+    def interrupt_dead_sends(self, seconds: float) -> int:
+        """Sends left ``sending`` by a node whose heartbeat is more than ``seconds`` old
+        (dead, or stalled past its leases): each recorded ``interrupted``, its run and
+        study ``send_failed`` (never repeated by itself; ``resend`` sends again), as
+        :meth:`recover` does for a node's own. One transaction; how many."""
+        reason = "send interrupted: the node that opened it stopped answering"
+
+        def work(db: Database) -> list[Row]:
+            now = db.clock()
+            rows = list(
+                db.execute(
+                    "SELECT s.send_id, s.run_id, r.gateway_id, r.study_uid, st.state, s.node"
+                    " FROM sends s JOIN runs r USING (run_id) LEFT JOIN studies st"
+                    " ON st.gateway_id = r.gateway_id AND st.study_uid = r.study_uid"
+                    " JOIN nodes n ON n.node = s.node WHERE s.state=? AND s.node <> ?"
+                    " AND n.heartbeat < ? ORDER BY s.send_id",
+                    (str(SendState.SENDING), self.node, now - seconds),
+                )
+            )
+            wall = time.time()
+            for send_id, run_id, gid, suid, study_state, opener in rows:
+                self._apply_in(
+                    db,
+                    Transition(
+                        gid,
+                        suid,
+                        StudyState.SEND_FAILED if study_state == StudyState.SENDING else None,
+                        reason,
+                        run_id=run_id,
+                        run=RunState.SEND_FAILED,
+                        send=SendChange(
+                            SendState.INTERRUPTED,
+                            send_id,
+                            reason=f"node {opener} stopped answering during the send",
+                        ),
+                        events=[("WARNING", f"send {send_id} interrupted: node {opener} is gone")],
+                    ),
+                    wall,
+                )
+            return rows
+
+        rows = self._write(work)
+        for row in rows:
+            logger.warning(
+                "gateway=%s study=%s send %d of node %s interrupted (node gone);"
+                " not repeated by itself",
+                row[2],
+                row[3],
+                row[0],
+                row[5],
+            )
+        return len(rows)
+
+    def queued_sends(self, limit: int = 100) -> list[QueuedSend]:
+        """Sends ``queued`` (by any node), oldest first."""
+        rows = self.query(
+            "SELECT s.send_id, s.run_id, r.gateway_id, r.study_uid, s.manual FROM sends s"
+            " JOIN runs r USING (run_id) WHERE s.state=? ORDER BY s.send_id LIMIT ?",
+            (str(SendState.QUEUED), limit),
+        )
+        return [QueuedSend(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
 
     def release_lease(self, name: str, node: str) -> bool:
         """Give up ``name`` if ``node`` holds it; True when it did."""

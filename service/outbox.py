@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.config import Config, PacsConfig
-from service.ledger import Ledger, LedgerUnavailable, QueuedSend, SendChange, Transition
+from service.ledger import (
+    IllegalTransition,
+    Ledger,
+    LedgerUnavailable,
+    QueuedSend,
+    SendChange,
+    Transition,
+)
 from service.record import describe
 from service.sender import SendHandle, SendResult, SendStatus
 from service.sendlanes import SendLanes, lane_key
@@ -67,6 +74,16 @@ class Outbox:
         """A send recorded ``queued`` in the ledger, to start when its lane has room."""
         destination = self.config.destination(send.gateway_id)
         self._lanes.setdefault(str(lane_key(destination)), _Lane()).queued.append(send)
+
+    def adopt(self, sends: list[QueuedSend]) -> int:
+        """Add the queued sends (recorded by any node of a shared ledger) not yet here;
+        how many. Each is claimed when it starts: of several nodes, one opens it."""
+        known = {s.send_id for lane in self._lanes.values() for s in lane.queued}
+        known.update(o.send.send_id for o in self._open)
+        new = [send for send in sends if send.send_id not in known]
+        for send in new:
+            self.add(send)
+        return len(new)
 
     @property
     def open_count(self) -> int:
@@ -141,18 +158,22 @@ class Outbox:
             lane.queued.appendleft(send)
             return False
         where = describe(destination)
-        self.ledger.apply(
-            Transition(
-                send.gateway_id,
-                send.study_uid,
-                StudyState.SENDING,
-                where,
-                run_id=send.run_id,
-                run=RunState.SENDING,
-                run_reason="",
-                send=SendChange(SendState.SENDING, send.send_id),
-            )
+        starting = Transition(
+            send.gateway_id,
+            send.study_uid,
+            StudyState.SENDING,
+            where,
+            run_id=send.run_id,
+            run=RunState.SENDING,
+            run_reason="",
+            send=SendChange(SendState.SENDING, send.send_id),
         )
+        if self.config.ledger:  # shared by nodes: opened only by the node that claims it
+            if not self.ledger.claim_queued_sends(1, lambda _s: starting, (send.send_id,)):
+                logger.debug("send %d: started by another node", send.send_id)
+                return True
+        else:
+            self.ledger.apply(starting)
         handle = SendHandle()
         future = self._send_lanes.submit(destination, paths, handle)
         self._open.append(_Open(send, key, handle, future))
@@ -163,26 +184,49 @@ class Outbox:
         state = SendState(result.status.value)
         ok = result.ok
         reason = f"{result.status}: {result.reason}" if result.reason else str(result.status)
-        self.ledger.apply(
-            Transition(
+        outcome = Transition(
+            send.gateway_id,
+            send.study_uid,
+            StudyState.SENT if ok else StudyState.SEND_FAILED,
+            reason,
+            run_id=send.run_id,
+            run=RunState.SENT if ok else RunState.SEND_FAILED,
+            run_reason="" if ok else reason,
+            send=SendChange(
+                state,
+                send.send_id,
+                reason=result.reason,
+                items=[(i.sop_instance_uid, str(i.status), i.status_code) for i in result.items],
+            ),
+            events=[] if ok else [("ERROR", f"send {send.send_id}: {reason}")],
+        )
+        try:
+            self.ledger.apply(outcome)
+        except IllegalTransition:
+            if not self.config.ledger:
+                raise
+            # a node that stalled past its leases: another node recorded this send
+            # interrupted meanwhile; its real outcome is kept as an event
+            logger.warning(
+                "gateway=%s study=%s send %d ended (%s) after another node recorded it interrupted",
                 send.gateway_id,
                 send.study_uid,
-                StudyState.SENT if ok else StudyState.SEND_FAILED,
+                send.send_id,
                 reason,
-                run_id=send.run_id,
-                run=RunState.SENT if ok else RunState.SEND_FAILED,
-                run_reason="" if ok else reason,
-                send=SendChange(
-                    state,
-                    send.send_id,
-                    reason=result.reason,
-                    items=[
-                        (i.sop_instance_uid, str(i.status), i.status_code) for i in result.items
-                    ],
-                ),
-                events=[] if ok else [("ERROR", f"send {send.send_id}: {reason}")],
             )
-        )
+            self.ledger.apply(
+                Transition(
+                    send.gateway_id,
+                    send.study_uid,
+                    events=[
+                        (
+                            "WARNING",
+                            f"send {send.send_id} ended after it was recorded interrupted:"
+                            f" {reason}",
+                        )
+                    ],
+                )
+            )
         self._finished(send, state, reason)
 
     def _finished(self, send: QueuedSend, state: SendState, reason: str) -> None:

@@ -246,6 +246,38 @@ class Readiness:
             )
         return Ready(study, listing, records, events)
 
+    def rebuild(self, gateway_id: str, study_name: str) -> tuple[Study, bytes] | str:
+        """A study folder assembled again as it is now, to execute a run another node
+        started (no quiet period, no image.db wait: its intake already decided): the
+        study and its listing digest, or why it cannot run now."""
+        study_uid = assembly.study_uid_from_folder(study_name)
+        gateway_dir = self.config.input_dir / f"{GATEWAY_PREFIX}{gateway_id}"
+        folder = gateway_dir / study_name
+        try:
+            if study_uid is None or folder.is_symlink() or not is_within(folder, gateway_dir):
+                return "unsafe study folder name"
+            snap = assembly.snapshot(folder, self.config.input_dir)
+        except (OSError, TransientError) as exc:
+            return f"study folder cannot be read now: {exc}"
+        if not snap:
+            return "study folder is gone or empty"
+        study = self._assembler.assemble(
+            gateway_id,
+            study_uid,
+            folder,
+            snap,
+            max_file_bytes=self.config.max_file_bytes,
+            max_pixels=self.config.max_pixels,
+            max_elements=self.config.max_elements,
+        )
+        if study.unreadable:
+            return f"{len(study.unreadable)} file(s) cannot be read now"
+        if study.incomplete:
+            return f"{len(study.incomplete)} file(s) incomplete"
+        if not study.instances or study.refused:
+            return study.refused or "no usable DICOM instance"
+        return study, listing_digest(snap)
+
 
 def instance_records(study: Study, snap: Snapshot) -> list[InstanceRecord]:
     """What the ledger records of a study's files: used instances and rejected files with

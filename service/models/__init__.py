@@ -22,9 +22,12 @@ def routed_model_names(config: Config) -> set[str]:
     return names
 
 
-def build_models(config: Config, names: Iterable[str] | None = None) -> dict[str, Model]:
+def build_models(
+    config: Config, names: Iterable[str] | None = None, *, load: bool = True
+) -> dict[str, Model]:
     """Load each named model once (default: those the rules route to); a network may
-    go on loading in the background (``loading``)."""
+    go on loading in the background (``loading``). ``load`` False (a node without the
+    ``run`` role): each model routes (name, version, applies) but loads no network."""
     wanted = sorted(routed_model_names(config) if names is None else set(names))
     models: dict[str, Model] = {}
     for name in wanted:
@@ -35,12 +38,14 @@ def build_models(config: Config, names: Iterable[str] | None = None) -> dict[str
         elif name == "cxr-densenet121":
             from service.models.cxr import CxrModel
 
-            models[name] = CxrModel(config.cxr)
+            models[name] = CxrModel(config.cxr, load=load)
         else:
             raise ConfigError("rules.model", f"unknown model {name!r}; known: {MODEL_NAMES}")
         verdict = models[name].ready()
         if not verdict.ok:
             state = f"not ready: {verdict.reason}"
+        elif not load:
+            state = "routed only (this node has no run role: nothing loaded)"
         elif getattr(models[name], "loading", False):
             state = "loading in the background (studies are prepared meanwhile)"
         else:

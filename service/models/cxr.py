@@ -443,7 +443,7 @@ class CxrModel:
 
     name = NAME
 
-    def __init__(self, config: CxrConfig) -> None:
+    def __init__(self, config: CxrConfig, *, load: bool = True) -> None:
         self.config = config
         self.weights_path = weights_path(config)
         self.sha256 = ""
@@ -453,7 +453,7 @@ class CxrModel:
         self._loaded = threading.Event()
         self._check()
         self.version = f"xrv{package_version('torchxrayvision')}-{self.sha256[:12] or 'noweights'}"
-        if self._not_ready:
+        if self._not_ready or not load:  # not load: routing only, never run here
             self._loaded.set()
         else:
             # not a daemon: a process that ends while torch is still loading waits for it

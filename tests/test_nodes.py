@@ -1,0 +1,418 @@
+"""Several nodes on one PostgreSQL ledger, in one process: run leases and fencing, runs and
+sends taken over from a dead node, node roles, intake spread over the intake nodes.
+
+Each node is an :class:`Engine` with its own STATE over the same INPUT and OUTPUT and one
+real PostgreSQL (tests/postgres.py); results go to a real pynetdicom peer. A node that
+stalls or dies is simulated by the state it leaves in the ledger (its lease run out, its
+heartbeat old), written with plain SQL as a SIGKILL or a pause would leave it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from pynetdicom import evt
+
+from service.config import load_config
+from service.engine import Engine
+from service.errors import ConfigError
+from service.ledger import (
+    Ledger,
+    NewRun,
+    QueuedSend,
+    RunState,
+    SendChange,
+    SendState,
+    StudyState,
+    Transition,
+)
+from service.models import build_models
+from service.watcher import StudyWatcher
+from tests.conftest import shared_file
+from tests.helpers import copy_series, run_cli, stored_uid, write_config
+from tests.peers import Peer
+from tests.postgres import Postgres
+
+
+def sql(url: str, statement: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    """Plain SQL on the test database: the state a stall or a SIGKILL leaves."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        cur = conn.execute(statement, params)
+        return list(cur.fetchall()) if cur.description else []
+
+
+def expire(url: str, node: str, *, dead: bool = False) -> None:
+    """``node``'s leases run out (it stalled past them); ``dead``: its heartbeat is old."""
+    sql(url, "UPDATE leases SET expires = expires - 3600 WHERE node = %s", (node,))
+    if dead:
+        sql(url, "UPDATE nodes SET heartbeat = heartbeat - 3600 WHERE node = %s", (node,))
+
+
+class Nodes:
+    """Engines sharing INPUT, OUTPUT and one PostgreSQL ledger."""
+
+    def __init__(self, root: Path, url: str, pacs: str) -> None:
+        self.root, self.url, self.pacs = root, url, pacs
+        self.engines: list[Engine] = []
+
+    def start(self, name: str, roles: str = "intake,run,send", workers: int = 0) -> Engine:
+        (self.root / name).mkdir()
+        path = write_config(
+            self.root / name,
+            self.pacs,
+            stable=0.1,
+            workers=workers,
+            node_name=name,
+            input_dir=str(self.root / "INPUT"),
+            output_dir=str(self.root / "OUTPUT"),
+            ledger=self.url,
+            roles=roles,
+        )
+        config = load_config(path, environ={})
+        engine = Engine(config, build_models(config, load="run" in config.roles))
+        engine.recover()
+        engine.start()
+        self.engines.append(engine)
+        return engine
+
+    def close(self) -> None:
+        for engine in self.engines:
+            engine.close()
+
+
+@pytest.fixture
+def stored(start_peer: Callable[..., Peer]) -> tuple[Peer, list[str]]:
+    received: list[str] = []
+
+    def store(event: evt.Event) -> int:
+        received.append(stored_uid(event))
+        return 0x0000
+
+    return start_peer(on_store=store), received
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, postgres: Postgres, stored: tuple[Peer, list[str]]) -> Iterator[Nodes]:
+    peer, _ = stored
+    pacs = f'[pacs]\nhost = "127.0.0.1"\nport = {peer.port}\nae_title = "{peer.ae_title}"\n'
+    (tmp_path / "INPUT").mkdir()
+    group = Nodes(tmp_path, postgres.database(), pacs)
+    yield group
+    group.close()
+
+
+def scan(engine: Engine) -> None:
+    engine.discover()
+    StudyWatcher(engine.config.input_dir, engine.touch, mode="polling").scan()
+
+
+def tick_until(engines: list[Engine], done: Callable[[], bool], turns: int = 600) -> None:
+    """Tick every engine in turn until ``done`` (each turn waits a little for work)."""
+    for _ in range(turns):
+        for engine in engines:
+            engine.tick()
+        if done():
+            return
+        time.sleep(0.05)
+    raise AssertionError("the nodes did not get there")
+
+
+def drop_study(nodes: Nodes, gateway: str = "1", limit: int = 2) -> str:
+    study_uid, _ = copy_series(
+        shared_file("series/ct-4-noise"), nodes.root / f"INPUT/gateway_{gateway}", limit
+    )
+    return study_uid
+
+
+def sends_of(url: str) -> list[tuple[object, ...]]:
+    return sql(url, "SELECT send_id, run_id, state, node FROM sends ORDER BY send_id")
+
+
+# -- the ledger's part -----------------------------------------------------------------
+
+
+def _running_run(ledger: Ledger) -> int:
+    applied = ledger.apply(
+        Transition(
+            "1",
+            "1.2.3",
+            StudyState.RUNNING,
+            new_run=NewRun("annotate", "1", "digest", 1, node=ledger.node),
+        )
+    )
+    assert applied.run_id is not None
+    return applied.run_id
+
+
+def _written(run_id: int, fence: str) -> Transition:
+    return Transition(
+        "1",
+        "1.2.3",
+        StudyState.WRITTEN,
+        "written",
+        run_id=run_id,
+        run=RunState.WRITTEN,
+        send=SendChange(SendState.QUEUED, destination="PEER@127.0.0.1:104"),
+        fence=fence,
+    )
+
+
+def test_an_outcome_is_recorded_only_under_its_run_lease(postgres: Postgres) -> None:
+    """Fencing, in the outcome's own transaction: a node whose run lease another node took
+    over (it stalled past it) has its outcome discarded, with an event; the node holding
+    the lease records it, queues the one send and gives the lease up."""
+    url = postgres.database()
+    a, b = Ledger(url, "node-a"), Ledger(url, "node-b")
+    try:
+        run_id = _running_run(a)
+        lease = f"run:{run_id}"
+        assert a.claim_run(run_id, "node-a", 30)
+        assert not b.claim_run(run_id, "node-b", 30)  # held, live
+        expire(url, "node-a")  # node-a stalls past its lease
+        assert b.claim_run(run_id, "node-b", 30)  # taken over
+        assert not a.renew_lease(lease, "node-a", 30)  # node-a wakes up: lease lost
+        discarded = a.apply(_written(run_id, lease))
+        assert discarded.discarded and discarded.send_id is None
+        assert a.get_run(run_id).state == RunState.RUNNING  # type: ignore[union-attr]
+        applied = b.apply(_written(run_id, lease))
+        assert not applied.discarded and applied.send_id is not None
+        assert [s[0] for s in sends_of(url)] == [applied.send_id]  # exactly one send
+        assert b.leases() == []  # released with the outcome
+        # the stalled node again, after the run ended: discarded, still one send
+        assert a.claim_run(run_id, "node-a", 30) is False  # not running any more
+        assert "held by no node" in a.apply(_written(run_id, lease)).discarded
+        assert a.take_lease(lease, "node-a", 30)  # even holding the lease again
+        again = a.apply(_written(run_id, lease))
+        assert "no longer running" in again.discarded
+        assert len(sends_of(url)) == 1
+        events = [e["message"] for e in a.study_history("1", "1.2.3")["events"]]  # type: ignore[index]
+        assert sum("outcome discarded" in e for e in events) == 3
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_lease_run_out_but_not_taken_over_still_records(postgres: Postgres) -> None:
+    url = postgres.database()
+    a = Ledger(url, "node-a")
+    try:
+        run_id = _running_run(a)
+        assert a.claim_run(run_id, "node-a", 30)
+        expire(url, "node-a")  # no other node took it: the outcome is still this node's
+        assert a.apply(_written(run_id, f"run:{run_id}")).send_id is not None
+        assert a.leases() == []
+    finally:
+        a.close()
+
+
+def test_a_dead_nodes_open_send_is_interrupted_once_and_never_resent(
+    postgres: Postgres,
+) -> None:
+    url = postgres.database()
+    a, b = Ledger(url, "node-a"), Ledger(url, "node-b")
+    try:
+        a.heartbeat("node-a", ("send",))
+        b.heartbeat("node-b", ("send",))
+        sending = []
+        for ledger in (a, b):
+            run_id = _running_run(ledger) if ledger is a else None
+            if run_id is None:
+                applied = b.apply(
+                    Transition(
+                        "1", "4.5.6", StudyState.RUNNING, new_run=NewRun("annotate", "1", "d", 1)
+                    )
+                )
+                run_id, suid = applied.run_id, "4.5.6"
+            else:
+                suid = "1.2.3"
+            assert run_id is not None
+            queued = ledger.apply(
+                Transition(
+                    "1",
+                    suid,
+                    StudyState.WRITTEN,
+                    run_id=run_id,
+                    run=RunState.WRITTEN,
+                    send=SendChange(SendState.QUEUED, destination="PEER@127.0.0.1:104"),
+                )
+            )
+            send = QueuedSend(queued.send_id or 0, run_id, "1", suid)
+            ledger.apply(
+                Transition(
+                    "1",
+                    suid,
+                    StudyState.SENDING,
+                    run_id=run_id,
+                    run=RunState.SENDING,
+                    send=SendChange(SendState.SENDING, send.send_id),
+                )
+            )
+            sending.append(send)
+        expire(url, "node-a", dead=True)
+        assert b.interrupt_dead_sends(30) == 1  # node-a's; node-b's own, live, stays open
+        assert b.interrupt_dead_sends(30) == 0
+        states = {s[0]: (s[2], s[3]) for s in sends_of(url)}
+        assert states == {
+            sending[0].send_id: ("interrupted", "node-a"),
+            sending[1].send_id: ("sending", "node-b"),
+        }
+        assert b.study_state("1", "1.2.3")[0] == StudyState.SEND_FAILED  # type: ignore[index]
+        assert b.queued_sends() == []  # nothing queued again: never resent by itself
+    finally:
+        a.close()
+        b.close()
+
+
+# -- nodes as engines --------------------------------------------------------------------
+
+
+def test_a_stalled_nodes_run_taken_over_its_outcome_discarded_one_send(
+    nodes: Nodes, stored: tuple[Peer, list[str]]
+) -> None:
+    """Node A's run is in its worker when A stalls past its run lease; node B takes the
+    run over, finishes it (same generation, same output UIDs) and sends it; when A wakes
+    up its outcome is discarded: one send, each instance stored once."""
+    _, received = stored
+    study_uid = drop_study(nodes)
+    a = nodes.start("node-a", workers=1)  # a real worker: the run stays in flight
+    scan(a)
+    tick_until([a], lambda: a.busy)
+    (run,) = a.ledger.runs()
+    assert run.state == RunState.RUNNING
+    assert f"run:{run.run_id}" in {x["name"] for x in a.ledger.leases()}
+    expire(nodes.url, "node-a")  # A stalls: its run lease runs out
+    b = nodes.start("node-b")
+    tick_until([b], lambda: b.ledger.get_run(run.run_id).state != RunState.RUNNING)  # type: ignore[union-attr]
+    assert b.ledger.get_run(run.run_id).node == "node-b"  # type: ignore[union-attr]
+    uids = {o["sop_instance_uid"] for o in b.ledger.outputs(run.run_id)}
+    assert len(uids) == 2
+    assert a.drain(60)  # A wakes up: its outcome comes in, and is discarded
+    assert b.drain(30)
+    history = a.ledger.study_history("1", study_uid)
+    assert history is not None
+    assert [r["state"] for r in history["runs"]] == ["sent"]
+    assert len(history["runs"][0]["sends"]) == 1  # exactly one send
+    assert any("outcome discarded" in e["message"] for e in history["events"])
+    assert {o["sop_instance_uid"] for o in a.ledger.outputs(run.run_id)} == uids
+    assert sorted(received) == sorted(uids)  # each instance stored once
+
+
+def test_a_dead_nodes_run_is_claimed_by_another_with_the_same_uids(
+    nodes: Nodes, stored: tuple[Peer, list[str]]
+) -> None:
+    """A run left ``running`` by a node that died (its lease run out) is claimed by a node
+    with the ``run`` role, rebuilt from its folder and finished with the same generation:
+    the same output UIDs as the first node wrote."""
+    _, received = stored
+    study_uid = drop_study(nodes)
+    a = nodes.start("node-a")
+    scan(a)
+    assert a.drain(30)
+    (run,) = a.ledger.runs()
+    first = {o["sop_instance_uid"] for o in a.ledger.outputs(run.run_id)}
+    # the state a SIGKILL mid-run leaves: the run running, its lease held by node-a
+    sql(nodes.url, "UPDATE runs SET state='running', finished=NULL")
+    sql(nodes.url, "UPDATE studies SET state='running'")
+    sql(nodes.url, "DELETE FROM outputs")
+    sql(nodes.url, "DELETE FROM send_items")
+    sql(nodes.url, "DELETE FROM sends")
+    sql(nodes.url, "DELETE FROM finished_listings")
+    sql(nodes.url, "INSERT INTO leases VALUES (%s, 'node-a', 0)", (f"run:{run.run_id}",))
+    received.clear()
+    b = nodes.start("node-b", roles="run,send")
+    tick_until([b], lambda: b.ledger.study_state("1", study_uid)[0] == StudyState.SENT)  # type: ignore[index]
+    (again,) = b.ledger.runs()
+    assert (again.run_id, again.generation, again.node) == (run.run_id, 0, "node-b")
+    assert {o["sop_instance_uid"] for o in b.ledger.outputs(run.run_id)} == first
+    assert sorted(received) == sorted(first)
+
+
+def test_inputs_changed_since_the_run_started_are_left_to_intake(nodes: Nodes) -> None:
+    drop_study(nodes, limit=1)
+    a = nodes.start("node-a", roles="intake,send")  # records the run, executes nothing
+    scan(a)
+    tick_until([a], lambda: bool(a.ledger.runs()))
+    (run,) = a.ledger.runs()
+    drop_study(nodes, limit=2)  # a second file arrives after the run was recorded
+    b = nodes.start("node-b", roles="run")
+    for _ in range(3):
+        b.tick()
+    assert b.ledger.get_run(run.run_id).state == RunState.RUNNING  # type: ignore[union-attr]
+    assert not b.busy and b.ledger.leases() == [
+        x for x in b.ledger.leases() if x["name"].startswith("intake:")
+    ]
+
+
+def test_roles_intake_run_and_send_on_three_nodes(
+    nodes: Nodes, stored: tuple[Peer, list[str]]
+) -> None:
+    """An intake-only node records the run and starts no worker nor model; a run-only
+    node executes it and opens no association; a send-only node claims the queued send
+    recorded by the other node and sends it. Heartbeats name each node's roles."""
+    _, received = stored
+    study_uid = drop_study(nodes)
+    intake = nodes.start("intake", roles="intake", workers=1)
+    runner = nodes.start("runner", roles="run")
+    sender = nodes.start("sender", roles="send")
+    scan(intake)
+    scan(runner)  # a node without intake drops what it is shown
+    assert runner.pending_count == 0 and intake.pending_count == 1
+    all_three = [intake, runner, sender]
+    tick_until(all_three, lambda: bool(intake.ledger.runs()))
+    assert not intake._pipeline.started or intake._pipeline.in_flight == 0
+    assert intake._pipeline._pool is None  # no worker process started
+    tick_until(
+        all_three,
+        lambda: intake.ledger.study_state("1", study_uid)[0] == StudyState.SENT,  # type: ignore[index]
+    )
+    (run,) = intake.ledger.runs()
+    assert run.node == "runner"
+    assert sends_of(nodes.url)[0][3] == "sender"  # opened by the send node
+    assert len(received) == 2
+    roles = {n["node"]: n["roles"] for n in intake.ledger.nodes()}
+    assert roles == {"intake": ["intake"], "runner": ["run"], "sender": ["send"]}
+    assert [lease["name"] for lease in intake.ledger.leases()] == ["intake:1"]
+
+
+def test_intake_spreads_over_three_nodes_and_a_dead_nodes_gateways_are_taken(
+    nodes: Nodes,
+) -> None:
+    for gateway in ("1", "2", "3"):
+        (nodes.root / f"INPUT/gateway_{gateway}").mkdir()
+    engines = [nodes.start(f"node-{n}") for n in "abc"]
+
+    def holders() -> dict[str, str]:
+        return {
+            x["name"].removeprefix("intake:"): x["node"]
+            for x in engines[0].ledger.leases()
+            if x["live"] and x["name"].startswith("intake:")
+        }
+
+    for _ in range(3):  # a few renewals: the first node takes all, then gives some up
+        for engine in engines:
+            engine.discover()
+    assert sorted(holders().values()) == ["node-a", "node-b", "node-c"]
+    expire(nodes.url, "node-c", dead=True)  # node-c dies: its lease and heartbeat age
+    for _ in range(2):
+        for engine in engines[:2]:
+            engine.discover()
+    assert set(holders()) == {"1", "2", "3"}
+    assert sorted(set(holders().values())) == ["node-a", "node-b"]
+
+
+def test_roles_other_than_all_need_postgresql(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"service\.roles.*PostgreSQL"):
+        load_config(write_config(tmp_path, roles="run"), environ={})
+    with pytest.raises(ConfigError, match=r"service\.roles"):
+        load_config(write_config(tmp_path, roles="run,dance"), environ={})
+    with pytest.raises(ConfigError, match=r"service\.run_lease_seconds"):
+        load_config(write_config(tmp_path, run_lease_seconds=0.5), environ={})
+    config = load_config(write_config(tmp_path), environ={"GATEWAY_ROLES": "intake,run,send"})
+    assert config.roles == ("intake", "run", "send") and config.run_lease_seconds == 30
+    result = run_cli("serve", "--role", "run", "--config", str(tmp_path / "gateway.toml"))
+    assert result.returncode == 2
+    assert "--role" in result.stderr and "PostgreSQL" in result.stderr
