@@ -222,9 +222,9 @@ class Cluster:
     """``len(names)`` nodes over ``root/INPUT`` and ``root/OUTPUT`` and one ledger.
 
     ``ledger`` is a ``postgresql://`` URL, or ``""`` for SQLite in the (single) node's
-    STATE. Leases (``intake_lease_seconds``; ``GATEWAY_RUN_LEASE_SECONDS``) are ``lease``
-    seconds; ``roles`` gives a node's ``GATEWAY_ROLES`` (default: every role). Nodes run
-    the ``annotate`` model in the service process (``workers = 0``)."""
+    STATE. Leases (``intake_lease_seconds``, ``run_lease_seconds``) are ``lease`` seconds;
+    ``roles`` gives a node's ``roles`` (default: every role). Nodes run the ``annotate``
+    model in the service process (``workers = 0``)."""
 
     def __init__(
         self,
@@ -258,12 +258,11 @@ class Cluster:
                 input_dir=str(self.input),
                 output_dir=str(self.output),
                 ledger=ledger,
-                intake_lease_seconds=lease,  # unused on SQLite
+                intake_lease_seconds=lease,  # both unused on SQLite
+                run_lease_seconds=lease,
+                roles=(roles or {}).get(name, "intake,run,send"),
             )
-            env = {"GATEWAY_RUN_LEASE_SECONDS": f"{lease:g}"}  # a warning where unknown
-            if roles and name in roles:
-                env["GATEWAY_ROLES"] = roles[name]
-            self.nodes.append(Node(name, folder, config, env))
+            self.nodes.append(Node(name, folder, config, {}))
 
     def node(self, name: str) -> Node:
         (found,) = [n for n in self.nodes if n.name == name]

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from service.cli import build_parser
-from service.config import ENV_KEYS, load_config
+from service.config import ENV_KEYS, load_config, parse_roles
 from tests.conftest import ROOT
 
 COMPOSE = ROOT / "docker-compose-development.yml"
@@ -207,7 +207,7 @@ def test_scale_commands_are_real_cli_commands_with_roles(scale: dict[str, Any]) 
         assert (ROOT / args.config).is_file()
         config = load_config(ROOT / args.config, environ=node_env(scale, name))
         assert config.ledger.startswith("postgresql://")
-        roles[name] = set(command[command.index("--role") + 1].split(","))
+        roles[name] = set(parse_roles(args.role, "--role"))
     assert roles == {"intake": {"intake", "send"}, "worker-1": {"run"}, "worker-2": {"run"}}
 
 

@@ -36,8 +36,9 @@ def _wait(predicate: Any, timeout: float, what: str) -> Any:
 def test_three_nodes_one_sigkilled_mid_way_every_result_stored_once(
     tmp_path: Path, postgres: Postgres
 ) -> None:
-    """30 studies over 3 gateways, 3 nodes; the node with work in flight once a few
-    studies are final is SIGKILLed; once its leases expire the others finish its work:
+    """30 studies over 3 gateways, 3 nodes; once a few studies are final, a node holding a
+    gateway's intake with work in flight is SIGKILLed; once its leases expire the others
+    take its intake and finish its work:
     every study final, one run each, each output stored exactly once (a send the dead node
     had open may end ``interrupted``, and is then not sent again), work done by at least
     two nodes (``studies --json``)."""
@@ -52,12 +53,14 @@ def test_three_nodes_one_sigkilled_mid_way_every_result_stored_once(
         drop(staged, cluster.input)
 
         def victim() -> str:
+            """A node holding a gateway's intake with work in flight (the busiest)."""
             if cluster.final_count() < 5:
                 return ""
-            busy = {n: k for n, k in cluster.in_flight().items() if n in names}
+            holders = set(cluster.intake_holders().values())
+            busy = {n: k for n, k in cluster.in_flight().items() if n in holders}
             return max(busy, key=lambda n: busy[n]) if busy else ""
 
-        name = _wait(victim, 90, "5 studies final and a node with work in flight")
+        name = _wait(victim, 90, "5 studies final and an intake holder with work in flight")
         caught = cluster.query(
             "SELECT run_id, state FROM runs WHERE node=?"
             " AND state IN ('running','written','sending')",
@@ -99,7 +102,8 @@ def test_three_nodes_one_sigkilled_mid_way_every_result_stored_once(
         f"studies per node {Counter(s['node'] for s in listed)}; "
         f"{sum(received.values())} instances stored in {receiver.associations} associations"
     )
-    assert caught, "the victim had no work in flight when killed"
+    assert caught and held, "the victim held no intake or had no work in flight"
+    assert "intake" in taken and "runs" in taken, taken
     assert all(code == 0 for code in codes.values()), codes
     states = {(s["gateway_id"], s["study_uid"]): s["state"] for s in listed}
     assert set(states) == {(s.gateway_id, s.study_uid) for s in staged}
