@@ -154,17 +154,19 @@ def main() -> None:
     base = statistics.median(seconds[("SQLite", 1)])
     print()
     print(
-        "| ledger | nodes | drop → all final | studies/s | ratio to SQLite x1 |"
+        "| ledger | nodes | drop → all final (median, range) | studies/s | ratio to SQLite x1 |"
         " ledger transactions / study | ledger ms / study (bench/ledger.py) | runs per node |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for backend, nodes in rounds:
-        s = statistics.median(seconds[(backend, nodes)])
+        times = seconds[(backend, nodes)]
+        s = statistics.median(times)
+        spread = f" ({min(times):.2f}–{max(times):.2f})" if len(times) > 1 else ""
         counted = xacts[(backend, nodes)]
         per_study = f"{statistics.median(counted):.1f}" if counted else "-"
         cost = lite_ms if backend == "SQLite" else pg_ms
         print(
-            f"| {backend} | {nodes} | {s:.2f} s | {args.studies / s:.2f} | {base / s:.2f} |"
+            f"| {backend} | {nodes} | {s:.2f} s{spread} | {args.studies / s:.2f} | {base / s:.2f} |"
             f" {per_study} | {cost:.2f} | {' / '.join(shares[(backend, nodes)])} |"
         )
     print(f"\nLoad average at the end {os.getloadavg()}; {cores} cores shared by every node.")
