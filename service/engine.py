@@ -321,16 +321,37 @@ class Engine:
         self.ledger.apply(Transition(gateway_id, study_uid, state, reason))
 
     def _wait_transient(
-        self, key: tuple[str, str], study_uid: str, pending: Watch, now: float, why: str
+        self,
+        key: tuple[str, str],
+        study_uid: str,
+        pending: Watch,
+        now: float,
+        why: str,
+        run_id: int | None = None,
     ) -> bool:
-        """A condition that may pass: the study waits, shows why, and is tried again."""
+        """A condition that may pass: the study waits, shows why, and is tried again.
+        ``run_id``: the run it cut short (PostgreSQL: recorded only while this node holds
+        the run's lease, which it keeps without renewing: another node may take the run
+        over once it runs out). False, or None when fenced off."""
         attempt = self._attempts.get(key, 0) + 1
         self._attempts[key] = attempt
         delay = retry_delay(attempt)
         reason = f"{why}; retry {attempt} in {delay:g} s"
-        self.ledger.apply(
-            Transition(key[0], study_uid, StudyState.WAITING, reason, events=[("WARNING", reason)])
+        fenced = run_id is not None and self._runs is not None
+        applied = self.ledger.apply(
+            Transition(
+                key[0],
+                study_uid,
+                StudyState.WAITING,
+                reason,
+                run_id=run_id if fenced else None,
+                events=[("WARNING", reason)],
+                fence=RUN_LEASE.format(run_id) if fenced else "",
+                keep_lease=True,
+            )
         )
+        if applied.discarded:
+            return False
         pending.stable_since = None
         pending.queued = False
         pending.transient = True
@@ -485,8 +506,8 @@ class Engine:
         on SQLite."""
         if self._runs is None:
             return True
-        if "run" not in self.roles:
-            return False
+        if "run" not in self.roles or run_id in self._runs:
+            return False  # no run role, or it is in this node's pipeline already
         if not self.ledger.claim_run(run_id, self._node, self.config.run_lease_seconds):
             logger.info("run %d is executed by another node", run_id)
             return False
@@ -559,7 +580,10 @@ class Engine:
             fence = RUN_LEASE.format(run_id)
         if done.error and done.transient:
             watch = Watch(first_seen=time.monotonic())
-            self._wait_transient(key, suid, watch, time.monotonic(), f"run {run_id}: {done.error}")
+            why = f"run {run_id}: {done.error}"
+            self._wait_transient(key, suid, watch, time.monotonic(), why, run_id)
+            if watch.transient is False:  # fenced off: another node took the run over
+                return
             with self._lock:
                 self._pending.setdefault(key, watch)
             return

@@ -262,6 +262,8 @@ class Transition:
     #: to apply; checked in its own transaction, and the lease is released with it. When
     #: the check fails nothing of it applies but a WARNING event (``Applied.discarded``).
     fence: str = ""
+    #: with ``fence``: keep the lease (not released with the transition)
+    keep_lease: bool = False
 
 
 @dataclass(frozen=True)
@@ -365,7 +367,7 @@ class Ledger:
 
     def apply(self, t: Transition) -> Applied:
         """Apply ``t`` in one transaction, or refuse it whole (:class:`IllegalTransition`)."""
-        label = str(t.study or t.run or (t.send.state if t.send else "") or "event")
+        label = _label(t)
         now = time.time()
 
         def work(db: Database) -> Applied:
@@ -379,7 +381,7 @@ class Ledger:
                     db.execute("DELETE FROM leases WHERE name=? AND node=?", (t.fence, self.node))
                 return Applied(run_id=t.run_id, discarded=why)
             applied = self._apply_in(db, t, now)
-            if t.fence:
+            if t.fence and not t.keep_lease:
                 db.execute("DELETE FROM leases WHERE name=? AND node=?", (t.fence, self.node))
             failpoints.hit(f"before-commit:{label}")
             return applied
@@ -728,10 +730,12 @@ class Ledger:
                 ):
                     raise IllegalTransition(f"a claim of send {send.send_id} must start it")
                 claimed.append((send, t, self._apply_in(db, t, now)))
+                failpoints.hit(f"before-commit:{_label(t)}")
             return claimed
 
         claimed = self._write(work)
         for _, t, applied in claimed:
+            failpoints.hit(f"after-commit:{_label(t)}")
             _log_change(t, applied)
         return [send for send, _, _ in claimed]
 
@@ -1381,6 +1385,12 @@ def _migrate(db: Database) -> None:
             logger.info(
                 "ledger %s: schema step %d (%s)", db.description, step.version, step.description
             )
+
+
+def _label(t: Transition) -> str:
+    """A transition's failpoint label: the study state it sets, else the run's, else the
+    send's, else ``event``."""
+    return str(t.study or t.run or (t.send.state if t.send else "") or "event")
 
 
 def _log_change(t: Transition, applied: Applied) -> None:

@@ -60,7 +60,7 @@ class Nodes:
         self.engines: list[Engine] = []
 
     def start(self, name: str, roles: str = "intake,run,send", workers: int = 0) -> Engine:
-        (self.root / name).mkdir()
+        (self.root / name).mkdir(exist_ok=True)  # a node started again keeps its STATE
         path = write_config(
             self.root / name,
             self.pacs,
@@ -197,16 +197,39 @@ def test_an_outcome_is_recorded_only_under_its_run_lease(postgres: Postgres) -> 
 
 
 def test_a_lease_run_out_but_not_taken_over_still_records(postgres: Postgres) -> None:
+    """A node's own lease that ran out, no other node having taken it, still fences in;
+    a transient failure (``waiting``, ``keep_lease``) is recorded and keeps the lease; it
+    is fenced off like an outcome once another node holds the lease."""
     url = postgres.database()
-    a = Ledger(url, "node-a")
+    a, b = Ledger(url, "node-a"), Ledger(url, "node-b")
     try:
         run_id = _running_run(a)
         assert a.claim_run(run_id, "node-a", 30)
+        waiting = Transition(
+            "1",
+            "1.2.3",
+            StudyState.WAITING,
+            "OUTPUT away; retry 1 in 5 s",
+            run_id=run_id,
+            fence=f"run:{run_id}",
+            keep_lease=True,
+        )
+        assert not a.apply(waiting).discarded
+        assert [(x["name"], x["node"]) for x in a.leases()] == [(f"run:{run_id}", "node-a")]
+        assert not b.claim_run(run_id, "node-b", 30)  # kept, still live
+        expire(url, "node-a")
+        assert b.claim_run(run_id, "node-b", 30)
+        assert "held by node node-b" in a.apply(waiting).discarded
+        assert b.study_state("1", "1.2.3") == (StudyState.WAITING, "OUTPUT away; retry 1 in 5 s")
+        expire(url, "node-b")
+        assert a.claim_run(run_id, "node-a", 30)  # node-b stalled in turn: node-a takes it
+        a.apply(Transition("1", "1.2.3", StudyState.RUNNING, f"run {run_id}, resumed"))
         expire(url, "node-a")  # no other node took it: the outcome is still this node's
         assert a.apply(_written(run_id, f"run:{run_id}")).send_id is not None
         assert a.leases() == []
     finally:
         a.close()
+        b.close()
 
 
 def test_a_dead_nodes_open_send_is_interrupted_once_and_never_resent(
@@ -328,6 +351,37 @@ def test_a_dead_nodes_run_is_claimed_by_another_with_the_same_uids(
     (again,) = b.ledger.runs()
     assert (again.run_id, again.generation, again.node) == (run.run_id, 0, "node-b")
     assert {o["sop_instance_uid"] for o in b.ledger.outputs(run.run_id)} == first
+    assert sorted(received) == sorted(first)
+
+
+def test_a_node_restarted_after_a_kill_resumes_its_own_run_once(
+    nodes: Nodes, stored: tuple[Peer, list[str]]
+) -> None:
+    """One node on PostgreSQL, killed mid-run (its run ``running``, its lease still its
+    own) and started again: the run is resumed once (by the scan or by a claim, not both),
+    with the same output UIDs, and sent once."""
+    _, received = stored
+    study_uid = drop_study(nodes)
+    a = nodes.start("node-a")
+    scan(a)
+    assert a.drain(30)
+    (run,) = a.ledger.runs()
+    first = {o["sop_instance_uid"] for o in a.ledger.outputs(run.run_id)}
+    a.close()
+    nodes.engines.remove(a)
+    sql(nodes.url, "UPDATE runs SET state='running', finished=NULL")
+    sql(nodes.url, "UPDATE studies SET state='running'")
+    for table in ("outputs", "send_items", "sends", "finished_listings"):
+        sql(nodes.url, f"DELETE FROM {table}")
+    sql(nodes.url, "INSERT INTO leases VALUES (%s, 'node-a', 1e12)", (f"run:{run.run_id}",))
+    received.clear()
+    again = nodes.start("node-a")
+    scan(again)
+    assert again.drain(30)
+    history = again.ledger.study_history("1", study_uid)
+    assert history is not None and [r["state"] for r in history["runs"]] == ["sent"]
+    assert len(history["runs"][0]["sends"]) == 1
+    assert not any("outcome discarded" in e["message"] for e in history["events"])
     assert sorted(received) == sorted(first)
 
 
