@@ -7,10 +7,12 @@ new UIDs) dealt over 3 gateways, the ``annotate`` model in each service process
 fresh (INPUT, OUTPUT, STATE, database): the nodes are started and wait until every node has
 recorded its heartbeat and every gateway's intake is held; the studies are dropped at once
 (files, then image.db rows) and the round lasts until every study is final. Rounds: one node
-on SQLite (the baseline), then 1, 2 and 3 nodes on one PostgreSQL (tests/postgres.py:
-Debian's server, loopback, fsync on). For PostgreSQL rounds the database's committed
-transactions per study (``pg_stat_database.xact_commit``: every write and every read, which
-run in autocommit) are counted too.
+on SQLite (the baseline), then 1, 2 and 3 nodes doing everything on one PostgreSQL
+(tests/postgres.py: Debian's server, loopback, fsync on), and 3 nodes laid out as in
+docker-compose-scale.yml (one ``intake,send`` node, two ``run`` nodes that claim its runs).
+For PostgreSQL rounds the database's committed transactions per study
+(``pg_stat_database.xact_commit``: every write and every read, which run in autocommit) are
+counted too.
 
 The ledger's cost per study is bench/ledger.py's method in the same run: ``--ledger-studies``
 synthetic studies through the 6 transitions of a sent study (and a read after each), on
@@ -43,6 +45,25 @@ from tests.nodes import Cluster, Receiver, Staged, drop, stage_studies
 from tests.postgres import Postgres, start_postgres
 
 GATEWAYS = ("1", "2", "3")
+ALL = "intake,run,send"
+#: (ledger, the roles of each node): the SQLite baseline, 1-3 nodes doing everything, and
+#: the layout of docker-compose-scale.yml (one intake,send node, two run nodes)
+Round = tuple[str, tuple[str, ...]]
+ROUNDS: tuple[Round, ...] = (
+    ("SQLite", (ALL,)),
+    ("PostgreSQL", (ALL,)),
+    ("PostgreSQL", (ALL, ALL)),
+    ("PostgreSQL", (ALL, ALL, ALL)),
+    ("PostgreSQL", ("intake,send", "run", "run")),
+)
+
+
+def label(backend: str, roles: tuple[str, ...]) -> str:
+    """``SQLite | 1`` or ``PostgreSQL | 1 intake,send + 2 run``: the table's first cells."""
+    if all(r == ALL for r in roles):
+        return f"{backend} | {len(roles)}"
+    counts = Counter(roles)
+    return f"{backend} | " + " + ".join(f"{n} {r}" for r, n in counts.items())
 
 
 def commits(url: str) -> int:
@@ -58,14 +79,16 @@ def commits(url: str) -> int:
 
 
 def one_round(
-    folder: Path, server: Postgres | None, nodes: int, staged: list[Staged]
+    folder: Path, server: Postgres | None, roles: tuple[str, ...], staged: list[Staged]
 ) -> tuple[float, float | None, str]:
-    """Drop → every study final with ``nodes`` nodes: (seconds, transactions per study,
-    runs per node)."""
+    """Drop → every study final with one node per entry of ``roles`` (its roles): (seconds,
+    transactions per study, runs per node)."""
     receiver = Receiver()
     url = server.database() if server is not None else ""
-    names = [f"node-{n + 1}" for n in range(nodes)]
-    cluster = Cluster(folder, url, receiver, names, lease=30, gateways=GATEWAYS)
+    names = [f"node-{n + 1}" for n in range(len(roles))]
+    by_name = dict(zip(names, roles, strict=True))
+    cluster = Cluster(folder, url, receiver, names, lease=30, gateways=GATEWAYS, roles=by_name)
+    nodes = len(roles)
     try:
         cluster.start()
         deadline = time.monotonic() + 120
@@ -127,47 +150,47 @@ def main() -> None:
         f" every node on this machine: the nodes share {cores} cores (and the receiver and"
         f" PostgreSQL with them). Load average at start {os.getloadavg()}"
     )
-    rounds = [("SQLite", 1), ("PostgreSQL", 1), ("PostgreSQL", 2), ("PostgreSQL", 3)]
-    seconds: dict[tuple[str, int], list[float]] = {r: [] for r in rounds}
-    xacts: dict[tuple[str, int], list[float]] = {r: [] for r in rounds}
-    shares: dict[tuple[str, int], list[str]] = {r: [] for r in rounds}
+    rounds = list(ROUNDS)
+    seconds: dict[Round, list[float]] = {r: [] for r in rounds}
+    xacts: dict[Round, list[float]] = {r: [] for r in rounds}
+    shares: dict[Round, list[str]] = {r: [] for r in rounds}
     root = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     server = start_postgres()
     try:
         staged = stage_studies(root / "staging", args.studies, GATEWAYS)
         for repeat in range(args.repeat):
-            for backend, nodes in rounds:
-                folder = root / f"{backend}-{nodes}-{repeat}"
+            for number, (backend, roles) in enumerate(rounds):
+                folder = root / f"round-{number}-{repeat}"
                 pg = server if backend == "PostgreSQL" else None
-                s, x, ran = one_round(folder, pg, nodes, staged)
-                shares[(backend, nodes)].append(ran)
+                s, x, ran = one_round(folder, pg, roles, staged)
+                shares[(backend, roles)].append(ran)
                 shutil.rmtree(folder, ignore_errors=True)
-                seconds[(backend, nodes)].append(s)
+                seconds[(backend, roles)].append(s)
                 if x is not None:
-                    xacts[(backend, nodes)].append(x)
-                print(f"  {backend} x{nodes} (run {repeat + 1}): {s:.2f} s; runs {ran}")
+                    xacts[(backend, roles)].append(x)
+                print(f"  {label(backend, roles)} (run {repeat + 1}): {s:.2f} s; runs {ran}")
         lite_ms, pg_ms = ledger_cost(server, args.ledger_studies)
     finally:
         server.stop()
         shutil.rmtree(server.folder, ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
-    base = statistics.median(seconds[("SQLite", 1)])
+    base = statistics.median(seconds[ROUNDS[0]])
     print()
     print(
         "| ledger | nodes | drop → all final (median, range) | studies/s | ratio to SQLite x1 |"
         " ledger transactions / study | ledger ms / study (bench/ledger.py) | runs per node |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for backend, nodes in rounds:
-        times = seconds[(backend, nodes)]
+    for backend, roles in rounds:
+        times = seconds[(backend, roles)]
         s = statistics.median(times)
         spread = f" ({min(times):.2f}–{max(times):.2f})" if len(times) > 1 else ""
-        counted = xacts[(backend, nodes)]
+        counted = xacts[(backend, roles)]
         per_study = f"{statistics.median(counted):.1f}" if counted else "-"
         cost = lite_ms if backend == "SQLite" else pg_ms
         print(
-            f"| {backend} | {nodes} | {s:.2f} s{spread} | {args.studies / s:.2f} | {base / s:.2f} |"
-            f" {per_study} | {cost:.2f} | {' / '.join(shares[(backend, nodes)])} |"
+            f"| {label(backend, roles)} | {s:.2f} s{spread} | {args.studies / s:.2f} |"
+            f" {base / s:.2f} | {per_study} | {cost:.2f} | {' / '.join(shares[(backend, roles)])} |"
         )
     print(f"\nLoad average at the end {os.getloadavg()}; {cores} cores shared by every node.")
 
