@@ -16,9 +16,14 @@ from typing import Any
 from tests.nodes import FINAL, Cluster, Receiver, drop, stage_studies
 from tests.postgres import PASSWORD, Postgres
 
-#: each node pauses 1 s after a run is committed ``running``: a node is caught with runs
-#: in flight whenever it is looked at (the failpoint pauses, it does not kill)
-SLOW_RUNS = "after-commit:running=sleep:1"
+#: each node pauses 0.5 s after a run is committed ``running``: a node is caught with runs
+#: in flight whenever it is looked at (the failpoint pauses, it does not kill). The pause
+#: is in the engine's turn, which the leases presume well under a third of a lease: with
+#: 1 s pauses (up to one run per gateway in a turn) and 8 s leases, a live node under load
+#: was once taken for gone and its open send recorded ``interrupted``.
+SLOW_RUNS = "after-commit:running=sleep:0.5"
+#: intake and run leases (short, to keep the tests short)
+LEASE = 10
 #: the receiver takes this long per instance: sends stay open a while
 STORE_DELAY = 0.1
 
@@ -44,7 +49,7 @@ def test_three_nodes_one_sigkilled_mid_way_every_result_stored_once(
     two nodes (``studies --json``)."""
     receiver = Receiver(delay=STORE_DELAY)
     names = ("node-a", "node-b", "node-c")
-    cluster = Cluster(tmp_path, postgres.database(), receiver, names, lease=8)
+    cluster = Cluster(tmp_path, postgres.database(), receiver, names, lease=LEASE)
     staged = stage_studies(tmp_path / "staging", 30)
     try:
         cluster.start(SLOW_RUNS)
@@ -137,7 +142,8 @@ def test_postgresql_restarted_during_a_run_nodes_restarted_nothing_lost_or_sent_
     result stored once; a send open when a node exited may end ``interrupted`` and is not
     sent again."""
     receiver = Receiver(delay=STORE_DELAY)
-    cluster = Cluster(tmp_path, postgres.database(), receiver, ("node-a", "node-b"), lease=8)
+    names = ("node-a", "node-b")
+    cluster = Cluster(tmp_path, postgres.database(), receiver, names, lease=LEASE)
     staged = stage_studies(tmp_path / "staging", 15)
     exits: list[tuple[str, int, float]] = []
 
