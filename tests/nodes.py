@@ -319,9 +319,10 @@ class Cluster:
         count: int,
         timeout: float,
         tick: Callable[[], None] | None = None,
+        poll: float = 0.2,
     ) -> float:
         """Wait until ``count`` studies are recorded and every one is final; call ``tick``
-        each poll (a supervisor's check). The monotonic time it happened."""
+        each poll (a supervisor's check). The monotonic time it happened (within ``poll``)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             states = self.states()
@@ -329,7 +330,7 @@ class Cluster:
                 return time.monotonic()
             if tick is not None:
                 tick()
-            time.sleep(0.2)
+            time.sleep(poll)
         left = Counter(s for s in self.states().values())
         raise AssertionError(f"timed out after {timeout:.0f} s: {count} studies final; {left}")
 
