@@ -806,23 +806,33 @@ class Ledger:
         one gets each run."""
         if limit <= 0:
             return []
+        sql = (
+            "SELECT r.* FROM runs r WHERE r.state=? AND NOT EXISTS (SELECT 1 FROM leases l"
+            " WHERE l.name = 'run:' || CAST(r.run_id AS TEXT) AND l.node <> ?"
+            " AND l.expires >= ?)"
+        )
+        more: list[Any] = []
+        if exclude:
+            sql += f" AND r.run_id NOT IN ({','.join('?' * len(exclude))})"
+            more.extend(exclude)
+        if run_ids:
+            sql += f" AND r.run_id IN ({','.join('?' * len(run_ids))})"
+            more.extend(run_ids)
+        sql += " ORDER BY r.run_id LIMIT ?"
+        if not run_ids:  # asked every second: a write transaction only when there is work
+            with self._lock:
+                try:
+                    clock = self._db.clock()
+                except self._db.operational as exc:
+                    raise self._unavailable(exc) from exc
+            if not self.query(sql, [str(RunState.RUNNING), node, clock, *more, limit]):
+                return []
 
         def work(db: Database) -> list[RunRow]:
             now = db.clock()
-            sql = (
-                "SELECT r.* FROM runs r WHERE r.state=? AND NOT EXISTS (SELECT 1 FROM leases l"
-                " WHERE l.name = 'run:' || CAST(r.run_id AS TEXT) AND l.node <> ?"
-                " AND l.expires >= ?)"
-            )
-            params: list[Any] = [str(RunState.RUNNING), node, now]
-            if exclude:
-                sql += f" AND r.run_id NOT IN ({','.join('?' * len(exclude))})"
-                params.extend(exclude)
-            if run_ids:
-                sql += f" AND r.run_id IN ({','.join('?' * len(run_ids))})"
-                params.extend(run_ids)
-            sql += " ORDER BY r.run_id LIMIT ?" + db.skip_locked("r")
-            rows = [_run_row(r) for r in db.execute(sql, [*params, limit]).fetchall()]
+            params = [str(RunState.RUNNING), node, now, *more, limit]
+            found = db.execute(sql + db.skip_locked("r"), params).fetchall()
+            rows = [_run_row(r) for r in found]
             for run in rows:
                 db.execute(
                     "INSERT INTO leases (name, node, expires) VALUES (?, ?, ?) ON CONFLICT"
@@ -857,6 +867,11 @@ class Ledger:
         study ``send_failed`` (never repeated by itself; ``resend`` sends again), as
         :meth:`recover` does for a node's own. One transaction; how many."""
         reason = "send interrupted: the node that opened it stopped answering"
+        if not self.query(
+            "SELECT 1 FROM sends WHERE state=? AND node <> ? LIMIT 1",
+            (str(SendState.SENDING), self.node),
+        ):
+            return 0  # no other node's send open: no write transaction (asked every second)
 
         def work(db: Database) -> list[Row]:
             now = db.clock()

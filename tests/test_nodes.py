@@ -9,6 +9,7 @@ heartbeat old), written with plain SQL as a SIGKILL or a pause would leave it.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,7 +34,16 @@ from service.ledger import (
 from service.models import build_models
 from service.watcher import StudyWatcher
 from tests.conftest import shared_file
-from tests.helpers import copy_series, run_cli, stored_uid, write_config
+from tests.helpers import (
+    copy_series,
+    kill,
+    run_cli,
+    start_service,
+    stop_service,
+    stored_uid,
+    wait_for,
+    write_config,
+)
 from tests.peers import Peer
 from tests.postgres import Postgres
 
@@ -470,3 +480,59 @@ def test_roles_other_than_all_need_postgresql(tmp_path: Path) -> None:
     result = run_cli("serve", "--role", "run", "--config", str(tmp_path / "gateway.toml"))
     assert result.returncode == 2
     assert "--role" in result.stderr and "PostgreSQL" in result.stderr
+
+
+def test_serve_role_intake_and_serve_role_run_send_as_processes(
+    tmp_path: Path, postgres: Postgres, stored: tuple[Peer, list[str]]
+) -> None:
+    """``serve --role intake`` watches and records the run but starts no worker and loads
+    no model; ``serve --role run,send`` neither watches nor scans, and executes and sends
+    the run; ``status --json`` lists both nodes with their roles."""
+    peer, received = stored
+    pacs = f'[pacs]\nhost = "127.0.0.1"\nport = {peer.port}\nae_title = "{peer.ae_title}"\n'
+    url = postgres.database()
+    (tmp_path / "INPUT/gateway_1").mkdir(parents=True)
+    configs = {}
+    for name in ("front", "back"):
+        (tmp_path / name).mkdir()
+        configs[name] = write_config(
+            tmp_path / name,
+            pacs,
+            stable=0.2,
+            workers=1,
+            node_name=name,
+            input_dir=str(tmp_path / "INPUT"),
+            output_dir=str(tmp_path / "OUTPUT"),
+            ledger=url,
+        )
+    front = start_service(configs["front"], "--role", "intake")
+    back = start_service(configs["back"], "--role", "run,send")
+    try:
+        study_uid, _ = copy_series(
+            shared_file("series/ct-4-noise"), tmp_path / "INPUT/gateway_1", 2
+        )
+
+        def state() -> str:
+            try:
+                rows = sql(url, "SELECT state FROM studies WHERE study_uid = %s", (study_uid,))
+            except psycopg.errors.UndefinedTable:  # no node has created the tables yet
+                return ""
+            return str(rows[0][0]) if rows else ""
+
+        wait_for(lambda: state() == "sent", 120, "the study sent")
+        status = run_cli("status", "--json", "--config", str(configs["front"]))
+        assert status.returncode == 0, status.stderr
+        roles = {n["node"]: n["roles"] for n in json.loads(status.stdout)["nodes"]}
+        assert roles == {"front": ["intake"], "back": ["run", "send"]}
+    finally:
+        code_front, log_front = stop_service(front)
+        code_back, log_back = stop_service(back)
+        kill(front)
+        kill(back)
+    assert code_front == 0 and code_back == 0, log_front + log_back
+    assert sql(url, "SELECT node FROM runs") == [("back",)]
+    assert sql(url, "SELECT node FROM sends") == [("back",)]
+    assert len(received) == 2
+    assert "roles=intake" in log_front and "worker process(es) ready" not in log_front
+    assert "routed only" in log_front
+    assert "watch=none" in log_back and "roles=run,send" in log_back
