@@ -7,6 +7,12 @@ pipeline, records each stage's outcome as one ledger transition and hands writte
 to the outbox, which makes the one send attempt. Conditions that may pass (I/O errors, a
 mount that is away, a locked image.db, a full disk) make the study wait and be tried
 again with a bounded backoff; only content problems end it.
+
+On a PostgreSQL ledger shared by nodes the engine also holds leases: ``intake:<gateway>``
+to watch a gateway (spread over the intake nodes), ``run:<run_id>`` to execute a run (its
+outcome is recorded only while the lease is still held: fencing); every second it claims
+runs whose lease ran out, and records dead nodes' open sends ``interrupted``. Its roles
+(``service.roles``) say which of intake, run and send it does.
 """
 
 from __future__ import annotations

@@ -3,11 +3,13 @@ for several nodes, a PostgreSQL database (``[service] ledger``; see :mod:`servic
 
 Tables: gateways, studies, instances, runs, outputs, sends, send_items, events,
 finished_listings; nodes and leases (the building blocks of several nodes on one ledger:
-heartbeats, leases taken on the database's clock, sends claimed exactly once);
+heartbeats, leases taken on the database's clock, runs and sends claimed exactly once);
 schema_version. Every change is one :class:`Transition` applied by :meth:`Ledger.apply`:
 the study, its run, its send, their outputs and events change together in one transaction,
 and a change not in the tables of :mod:`service.values` is refused
-(:class:`IllegalTransition`). Nothing else writes the database.
+(:class:`IllegalTransition`). Nothing else writes the database. A transition with a
+``fence`` (a run's outcome on a ledger shared by nodes) applies only while the node still
+holds the run's lease and the run is still ``running``, checked in the same transaction.
 
 A run is unique per (gateway, study, inputs digest, model name, model version, generation):
 repeated events or restarts never run the same inputs twice; ``reprocess`` bumps generation.

@@ -10,6 +10,7 @@ heartbeat old), written with plain SQL as a SIGKILL or a pause would leave it.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -536,3 +537,63 @@ def test_serve_role_intake_and_serve_role_run_send_as_processes(
     assert "roles=intake" in log_front and "worker process(es) ready" not in log_front
     assert "routed only" in log_front
     assert "watch=none" in log_back and "roles=run,send" in log_back
+
+
+def test_sqlite_one_node_takes_no_lease_and_records_no_node(tmp_path: Path) -> None:
+    """On SQLite nothing of the above is used: no run lease, no heartbeat, no fence, and
+    every role is this node's."""
+    copy_series(shared_file("series/ct-4-noise"), tmp_path / "INPUT/gateway_1", limit=2)
+    config = load_config(write_config(tmp_path), environ={})
+    engine = Engine(config, build_models(config))
+    try:
+        engine.recover()
+        scan(engine)
+        assert engine.drain(30)
+        assert [str(r.state) for r in engine.ledger.runs()] == ["written"]
+        assert engine.ledger.leases() == [] and engine.ledger.nodes() == []
+        assert engine.roles == {"intake", "run", "send"}
+    finally:
+        engine.close()
+
+
+def test_a_send_open_on_a_node_gone_silent_is_interrupted_by_another_and_never_resent(
+    tmp_path: Path, postgres: Postgres, start_peer: Callable[..., Peer]
+) -> None:
+    """Node A opens a send that the PACS holds; A's heartbeat goes old (dead or stalled):
+    node B records the send ``interrupted`` (study ``send_failed``) and queues nothing.
+    When A's association ends after all, its outcome is kept as an event only: no state
+    changes back, nothing is sent again."""
+    release = threading.Event()
+    received: list[str] = []
+
+    def hold(event: evt.Event) -> int:
+        release.wait(30)
+        received.append(stored_uid(event))
+        return 0x0000
+
+    peer = start_peer(on_store=hold)
+    pacs = f'[pacs]\nhost = "127.0.0.1"\nport = {peer.port}\nae_title = "{peer.ae_title}"\n'
+    (tmp_path / "INPUT").mkdir()
+    group = Nodes(tmp_path, postgres.database(), pacs)
+    try:
+        study_uid = drop_study(group)
+        a = group.start("node-a")
+        scan(a)
+        tick_until([a], lambda: [s[2] for s in sends_of(group.url)] == ["sending"])
+        expire(group.url, "node-a", dead=True)
+        b = group.start("node-b", roles="run,send")
+        tick_until([b], lambda: [s[2] for s in sends_of(group.url)] == ["interrupted"])
+        assert b.ledger.study_state("1", study_uid)[0] == StudyState.SEND_FAILED  # type: ignore[index]
+        release.set()
+        assert a.drain(30) and b.drain(5)
+        history = a.ledger.study_history("1", study_uid)
+        assert history is not None
+        assert [(s["state"], s["send_id"]) for s in history["runs"][0]["sends"]] == [
+            ("interrupted", sends_of(group.url)[0][0])
+        ]
+        assert history["state"] == StudyState.SEND_FAILED
+        assert any("after it was recorded interrupted" in e["message"] for e in history["events"])
+        assert len(received) == 2  # the PACS did store them: the event says so
+    finally:
+        release.set()
+        group.close()
