@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -204,6 +205,7 @@ class StartRun:
     after_drop_per_study: float = float("nan")
     warm_per_study: float = float("nan")
     cpu_per_study: list[float] = field(default_factory=list)  # per drop
+    stages: list[str] = field(default_factory=list)  # per drop: where its time went
     at_first: list[Footprint] = field(default_factory=list)
     at_end: list[Footprint] = field(default_factory=list)
     code: int = 0
@@ -256,6 +258,21 @@ def per_study(state: Path, studies: list[StagedStudy], stable: float) -> float:
     to the last one sent, over all of them."""
     quiet_end = max(s.files_at for s in studies) + stable
     return (max(sent_at(state, s) for s in studies) - quiet_end) / len(studies)
+
+
+def stages(state: Path, studies: list[StagedStudy], stable: float) -> str:
+    """Where a drop's time went: its span (quiet period's end to the last sent), the sum of
+    its forwards (each batch once) and the median of each worker stage per study, in ms."""
+    timings = [t for s in studies if (t := first_run_timings(state, s, 0.0))]
+    if not timings:
+        return "no runs"
+    span = max(sent_at(state, s) for s in studies) - max(s.files_at for s in studies) - stable
+    forwards = sum(t.get("forward_s", 0.0) / max(t.get("batch", 1.0), 1.0) for t in timings)
+    medians = ", ".join(
+        f"{key.removesuffix('_s')} {statistics.median(t.get(key, 0.0) for t in timings) * 1e3:.0f}"
+        for key in ("prepare_s", "build_s", "write_s", "gate_s")
+    )
+    return f"{span:.2f} s, forwards {forwards:.2f} s; medians (ms) {medians}"
 
 
 def run_service(
@@ -320,6 +337,7 @@ def run_service(
                 "the studies",
             )
             run.cpu_per_study.append((tree_cpu(service.pid) - cpu0) / len(batch))
+        run.stages = [stages(state, batch, args.stable) for batch in batches]
         run.after_drop_per_study = per_study(state, batches[0], args.stable)
         run.warm_per_study = per_study(state, batches[1], args.stable)
         run.at_end = footprint(service.pid)
@@ -472,6 +490,10 @@ def main() -> int:
     for run, _ in runs:
         peaks = ", ".join(f"{p.role} {p.peak:.0f}" for p in run.at_end)
         print(f"  {run.label:<12} at first study: {memory_cells(run.at_first)}; peaks: {peaks}")
+    print("where each drop's time went (quiet period's end to the last sent; the sum of its")
+    print("forwards, each batch once; the medians of the workers' stages per study):")
+    for run, _ in runs:
+        print(f"  {run.label:<12} " + " | ".join(run.stages))
     print("the first study's run (moments in s from starting serve, durations in s):")
     for run, _ in runs:
         cells = ", ".join(f"{k} {v:.2f}" for k, v in sorted(run.first_timings.items()))
