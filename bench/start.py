@@ -20,7 +20,10 @@ Baselines measured in the same run, each in a fresh process just before each ser
 load): ``python -c "import torch"``; the naive torchxrayvision script a researcher writes
 (import torchxrayvision, load the DenseNet, ``read_xray_dcm`` + ``XRayCenterCrop`` +
 ``XRayResizer`` + forward on one image), from its start to its first scores; that script's
-time per image once warm (median of 7). With ``--old REF``, the service of git revision REF
+time per image once warm: the median of 7 of each of the three radiographs the studies
+cycle through (JPEG 1024², raw 440², JPEG 2000 1955×1841), then their mean, so that it is
+the same mix of images as the service's studies (the JPEG alone, as before, left out the
+JPEG 2000 decode, about 10× the others' read). With ``--old REF``, the service of git revision REF
 (``git archive``, run with the same virtual environment) on the same workload, last.
 
 The first run is "cold" only in that it is the first process of the bench to start the
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -43,6 +47,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pydicom.uid import generate_uid
+
 from bench.common import (
     ROOT,
     SHARED,
@@ -51,6 +57,7 @@ from bench.common import (
     cxr_study,
     free_port,
     ledger,
+    reidentify,
     start_storescp,
     stop_process,
     wait_until,
@@ -70,10 +77,10 @@ print(write_checkpoint(Path(sys.argv[1])))
 """
 
 NAIVE = """
-import sys, time
+import statistics, sys, time
 t0 = time.perf_counter()
 import numpy as np, torch, torchxrayvision as xrv
-torch.set_num_threads(int(sys.argv[3]))
+torch.set_num_threads(int(sys.argv[2]))
 model = xrv.models.DenseNet(weights="densenet121-res224-all", cache_dir=sys.argv[1])
 
 def one(path):
@@ -83,15 +90,21 @@ def one(path):
     with torch.inference_mode():
         return model(torch.from_numpy(np.asarray(image, dtype=np.float32))[None])
 
-one(sys.argv[2])
+paths = sys.argv[3:]
+one(paths[0])
 first = time.perf_counter() - t0
-times, cpu = [], []
-for _ in range(7):
-    t1, c1 = time.perf_counter(), time.process_time()
-    one(sys.argv[2])
-    times.append(time.perf_counter() - t1)
-    cpu.append(time.process_time() - c1)
-print(first, sorted(times)[3], sorted(cpu)[3])
+times, cpu = [], []  # per image: the median of 7 of each, then their mean over the images
+for path in paths:
+    one(path)  # its first read warms that codec
+    wall, proc = [], []
+    for _ in range(7):
+        t1, c1 = time.perf_counter(), time.process_time()
+        one(path)
+        wall.append(time.perf_counter() - t1)
+        proc.append(time.process_time() - c1)
+    times.append(statistics.median(wall))
+    cpu.append(statistics.median(proc))
+print(first, statistics.mean(times), statistics.mean(cpu), *times)
 """
 
 
@@ -192,6 +205,7 @@ class StartRun:
     after_drop_per_study: float = float("nan")
     warm_per_study: float = float("nan")
     cpu_per_study: list[float] = field(default_factory=list)  # per drop
+    stages: list[str] = field(default_factory=list)  # per drop: where its time went
     at_first: list[Footprint] = field(default_factory=list)
     at_end: list[Footprint] = field(default_factory=list)
     code: int = 0
@@ -244,6 +258,21 @@ def per_study(state: Path, studies: list[StagedStudy], stable: float) -> float:
     to the last one sent, over all of them."""
     quiet_end = max(s.files_at for s in studies) + stable
     return (max(sent_at(state, s) for s in studies) - quiet_end) / len(studies)
+
+
+def stages(state: Path, studies: list[StagedStudy], stable: float) -> str:
+    """Where a drop's time went: its span (quiet period's end to the last sent), the sum of
+    its forwards (each batch once) and the median of each worker stage per study, in ms."""
+    timings = [t for s in studies if (t := first_run_timings(state, s, 0.0))]
+    if not timings:
+        return "no runs"
+    span = max(sent_at(state, s) for s in studies) - max(s.files_at for s in studies) - stable
+    forwards = sum(t.get("forward_s", 0.0) / max(t.get("batch", 1.0), 1.0) for t in timings)
+    medians = ", ".join(
+        f"{key.removesuffix('_s')} {statistics.median(t.get(key, 0.0) for t in timings) * 1e3:.0f}"
+        for key in ("prepare_s", "build_s", "write_s", "gate_s")
+    )
+    return f"{span:.2f} s, forwards {forwards:.2f} s; medians (ms) {medians}"
 
 
 def run_service(
@@ -308,6 +337,7 @@ def run_service(
                 "the studies",
             )
             run.cpu_per_study.append((tree_cpu(service.pid) - cpu0) / len(batch))
+        run.stages = [stages(state, batch, args.stable) for batch in batches]
         run.after_drop_per_study = per_study(state, batches[0], args.stable)
         run.warm_per_study = per_study(state, batches[1], args.stable)
         run.at_end = footprint(service.pid)
@@ -345,15 +375,29 @@ class Baseline:
     first_s: float  # the naive script, from its start to its first scores, wall
     image_s: float  # ... then per image, warm (median of 7), wall
     cpu_s: float  # ... and its CPU time per image
+    per_file_s: tuple[float, ...] = ()  # the time per image of each of CXR_FILES, wall
 
 
-def baseline(weights: Path, threads: int) -> Baseline:
+def naive_inputs(folder: Path) -> list[Path]:
+    """CXR_FILES as the service's studies get them (:func:`bench.common.cxr_study`: saved
+    again with a file meta header; read_xray_dcm cannot decode the raw file without one)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in CXR_FILES:
+        ds = reidentify(SHARED / "cxr" / name, generate_uid(), generate_uid())
+        path = folder / f"{name}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def baseline(weights: Path, threads: int, inputs: list[Path]) -> Baseline:
     torch_s, _ = python_seconds("import torch")
-    first_s, out = python_seconds(
-        NAIVE, str(weights.parent), str(SHARED / "cxr" / CXR_FILES[0]), str(threads)
-    )
-    _, image_s, cpu_s = (float(v) for v in out.split()[-3:])
-    return Baseline(torch_s, first_s, image_s, cpu_s)
+    paths = [str(path) for path in inputs]
+    first_s, out = python_seconds(NAIVE, str(weights.parent), str(threads), *paths)
+    values = [float(v) for v in out.split()[-(3 + len(paths)) :]]
+    _, image_s, cpu_s = values[:3]
+    return Baseline(torch_s, first_s, image_s, cpu_s, tuple(values[3:]))
 
 
 def memory_cells(prints: list[Footprint]) -> str:
@@ -378,6 +422,7 @@ def main() -> int:
         folder = Path(tmp)
         _, out = python_seconds(CHECKPOINT, str(folder / "weights"))
         weights = Path(out.strip().splitlines()[-1])
+        inputs = naive_inputs(folder / "naive")
         port = free_port()
         scp = start_storescp(port)
         plan = [("cold" if i == 0 else f"warm {i}", ROOT / "main.py") for i in range(args.runs)]
@@ -386,7 +431,7 @@ def main() -> int:
         runs: list[tuple[StartRun, Baseline]] = []
         try:
             for i, (label, main_py) in enumerate(plan):
-                base = baseline(weights, args.threads)  # just before: the same load
+                base = baseline(weights, args.threads, inputs)  # just before: the same load
                 run = run_service(label, main_py, folder / f"run-{i}", weights, port, args)
                 runs.append((run, base))
         finally:
@@ -405,9 +450,12 @@ def main() -> int:
         " forward)"
     )
     for run, base in runs:
+        files = ", ".join(
+            f"{name} {t * 1e3:.0f}" for name, t in zip(CXR_FILES, base.per_file_s, strict=True)
+        )
         print(
             f"{run.label:<12}{base.torch_s:>12.2f}s{base.first_s:>9.2f}s"
-            f"{base.image_s * 1e3:>8.0f}ms{base.cpu_s * 1e3:>7.0f}ms"
+            f"{base.image_s * 1e3:>8.0f}ms{base.cpu_s * 1e3:>7.0f}ms   ({files} ms)"
         )
     print()
     print(
@@ -428,7 +476,8 @@ def main() -> int:
     print(
         f"from the quiet period's end to the last of {args.studies} sent, dropped 8 s after start"
     )
-    print("/ once those were sent; ratio = that / the naive script's time per image (warm).")
+    print("/ once those were sent; ratio = that / the naive script's time per image (warm,")
+    print("mean over the three radiographs the studies cycle through).")
     print("CPU per study (service and workers, all threads; OpenMP spin-waiting inflates it on")
     print("contended cores, for both) against the naive script's CPU per image:")
     for run, base in runs:
@@ -441,6 +490,10 @@ def main() -> int:
     for run, _ in runs:
         peaks = ", ".join(f"{p.role} {p.peak:.0f}" for p in run.at_end)
         print(f"  {run.label:<12} at first study: {memory_cells(run.at_first)}; peaks: {peaks}")
+    print("where each drop's time went (quiet period's end to the last sent; the sum of its")
+    print("forwards, each batch once; the medians of the workers' stages per study):")
+    for run, _ in runs:
+        print(f"  {run.label:<12} " + " | ".join(run.stages))
     print("the first study's run (moments in s from starting serve, durations in s):")
     for run, _ in runs:
         cells = ", ".join(f"{k} {v:.2f}" for k, v in sorted(run.first_timings.items()))

@@ -355,6 +355,38 @@ def test_loading_leaves_the_openmp_team_to_the_forward_thread(checkpoint: Path) 
     assert started_by_forward == 1  # threads=2: the calling thread and one worker
 
 
+WAIT_POLICY_PROBE = """
+import os, sys
+from service.config import CxrConfig
+from service.models.cxr import CxrModel
+
+model = CxrModel(CxrConfig(weights=sys.argv[1], device="cpu"))
+assert model.wait_loaded(120) and model.network is not None
+print(os.environ.get("OMP_WAIT_POLICY", "unset"))
+"""
+
+
+@pytest.mark.parametrize(("operator", "seen"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_forward_threads_sleep_when_idle_unless_the_operator_says(
+    checkpoint: Path, operator: str | None, seen: str
+) -> None:
+    """torch's OpenMP threads are loaded with OMP_WAIT_POLICY=PASSIVE (spinning threads
+    stalled the forward 3-20x on cores shared with the workers); a value set stands."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if operator:
+        env["OMP_WAIT_POLICY"] = operator
+    done = subprocess.run(
+        [sys.executable, "-c", WAIT_POLICY_PROBE, str(checkpoint)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        check=True,
+        timeout=300,
+    )
+    assert done.stdout.splitlines()[-1] == seen
+
+
 def chest_of(tmp_path: Path, name: str, **attributes: object) -> Path:
     """The real JPEG chest radiograph as a DX "CHEST AP" with ``attributes`` set."""
     ds = pydicom.dcmread(shared_file("cxr/siim-cr-pa-jpeg.dcm"))

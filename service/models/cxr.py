@@ -456,6 +456,12 @@ class CxrModel:
         if self._not_ready or not load:  # not load: routing only, never run here
             self._loaded.set()
         else:
+            # idle OpenMP threads sleep at once instead of spinning (libgomp reads it when
+            # the thread below first imports torch; an operator's value stands): on cores
+            # shared with the workers or other processes, the forward's two threads spun at
+            # each of the network's parallel regions for a descheduled member of their team,
+            # and the forward ran 3-20x slower (README, Performance)
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
             # not a daemon: a process that ends while torch is still loading waits for it
             # (torch's C++ state torn down under a running load aborts the process)
             threading.Thread(target=self._load, name="cxr-load", daemon=False).start()
