@@ -13,6 +13,7 @@ fetched offline); timings do not depend on the weight values.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -21,6 +22,10 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+# as the service runs its forward (service.models.cxr): idle OpenMP threads sleep; set
+# before torch loads, so both the naive path and ours are timed with it
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 import torchxrayvision as xrv
