@@ -1506,9 +1506,9 @@ def _copy(source: Database, target: Database, path: Path) -> dict[str, int]:
         if (n := int(target.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]))
     }
     if filled:
-        rows = ", ".join(f"{table} {n}" for table, n in filled.items())
+        found = ", ".join(f"{table} {n}" for table, n in filled.items())
         raise ImportRefused(
-            f"the target ledger {target.description} is not empty ({rows}): import only"
+            f"the target ledger {target.description} is not empty ({found}): import only"
             " into a new, empty database, before any node started on it"
         )
     counts: dict[str, int] = {}
