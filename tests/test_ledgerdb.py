@@ -377,3 +377,30 @@ def test_ledger_import_refuses_with_the_reason(tmp_path: Path, postgres: Postgre
     assert "is not empty (gateways 1)" in refused(source)
     with closing(Ledger(url)) as target:
         assert target.query("SELECT COUNT(*) FROM studies")[0][0] == 0
+
+
+def test_a_killed_services_ledger_is_refused_until_it_ran_once_more(
+    tmp_path: Path, postgres: Postgres, start_peer: Callable[..., Peer]
+) -> None:
+    peer = start_peer(sop_classes=ALL_STORAGE)
+    pacs = f'[pacs]\nhost = "127.0.0.1"\nport = {peer.port}\nae_title = "{peer.ae_title}"\n'
+    for failpoint, left in (("running", "1 run(s) running"), ("sending", "1 send(s) sending")):
+        root = tmp_path / failpoint
+        build_sample(root / "INPUT")
+        old = write_config(root, pacs, stable=0.2)
+        killed = start_service(
+            old, "--once", env={"GATEWAY_FAILPOINTS": f"after-commit:{failpoint}"}
+        )
+        assert wait_service(killed, 120)[0] == -9  # SIGKILLed at the failpoint
+        (root / "pg").mkdir()
+        new = write_config(root / "pg", ledger=postgres.database())
+        source = str(root / "STATE/ledger.sqlite3")
+        done = run_cli("--config", str(new), "ledger", "import", "--from", source)
+        assert done.returncode == 2 and left in done.stderr and "serve --once" in done.stderr
+        code, log = wait_service(start_service(old, "--once", "--once-timeout", "120"), 240)
+        assert code == 0, log  # as the refusal says: once more on SQLite, then import
+        done = run_cli("--config", str(new), "ledger", "import", "--from", source)
+        assert done.returncode == 0, done.stderr
+        on_postgres = studies(new)
+        assert on_postgres == studies(old) and len(on_postgres) == 2
+        assert {state for state, _ in on_postgres.values()} <= {str(s) for s in FINAL_STUDY_STATES}
