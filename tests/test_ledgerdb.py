@@ -21,6 +21,7 @@ from pynetdicom import AllStoragePresentationContexts, evt
 from devtools.sample import build_sample
 from service.ledger import Ledger, NewRun, RunState, StudyState, Transition
 from service.ledgerdb import PgRow
+from service.supervision import InstanceLock
 from service.values import FINAL_STUDY_STATES
 from tests.conftest import shared_file
 from tests.helpers import (
@@ -367,6 +368,10 @@ def test_ledger_import_refuses_with_the_reason(tmp_path: Path, postgres: Postgre
         Transition("1", "1.2.3", StudyState.FAILED, "x", run_id=run.run_id, run=RunState.FAILED)
     )
     old.close()
+    lock = InstanceLock(source.parent)  # as a running service holds it
+    lock.acquire()
+    assert "a service is serving" in refused(source)
+    lock.release()
     (tmp_path / "lite").mkdir()
     sqlite_config = write_config(tmp_path / "lite")
     assert "is not PostgreSQL" in refused(source, sqlite_config)
