@@ -17,7 +17,8 @@ When the database cannot be written (disk full, read-only, I/O error, a lost Pos
 connection) the ledger raises :class:`LedgerUnavailable`: the service cannot go on and exits
 non-zero. (A lost PostgreSQL connection is opened again by the next call.) The tables are
 created and brought up to date by numbered migrations (:data:`MIGRATIONS`, the
-``schema_version`` table) when the ledger is opened for writing.
+``schema_version`` table) when the ledger is opened for writing. :meth:`Ledger.import_sqlite`
+copies a stopped service's SQLite ledger into an empty PostgreSQL one (``ledger import``).
 """
 
 from __future__ import annotations
