@@ -1,5 +1,5 @@
 """Command line: ``python main.py [serve|run|status|studies|study|reprocess|resend|receiver|models
-fetch|config --show]``.
+fetch|config --show|ledger import]``.
 
 Exit codes: 0 success; 1 processing failed; 2 bad usage or configuration; 3 (``run``) no
 model applies to the input, nothing written.
@@ -147,6 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config_cmd.add_argument("--json", action="store_true", help="machine-readable output")
 
+    ledger = sub.add_parser("ledger", parents=[common], help="the ledger itself")
+    ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
+    ledger_import = ledger_sub.add_parser(
+        "import",
+        parents=[common],
+        help="copy a stopped service's SQLite ledger into the configured, empty PostgreSQL one",
+    )
+    ledger_import.add_argument(
+        "--from",
+        dest="source",
+        metavar="FILE",
+        type=Path,
+        required=True,
+        help="the old service's STATE/ledger.sqlite3",
+    )
+
     models = sub.add_parser("models", parents=[common], help="model weights")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     models_sub.add_parser(
@@ -219,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if command == "config":
             return show_config(config, as_json=args.json)
+        if command == "ledger":
+            return import_ledger(config, args.source)
         if command == "receiver":
             from devtools.receiver import serve_receiver
 
@@ -602,6 +620,43 @@ def _print_history(h: dict[str, Any]) -> None:
     print(f"events: {len(h['events'])}")
     for event in h["events"]:
         print(f"  {event['ts']} {event['level']} {event['message']}")
+
+
+# -- ledger import: from SQLite to PostgreSQL ---------------------------------------------
+
+
+def import_ledger(config: Config, source: Path) -> int:
+    """``ledger import --from FILE``: the SQLite ledger ``source`` copied into the configured
+    PostgreSQL ledger (:meth:`~service.ledger.Ledger.import_sqlite`); the rows copied per
+    table. Exit 0; 2 when refused (one line: why); 1 when a ledger cannot be used."""
+    from service.ledger import ImportRefused, Ledger
+    from service.supervision import is_served
+
+    if not config.ledger:
+        print(
+            f"error: the configured ledger {config.ledger_shown} is not PostgreSQL: set"
+            " [service] ledger (GATEWAY_LEDGER) to the postgresql:// URL to import into",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if is_served(source.parent):
+        print(
+            f"error: a service is serving {source.parent} now: stop it (SIGTERM), then import",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    target = Ledger(config.ledger, config.node_name)
+    try:
+        counts = target.import_sqlite(source)
+    except ImportRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        target.close()
+    print(f"imported {source} into {target.description}:")
+    for table, n in counts.items():
+        print(f"  {table} {n}")
+    return EXIT_OK
 
 
 # -- reprocess, resend: requests carried out by the running service --------------------------

@@ -17,13 +17,15 @@ When the database cannot be written (disk full, read-only, I/O error, a lost Pos
 connection) the ledger raises :class:`LedgerUnavailable`: the service cannot go on and exits
 non-zero. (A lost PostgreSQL connection is opened again by the next call.) The tables are
 created and brought up to date by numbered migrations (:data:`MIGRATIONS`, the
-``schema_version`` table) when the ledger is opened for writing.
+``schema_version`` table) when the ledger is opened for writing. :meth:`Ledger.import_sqlite`
+copies a stopped service's SQLite ledger into an empty PostgreSQL one (``ledger import``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -58,6 +60,7 @@ __all__ = [
     "FINAL_RUN_STATES",
     "Applied",
     "IllegalTransition",
+    "ImportRefused",
     "InstanceRecord",
     "Ledger",
     "LedgerUnavailable",
@@ -172,6 +175,10 @@ class LedgerUnavailable(GatewayError):
 
 class IllegalTransition(GatewayError):
     """A state change that is not in the tables of :mod:`service.values` (a bug)."""
+
+
+class ImportRefused(GatewayError):
+    """:meth:`Ledger.import_sqlite` will not copy: the reason, for the operator."""
 
 
 def printable(text: str) -> str:
@@ -1296,6 +1303,37 @@ class Ledger:
         with self._lock:
             return self._db.columns(table)
 
+    # -- moving from SQLite to PostgreSQL ------------------------------------------------
+
+    def import_sqlite(self, source: Path) -> dict[str, int]:
+        """Copy the SQLite ledger ``source`` into this ledger, a PostgreSQL one with no
+        rows yet, in one transaction: every table of the schema but nodes and leases
+        (:data:`IMPORTED_TABLES`), with their ids, then the identities past the largest.
+        ``source`` is first brought to the current schema (this ledger was, when opened)
+        and held locked (SQLite ``BEGIN IMMEDIATE``) until the copy commits. Returns the
+        rows copied per table. Refused (:class:`ImportRefused`, nothing written here) when
+        this ledger is not PostgreSQL or has rows, or when ``source`` is no ledger or
+        records a run ``running`` or a send ``sending`` (a service still running, or one
+        that did not stop cleanly)."""
+        if not is_url(self.path):
+            raise ImportRefused(
+                f"the target ledger {self.description} is not PostgreSQL: set [service] ledger"
+                " (GATEWAY_LEDGER) to the postgresql:// URL to import into"
+            )
+        _check_ledger_file(source)
+        old = Ledger(source)
+        try:
+            counts = old._write(lambda sdb: self._write(lambda tdb: _copy(sdb, tdb, source)))
+        finally:
+            old.close()
+        logger.info(
+            "ledger %s: imported %s (%s)",
+            self.description,
+            source,
+            ", ".join(f"{table} {n}" for table, n in counts.items()),
+        )
+        return counts
+
 
 @dataclass(frozen=True)
 class QueuedSend:
@@ -1402,6 +1440,95 @@ def _migrate(db: Database) -> None:
             logger.info(
                 "ledger %s: schema step %d (%s)", db.description, step.version, step.description
             )
+
+
+def _created_tables(migrations: Sequence[Migration]) -> tuple[str, ...]:
+    return tuple(
+        m.group(1)
+        for step in migrations
+        for statement in step.statements
+        if (m := re.match(r"CREATE TABLE IF NOT EXISTS (\w+)", statement))
+    )
+
+
+#: the tables :meth:`Ledger.import_sqlite` copies, in an order that keeps references
+#: (runs before outputs and sends, sends before send_items): every table of the schema but
+#: those of the live nodes (``nodes``, ``leases``: each node records itself) and
+#: ``schema_version`` (each ledger's own)
+IMPORTED_TABLES = tuple(t for t in _created_tables(MIGRATIONS) if t not in ("nodes", "leases"))
+#: (table, column) of the ids the database assigns (``INTEGER PRIMARY KEY AUTOINCREMENT``)
+IDENTITIES = tuple(
+    (m.group(1), m.group(2))
+    for step in MIGRATIONS
+    for statement in step.statements
+    if (
+        m := re.match(
+            r"CREATE TABLE IF NOT EXISTS (\w+) \(\s*(\w+) INTEGER PRIMARY KEY AUTOINCREMENT",
+            statement,
+        )
+    )
+)
+
+
+def _check_ledger_file(path: Path) -> None:
+    """Refuse ``path`` unless it is an SQLite file with the first schema step's tables."""
+    if not path.is_file():
+        raise ImportRefused(f"{path} does not exist: name the old service's STATE/ledger.sqlite3")
+    try:
+        db = open_database(path, readonly=True)
+        try:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            db.close()
+    except DRIVER_ERRORS as exc:
+        raise ImportRefused(f"{path} is not a ledger: {exc}") from exc
+    missing = sorted(set(_created_tables(MIGRATIONS[:1])) - tables)
+    if missing:
+        raise ImportRefused(f"{path} is not a ledger: it has no table {', '.join(missing)}")
+
+
+def _copy(source: Database, target: Database, path: Path) -> dict[str, int]:
+    """The copy of :meth:`Ledger.import_sqlite`, in the transactions of both."""
+    running = source.execute(
+        "SELECT (SELECT COUNT(*) FROM runs WHERE state=?), (SELECT COUNT(*) FROM sends"
+        " WHERE state=?)",
+        (str(RunState.RUNNING), str(SendState.SENDING)),
+    ).fetchone()
+    if running[0] or running[1]:
+        raise ImportRefused(
+            f"{path} records {running[0]} run(s) running and {running[1]} send(s) sending:"
+            " its service is still running or did not stop cleanly; run it once more on its"
+            " SQLite ledger (`serve --once`: it resumes the runs and records the open sends"
+            " interrupted) and import again"
+        )
+    filled = {
+        table: n
+        for table in IMPORTED_TABLES
+        if (n := int(target.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]))
+    }
+    if filled:
+        found = ", ".join(f"{table} {n}" for table, n in filled.items())
+        raise ImportRefused(
+            f"the target ledger {target.description} is not empty ({found}): import only"
+            " into a new, empty database, before any node started on it"
+        )
+    counts: dict[str, int] = {}
+    for table in IMPORTED_TABLES:
+        columns = sorted(source.columns(table))
+        if set(columns) != target.columns(table):
+            raise ImportRefused(
+                f"{path}: table {table} has columns {', '.join(columns)}, the target"
+                f" {', '.join(sorted(target.columns(table)))} (a ledger of another version)"
+            )
+        names = ", ".join(columns)
+        rows = [tuple(r) for r in source.execute(f"SELECT {names} FROM {table}")]
+        target.executemany(
+            f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * len(columns))})", rows
+        )
+        counts[table] = len(rows)
+    for table, column in IDENTITIES:
+        target.advance_identity(table, column)
+    return counts
 
 
 def _label(t: Transition) -> str:

@@ -5,8 +5,9 @@ The ledger's SQL is written once, in the dialect both engines share (``?`` place
 alone: placeholders, column types (identity, 64-bit integers, doubles, bytea), how a write
 transaction begins (SQLite ``BEGIN IMMEDIATE``; PostgreSQL ``SERIALIZABLE``, retried on a
 serialisation failure), how a table's columns are listed, the lock that serialises
-migrations, ``FOR UPDATE SKIP LOCKED``, the database's clock (one clock for the leases of
-nodes on several machines), and which errors mean a lost connection.
+migrations, ``FOR UPDATE SKIP LOCKED``, how an identity continues past ids given (an
+import), the database's clock (one clock for the leases of nodes on several machines), and
+which errors mean a lost connection.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class Database(Protocol):
     def ddl(self, sql: str) -> str: ...
     def lock_for_migration(self) -> None: ...
     def skip_locked(self, alias: str) -> str: ...
+    def advance_identity(self, table: str, column: str) -> None: ...
     def clock(self) -> float: ...
     def close(self) -> None: ...
 
@@ -134,6 +136,9 @@ class SqliteDatabase:
 
     def skip_locked(self, alias: str) -> str:
         return ""  # a write transaction holds the whole database: nothing else holds a row
+
+    def advance_identity(self, table: str, column: str) -> None:
+        pass  # AUTOINCREMENT already counts from the largest id ever inserted, given or not
 
     def clock(self) -> float:
         return float(
@@ -279,6 +284,14 @@ class PostgresDatabase:
 
     def skip_locked(self, alias: str) -> str:
         return f" FOR UPDATE OF {alias} SKIP LOCKED"
+
+    def advance_identity(self, table: str, column: str) -> None:
+        """After rows were inserted with their ids given (an import): the identity
+        continues past the largest (ids given do not advance it)."""
+        self.execute(
+            f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'),"
+            f" COALESCE((SELECT MAX({column}) FROM {table}), 0) + 1, false)"
+        )
 
     def clock(self) -> float:
         row = self.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8").fetchone()

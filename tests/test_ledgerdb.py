@@ -8,8 +8,10 @@ peer, and the CLI reads that ledger back.
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,9 @@ import psycopg
 from pynetdicom import AllStoragePresentationContexts, evt
 
 from devtools.sample import build_sample
-from service.ledger import Ledger
+from service.ledger import Ledger, NewRun, RunState, StudyState, Transition
 from service.ledgerdb import PgRow
+from service.supervision import InstanceLock
 from service.values import FINAL_STUDY_STATES
 from tests.conftest import shared_file
 from tests.helpers import (
@@ -299,3 +302,110 @@ def test_two_nodes_one_intake_lease_each_study_once_and_takeover_after_sigkill(
     outputs = _ledger_rows(url, "SELECT sop_instance_uid FROM outputs")
     assert sorted(stored) == sorted(uid for (uid,) in outputs)  # every result stored once
     assert len(set(stored)) == len(stored) > 0
+
+
+# -- ledger import: the SQLite ledger of a stopped service into an empty PostgreSQL one ----
+
+
+def test_imported_sqlite_ledger_reads_the_same_and_nothing_is_sent_again(
+    tmp_path: Path, postgres: Postgres, start_peer: Callable[..., Peer]
+) -> None:
+    stored: list[str] = []
+
+    def store(event: evt.Event) -> int:
+        stored.append(stored_uid(event))
+        return 0x0000
+
+    peer = start_peer(on_store=store, sop_classes=ALL_STORAGE)
+    config, _ = serve_sample(tmp_path, peer)  # SQLite in tmp_path/STATE
+    on_sqlite = run_cli("--config", str(config), "studies", "--json").stdout
+    assert len(json.loads(on_sqlite)) == 2 and len(stored) > 0
+
+    url = postgres.database()
+    pacs = f'[pacs]\nhost = "127.0.0.1"\nport = {peer.port}\nae_title = "{peer.ae_title}"\n'
+    config = write_config(tmp_path, pacs, stable=0.2, ledger=url, node_name="node-pg")
+    source = tmp_path / "STATE/ledger.sqlite3"
+    done = run_cli("--config", str(config), "ledger", "import", "--from", str(source))
+    assert done.returncode == 0, done.stderr
+    assert "postgres:********@127.0.0.1" in done.stdout and PASSWORD not in done.stdout
+    copied = dict(line.split() for line in done.stdout.splitlines()[1:])
+    assert copied["studies"] == "2" and int(copied["sends"]) >= 2 and int(copied["outputs"]) > 0
+    assert run_cli("--config", str(config), "studies", "--json").stdout == on_sqlite
+
+    sent, stored[:] = list(stored), []
+    code, log = wait_service(start_service(config, "--once", "--once-timeout", "120"), 240)
+    assert code == 0, log
+    assert stored == [] and len(set(sent)) == len(sent)  # each result stored once, in all
+    assert run_cli("--config", str(config), "studies", "--json").stdout == on_sqlite
+    with closing(Ledger(url)) as ledger:  # the identities go on past the imported ids
+        assert ledger.query("SELECT nextval(pg_get_serial_sequence('runs', 'run_id'))")[0][0] > 2
+
+
+def test_ledger_import_refuses_with_the_reason(tmp_path: Path, postgres: Postgres) -> None:
+    url = postgres.database()
+    config = write_config(tmp_path, ledger=url)
+    source = tmp_path / "old/ledger.sqlite3"
+
+    def refused(path: Path, conf: Path = config) -> str:
+        done = run_cli("--config", str(conf), "ledger", "import", "--from", str(path))
+        assert done.returncode == 2 and done.stdout == "", done
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        assert PASSWORD not in done.stderr and errors == done.stderr.splitlines()[-1:]
+        return errors[0]
+
+    assert "does not exist" in refused(source)
+    source.parent.mkdir()
+    source.write_text("not a database, but a text file\n" * 200)
+    assert "is not a ledger" in refused(source)
+    source.unlink()
+    sqlite3.connect(source).execute("CREATE TABLE t (x)").connection.close()
+    assert "is not a ledger: it has no table" in refused(source)
+    source.unlink()
+    old = Ledger(source)
+    run = old.apply(Transition("1", "1.2.3", StudyState.RUNNING, new_run=NewRun("m", "1", "d", 1)))
+    assert "1 run(s) running and 0 send(s) sending" in refused(source)
+    old.apply(
+        Transition("1", "1.2.3", StudyState.FAILED, "x", run_id=run.run_id, run=RunState.FAILED)
+    )
+    old.close()
+    lock = InstanceLock(source.parent)  # as a running service holds it
+    lock.acquire()
+    assert "a service is serving" in refused(source)
+    lock.release()
+    (tmp_path / "lite").mkdir()
+    sqlite_config = write_config(tmp_path / "lite")
+    assert "is not PostgreSQL" in refused(source, sqlite_config)
+    assert not (tmp_path / "lite/STATE").exists()
+
+    with closing(Ledger(url)) as target:  # a node ran on it already
+        target.add_gateway("9", tmp_path / "INPUT/gateway_9")
+    assert "is not empty (gateways 1)" in refused(source)
+    with closing(Ledger(url)) as target:
+        assert target.query("SELECT COUNT(*) FROM studies")[0][0] == 0
+
+
+def test_a_killed_services_ledger_is_refused_until_it_ran_once_more(
+    tmp_path: Path, postgres: Postgres, start_peer: Callable[..., Peer]
+) -> None:
+    peer = start_peer(sop_classes=ALL_STORAGE)
+    pacs = f'[pacs]\nhost = "127.0.0.1"\nport = {peer.port}\nae_title = "{peer.ae_title}"\n'
+    for failpoint, left in (("running", "1 run(s) running"), ("sending", "1 send(s) sending")):
+        root = tmp_path / failpoint
+        build_sample(root / "INPUT")
+        old = write_config(root, pacs, stable=0.2)
+        killed = start_service(
+            old, "--once", env={"GATEWAY_FAILPOINTS": f"after-commit:{failpoint}"}
+        )
+        assert wait_service(killed, 120)[0] == -9  # SIGKILLed at the failpoint
+        (root / "pg").mkdir()
+        new = write_config(root / "pg", ledger=postgres.database())
+        source = str(root / "STATE/ledger.sqlite3")
+        done = run_cli("--config", str(new), "ledger", "import", "--from", source)
+        assert done.returncode == 2 and left in done.stderr and "serve --once" in done.stderr
+        code, log = wait_service(start_service(old, "--once", "--once-timeout", "120"), 240)
+        assert code == 0, log  # as the refusal says: once more on SQLite, then import
+        done = run_cli("--config", str(new), "ledger", "import", "--from", source)
+        assert done.returncode == 0, done.stderr
+        on_postgres = studies(new)
+        assert on_postgres == studies(old) and len(on_postgres) == 2
+        assert {state for state, _ in on_postgres.values()} <= {str(s) for s in FINAL_STUDY_STATES}
