@@ -349,6 +349,9 @@ def serve(config: Config, *, once: bool = False, timeout: float = 3600.0) -> int
             engine.close()
             return EXIT_OK if drained else EXIT_FAILED
 
+        # a shared ledger: the node's heartbeat from its own thread, while the loop turns
+        engine.start_node_beat(heartbeat.loop_age)
+
         def loop() -> None:
             try:
                 last_discover = time.monotonic()

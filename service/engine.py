@@ -84,6 +84,8 @@ CLAIM_RETRY_SECONDS = 30.0
 #: The lease a node holds to watch and scan a gateway on a PostgreSQL ledger.
 INTAKE_LEASE = "intake:{}"
 RETRY_MAX_SECONDS = 300.0
+#: A node beats while its service loop turned within this many ``run_lease_seconds``.
+LOOP_ALIVE_LEASES = 2.0
 
 
 def retry_delay(attempt: int) -> float:
@@ -109,6 +111,8 @@ class Engine:
         self._last_gateway = ""  # the gateway whose study ran last (round-robin start)
         self._runs_started = 0
         self._node_beat: float | None = None  # monotonic time of the last node heartbeat
+        #: the node's heartbeat thread (``serve``): while it runs, the turn does not beat
+        self.node_beat: NodeBeat | None = None
         #: PostgreSQL ledger: the gateways whose intake lease this node holds, each with the
         #: monotonic time its hold ends unless renewed; None (SQLite): every gateway is ours
         self._intake: dict[str, float] | None = {} if self.config.ledger else None
@@ -889,17 +893,24 @@ class Engine:
         self.outbox.cancel_all(max(1.0, deadline - time.monotonic()))
         return not self._pipeline.in_flight
 
+    def start_node_beat(self, loop_age: Callable[[], float]) -> None:
+        """PostgreSQL ledger: beat from a thread of its own (:class:`NodeBeat`), so that a
+        long turn of the engine does not make this node look gone; ``loop_age`` is the
+        seconds since the service loop last turned (a dead loop stops the beating)."""
+        if self.config.ledger and self.node_beat is None:
+            self.node_beat = NodeBeat(self.config, loop_age)
+            self.node_beat.start()
+
     def _node_heartbeat(self) -> None:
         """In a PostgreSQL ledger (shared by nodes): record this node alive, every
-        :data:`NODE_HEARTBEAT_SECONDS` and every third of the leases at least (a node
-        whose heartbeat is older than ``run_lease_seconds`` counts as gone: its open sends
-        are recorded interrupted). (An SQLite ledger has one node: nothing to say.)"""
+        :func:`node_beat_seconds` (a node whose heartbeat is older than
+        ``run_lease_seconds`` counts as gone: its open sends are recorded interrupted),
+        here in the turn only when no :class:`NodeBeat` thread beats (``--once``, tests).
+        (An SQLite ledger has one node: nothing to say.)"""
+        if self.node_beat is not None and self.node_beat.is_alive():
+            return
         beat = time.monotonic()
-        every = min(
-            NODE_HEARTBEAT_SECONDS,
-            self.config.run_lease_seconds / 3,
-            self.config.intake_lease_seconds / 3,
-        )
+        every = node_beat_seconds(self.config)
         if self.config.ledger and (self._node_beat is None or beat - self._node_beat >= every):
             self.ledger.heartbeat(self.config.node_name, tuple(self.config.roles))
             self._node_beat = beat
@@ -907,6 +918,8 @@ class Engine:
     def close(self) -> None:
         """Stop workers and send threads; a send still open is recorded as interrupted at
         the next start."""
+        if self.node_beat is not None:
+            self.node_beat.stop()
         self._pipeline.close()
         self.outbox.close()
         self._release_intake()
@@ -914,6 +927,80 @@ class Engine:
             with contextlib.suppress(LedgerUnavailable):
                 self.ledger.release_lease(RUN_LEASE.format(run_id), self._node)
         self.ledger.close()
+
+
+def node_beat_seconds(config: Config) -> float:
+    """Seconds between a node's heartbeats: :data:`NODE_HEARTBEAT_SECONDS`, and a third
+    of the leases at most."""
+    return min(
+        NODE_HEARTBEAT_SECONDS, config.run_lease_seconds / 3, config.intake_lease_seconds / 3
+    )
+
+
+class NodeBeat:
+    """A node's heartbeat in a PostgreSQL ledger, written by a thread of its own through a
+    ledger connection of its own (a :class:`Ledger` serialises its one connection), every
+    :func:`node_beat_seconds`, while the service loop is alive: ``loop_age()`` (seconds
+    since the loop's last turn) at most :data:`LOOP_ALIVE_LEASES` × ``run_lease_seconds``.
+    A loop stuck longer, or dead, leaves the heartbeat to age: other nodes then take the
+    node for gone. A ledger that cannot be reached is tried again at the next beat."""
+
+    def __init__(self, config: Config, loop_age: Callable[[], float]) -> None:
+        self.config = config
+        self.loop_age = loop_age
+        self.every = node_beat_seconds(config)
+        self.beats = 0  # heartbeats written (tests, logs)
+        self._stop = threading.Event()
+        self._ledger: Ledger | None = None
+        self._thread = threading.Thread(target=self._run, name="node-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def beat(self) -> bool:
+        """One heartbeat now if the loop is alive; whether it was written."""
+        age = self.loop_age()
+        limit = LOOP_ALIVE_LEASES * self.config.run_lease_seconds
+        if age > limit:
+            logger.warning(
+                "node %s: the service loop has not turned for %.0f s (over %.0f s):"
+                " no heartbeat, other nodes will take this node for gone",
+                self.config.node_name,
+                age,
+                limit,
+            )
+            return False
+        try:
+            if self._ledger is None:
+                self._ledger = Ledger(self.config.ledger_location, self.config.node_name)
+            self._ledger.heartbeat(self.config.node_name, tuple(self.config.roles))
+        except LedgerUnavailable as exc:
+            logger.warning("node %s: heartbeat not written: %s", self.config.node_name, exc)
+            return False
+        self.beats += 1
+        return True
+
+    def _run(self) -> None:
+        try:
+            while True:
+                self.beat()
+                if self._stop.wait(self.every):
+                    return
+        except Exception:  # a bug: the heartbeat ages, other nodes take this node for gone
+            logger.exception("node %s: the heartbeat thread failed", self.config.node_name)
+        finally:
+            if self._ledger is not None:
+                with contextlib.suppress(Exception):
+                    self._ledger.close()
+
+    def stop(self) -> None:
+        """Stop beating (the service stops); returns when the thread has ended."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(self.every + 5.0)
 
 
 def fair_order(

@@ -205,28 +205,9 @@ class Outbox:
         except IllegalTransition:
             if not self.config.ledger:
                 raise
-            # a node that stalled past its leases: another node recorded this send
-            # interrupted meanwhile; its real outcome is kept as an event
-            logger.warning(
-                "gateway=%s study=%s send %d ended (%s) after another node recorded it interrupted",
-                send.gateway_id,
-                send.study_uid,
-                send.send_id,
-                reason,
-            )
-            self.ledger.apply(
-                Transition(
-                    send.gateway_id,
-                    send.study_uid,
-                    events=[
-                        (
-                            "WARNING",
-                            f"send {send.send_id} ended after it was recorded interrupted:"
-                            f" {reason}",
-                        )
-                    ],
-                )
-            )
+            # this node looked gone (its heartbeat went old) and another node recorded
+            # this send interrupted meanwhile: the real outcome replaces it
+            self.ledger.apply_late_send(outcome)
         self._finished(send, state, reason)
 
     def _finished(self, send: QueuedSend, state: SendState, reason: str) -> None:
