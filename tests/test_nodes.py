@@ -72,7 +72,13 @@ class Nodes:
         self.engines: list[Engine] = []
 
     def start(
-        self, name: str, roles: str = "intake,run,send", workers: int = 0, **service: object
+        self,
+        name: str,
+        roles: str = "intake,run,send",
+        workers: int = 0,
+        *,
+        run_lease_seconds: float = 30.0,
+        intake_lease_seconds: float = 30.0,
     ) -> Engine:
         (self.root / name).mkdir(exist_ok=True)  # a node started again keeps its STATE
         path = write_config(
@@ -85,7 +91,8 @@ class Nodes:
             output_dir=str(self.root / "OUTPUT"),
             ledger=self.url,
             roles=roles,
-            **service,
+            run_lease_seconds=run_lease_seconds,
+            intake_lease_seconds=intake_lease_seconds,
         )
         config = load_config(path, environ={})
         engine = Engine(config, build_models(config, load="run" in config.roles))
