@@ -123,6 +123,8 @@ class Engine:
         self._runs: dict[int, tuple[str, str]] | None = {} if self.config.ledger else None
         self._runs_beat: float | None = None  # monotonic time of the last run lease renewal
         self._claim_beat: float | None = None  # monotonic time of the last look for work
+        self._claim_found = False  # the last look for runs claimed some
+        self._runs_done = 0  # runs completed here since the last look for runs
         #: runs claimed here that could not execute here, with when to try them again
         self._not_here: dict[int, float] = {}
         self.roles = frozenset(self.config.roles)
@@ -223,7 +225,7 @@ class Engine:
         self._renew_intake()
         self._renew_runs()
         completed = self._complete_finished()
-        self._take_over()
+        self._take_over(now)
         room = self._pipeline.has_capacity
         busy = self.outbox.busy_studies()
         with self._lock:
@@ -566,6 +568,7 @@ class Engine:
         """Record every run and send finished since the last call; how many."""
         sends = self.outbox.pump()
         outcomes = self._pipeline.pump()
+        self._runs_done += len(outcomes)
         for outcome in outcomes:
             job = outcome.job
             key = (job.study.gateway_id, job.study.folder.name)
@@ -736,33 +739,36 @@ class Engine:
 
     # -- taking work over (PostgreSQL ledger: any node with the role) ------------------------
 
-    def _take_over(self) -> None:
+    def _take_over(self, now: float) -> None:
         """Every :data:`CLAIM_SECONDS`: record the sends of dead nodes ``interrupted``;
-        with the ``send`` role, adopt the sends queued by any node; with the ``run`` role,
+        with the ``send`` role, adopt the sends queued by any node. With the ``run`` role,
         claim runs left ``running`` without a live lease (a dead or stalled node's, or
-        recorded by an intake-only node), oldest first, while the pipeline has room."""
+        recorded by an intake-only node), oldest first, as many as the pipeline has room
+        for (batches included): every :data:`CLAIM_SECONDS`, and at once after a run
+        completed here when the last look found work (a look that finds none is a read)."""
         if self._runs is None:
             return
-        now = time.monotonic()
-        if self._claim_beat is not None and now - self._claim_beat < CLAIM_SECONDS:
-            return
-        self._claim_beat = now
-        self.ledger.interrupt_dead_sends(self.config.run_lease_seconds)
-        if "send" in self.roles:
-            self.outbox.adopt(self.ledger.queued_sends())
+        due = self._claim_beat is None or now - self._claim_beat >= CLAIM_SECONDS
+        if due:
+            self._claim_beat = now
+            self.ledger.interrupt_dead_sends(self.config.run_lease_seconds)
+            if "send" in self.roles:
+                self.outbox.adopt(self.ledger.queued_sends())
         if "run" not in self.roles:
             return
+        if not due and not (self._claim_found and self._runs_done):
+            return
+        room = self._pipeline.room
+        if room <= 0:
+            return  # full: looked at again when a run completes
+        self._runs_done = 0
         self._not_here = {k: t for k, t in self._not_here.items() if t > now}
-        for _ in range(max(1, self.config.workers)):
-            if not self._pipeline.has_capacity:
-                break
-            exclude = sorted({*self._runs, *self._not_here})
-            claimed = self.ledger.claim_runs(
-                self._node, self.config.run_lease_seconds, 1, exclude=exclude
-            )
-            if not claimed:
-                break
-            run = claimed[0]
+        exclude = sorted({*self._runs, *self._not_here})
+        claimed = self.ledger.claim_runs(
+            self._node, self.config.run_lease_seconds, room, exclude=exclude
+        )
+        self._claim_found = bool(claimed)
+        for run in claimed:
             why = self._resume_claimed(run)
             if why:
                 logger.info(

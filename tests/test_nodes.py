@@ -79,6 +79,7 @@ class Nodes:
         *,
         run_lease_seconds: float = 30.0,
         intake_lease_seconds: float = 30.0,
+        max_batch: int = 8,
     ) -> Engine:
         (self.root / name).mkdir(exist_ok=True)  # a node started again keeps its STATE
         path = write_config(
@@ -93,6 +94,7 @@ class Nodes:
             roles=roles,
             run_lease_seconds=run_lease_seconds,
             intake_lease_seconds=intake_lease_seconds,
+            max_batch=max_batch,
         )
         config = load_config(path, environ={})
         engine = Engine(config, build_models(config, load="run" in config.roles))
@@ -452,6 +454,41 @@ def test_roles_intake_run_and_send_on_three_nodes(
     roles = {n["node"]: n["roles"] for n in intake.ledger.nodes()}
     assert roles == {"intake": ["intake"], "runner": ["run"], "sender": ["send"]}
     assert [lease["name"] for lease in intake.ledger.leases()] == ["intake:1"]
+
+
+def _three_runs_recorded(nodes: Nodes) -> Engine:
+    """An intake-only node that has recorded 3 runs (one study on each of 3 gateways)."""
+    for gateway in ("1", "2", "3"):
+        drop_study(nodes, gateway)
+    intake = nodes.start("intake", roles="intake")
+    scan(intake)
+    tick_until([intake], lambda: len(intake.ledger.runs()) == 3)
+    return intake
+
+
+def test_a_run_node_claims_as_many_runs_as_its_pipeline_has_room_for(nodes: Nodes) -> None:
+    """A run-only node (workers = 0, max_batch 8) claims every claimable run in one look
+    (a batch's worth), not one per look."""
+    intake = _three_runs_recorded(nodes)
+    runner = nodes.start("runner", roles="run")
+    runner.tick()
+    assert [(r.node, r.state) for r in intake.ledger.runs()] == [("runner", RunState.WRITTEN)] * 3
+
+
+def test_a_run_node_that_found_work_looks_again_when_a_run_completes(nodes: Nodes) -> None:
+    """Room for one run at a time (max_batch 1): after a run completes, a node whose last
+    look found work claims the next at once, without waiting for the next second (the
+    turns here all happen at one instant of the engine's clock)."""
+    intake = _three_runs_recorded(nodes)
+    runner = nodes.start("runner", roles="run", max_batch=1)
+    now = time.monotonic()
+    written = []
+    for _ in range(3):
+        runner.tick(now)
+        written.append(sum(r.state == RunState.WRITTEN for r in intake.ledger.runs()))
+    assert written == [1, 2, 3]
+    runner.tick(now)  # the look after the last run completed finds nothing claimable
+    assert not runner._claim_found
 
 
 def test_intake_spreads_over_three_nodes_and_a_dead_nodes_gateways_are_taken(
