@@ -44,6 +44,7 @@ from service.ledger import (
 )
 from service.models.base import Model, RunContext, select_model
 from service.outbox import Outbox
+from service.outbox import replay as replay_send_journal
 from service.pipeline import Job as PipelineJob
 from service.pipeline import Outcome, Pipeline
 from service.readiness import (
@@ -151,7 +152,8 @@ class Engine:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def recover(self) -> None:
-        """After a restart: remove temp files; sends left open become ``interrupted``,
+        """After a restart: remove temp files; the send outcomes kept in
+        ``STATE/send-journal.json`` are recorded; sends left open become ``interrupted``,
         sends still queued are queued again, and runs left ``running`` resume when the
         scan touches their studies (all decided by the ledger's states alone)."""
         for root in (self.config.output_dir, self.config.state_dir):
@@ -159,6 +161,8 @@ class Engine:
             if removed:
                 logger.warning("removed %d temporary file(s) left under %s", removed, root)
         requests.fail_interrupted(self.config.state_dir)
+        # outcomes of sends that ended while the ledger was away: recorded, not interrupted
+        replay_send_journal(self.ledger, self.config.state_dir)
         recovery = self.ledger.recover()
         for send in recovery.queued:
             self._queue_send(send)

@@ -34,6 +34,8 @@ from service.ledger import (
     Transition,
 )
 from service.models import build_models
+from service.outbox import JOURNAL_NAME
+from service.outbox import replay as replay_send_journal
 from service.watcher import StudyWatcher
 from tests.conftest import shared_file
 from tests.helpers import (
@@ -746,3 +748,72 @@ def test_a_node_whose_turn_is_slow_stays_live_its_send_is_not_interrupted(
     finally:
         release.set()
         group.close()
+
+
+def _open_send(ledger: Ledger, study: str) -> QueuedSend:
+    """A run of ``study`` written, its send opened (``sending``) by ``ledger``'s node."""
+    run_id = ledger.apply(
+        Transition("1", study, StudyState.RUNNING, new_run=NewRun("annotate", "1", study, 1))
+    ).run_id
+    assert run_id is not None
+    queued = Transition(
+        "1",
+        study,
+        StudyState.WRITTEN,
+        run_id=run_id,
+        run=RunState.WRITTEN,
+        send=SendChange(SendState.QUEUED, destination="PEER@127.0.0.1:104"),
+    )
+    send_id = ledger.apply(queued).send_id
+    assert send_id is not None
+    opening = Transition(
+        "1",
+        study,
+        StudyState.SENDING,
+        run_id=run_id,
+        run=RunState.SENDING,
+        send=SendChange(SendState.SENDING, send_id),
+    )
+    ledger.apply(opening)
+    return QueuedSend(send_id, run_id, "1", study, False)
+
+
+def test_send_outcomes_kept_in_the_journal_are_recorded_at_the_next_start(
+    tmp_path: Path, postgres: Postgres
+) -> None:
+    """``STATE/send-journal.json`` (written when the ledger went away with sends open): at
+    the next start a send still ``sending`` gets its outcome, one another node recorded
+    ``interrupted`` meanwhile gets its real one, and nothing is left for ``recover``."""
+    url = postgres.database()
+    a, b = Ledger(url, "node-a"), Ledger(url, "node-b")
+    try:
+        a.heartbeat("node-a", ("send",))
+        late = _open_send(a, "1.2.4")
+        sql(url, "UPDATE nodes SET heartbeat = heartbeat - 3600 WHERE node = 'node-a'")
+        assert b.interrupt_dead_sends(30) == 1  # node-a looked gone
+        still_open = _open_send(a, "1.2.3")
+        entries = [
+            {
+                "send_id": s.send_id,
+                "run_id": s.run_id,
+                "gateway_id": "1",
+                "study_uid": s.study_uid,
+                "manual": False,
+                "status": "success",
+                "reason": "",
+                "items": [["1.2.3.9", "success", 0, "/out/x.dcm"]],
+            }
+            for s in (late, still_open)
+        ]
+        (tmp_path / JOURNAL_NAME).write_text(json.dumps(entries))
+        assert [s[2] for s in sends_of(url)] == ["interrupted", "sending"]
+        assert replay_send_journal(a, tmp_path) == 2
+        assert not (tmp_path / JOURNAL_NAME).exists()
+        assert [s[2:] for s in sends_of(url)] == [("success", "node-a")] * 2
+        for send in (late, still_open):
+            assert a.study_state("1", send.study_uid)[0] == StudyState.SENT  # type: ignore[index]
+        assert a.recover().interrupted == 0
+        assert replay_send_journal(a, tmp_path) == 0  # no journal: nothing
+    finally:
+        a.close()
+        b.close()
