@@ -10,9 +10,12 @@ again with a bounded backoff; only content problems end it.
 
 On a PostgreSQL ledger shared by nodes the engine also holds leases: ``intake:<gateway>``
 to watch a gateway (spread over the intake nodes), ``run:<run_id>`` to execute a run (its
-outcome is recorded only while the lease is still held: fencing); every second it claims
-runs whose lease ran out, and records dead nodes' open sends ``interrupted``. Its roles
-(``service.roles``) say which of intake, run and send it does.
+outcome is recorded only while the lease is still held: fencing); every second, and at once
+after a run completes when its last look found work, it claims as many runs whose lease ran
+out as its pipeline has room for, and every second it records dead nodes' open sends
+``interrupted``. Its heartbeat is written by a thread of its own (:class:`NodeBeat`) while
+the service loop turns. Its roles (``service.roles``) say which of intake, run and send it
+does.
 """
 
 from __future__ import annotations
