@@ -24,7 +24,7 @@ from typing import Any
 from service import __version__
 from service.config import Config, check_roles, load_config, parse_roles, plain_http_warnings
 from service.errors import ConfigError, GatewayError
-from service.ledger import StudyState
+from service.ledger import LedgerUnavailable, StudyState
 
 logger = logging.getLogger(__name__)
 
@@ -367,6 +367,9 @@ def serve(config: Config, *, once: bool = False, timeout: float = 3600.0) -> int
             engine.close()
             return EXIT_OK if drained else EXIT_FAILED
 
+        # a shared ledger: the node's heartbeat from its own thread, while the loop turns
+        engine.start_node_beat(heartbeat.loop_age)
+
         def loop() -> None:
             try:
                 last_discover = time.monotonic()
@@ -398,6 +401,11 @@ def serve(config: Config, *, once: bool = False, timeout: float = 3600.0) -> int
         reason = _fatal_message(fatal[0])
         logger.critical("the service cannot go on: %s", reason, exc_info=fatal[0])
         heartbeat.stop(fatal=reason)
+        if isinstance(fatal[0], LedgerUnavailable):  # the open sends end, kept in STATE
+            try:
+                engine.outbox.journal(config.state_dir, max(1.0, config.shutdown_seconds - 2.0))
+            except Exception:
+                logger.exception("the send journal could not be written")
         notifier.notify_fatal(reason)
         notifier.close(config.notify.timeout_seconds + 1.0)
         console.stop()

@@ -10,9 +10,12 @@ again with a bounded backoff; only content problems end it.
 
 On a PostgreSQL ledger shared by nodes the engine also holds leases: ``intake:<gateway>``
 to watch a gateway (spread over the intake nodes), ``run:<run_id>`` to execute a run (its
-outcome is recorded only while the lease is still held: fencing); every second it claims
-runs whose lease ran out, and records dead nodes' open sends ``interrupted``. Its roles
-(``service.roles``) say which of intake, run and send it does.
+outcome is recorded only while the lease is still held: fencing); every second, and at once
+after a run completes when its last look found work, it claims as many runs whose lease ran
+out as its pipeline has room for, and every second it records dead nodes' open sends
+``interrupted``. Its heartbeat is written by a thread of its own (:class:`NodeBeat`) while
+the service loop turns. Its roles (``service.roles``) say which of intake, run and send it
+does.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from service.ledger import (
 )
 from service.models.base import Model, RunContext, select_model
 from service.outbox import Outbox
+from service.outbox import replay as replay_send_journal
 from service.pipeline import Job as PipelineJob
 from service.pipeline import Outcome, Pipeline
 from service.readiness import (
@@ -84,6 +88,8 @@ CLAIM_RETRY_SECONDS = 30.0
 #: The lease a node holds to watch and scan a gateway on a PostgreSQL ledger.
 INTAKE_LEASE = "intake:{}"
 RETRY_MAX_SECONDS = 300.0
+#: A node beats while its service loop turned within this many ``run_lease_seconds``.
+LOOP_ALIVE_LEASES = 2.0
 
 
 def retry_delay(attempt: int) -> float:
@@ -109,6 +115,8 @@ class Engine:
         self._last_gateway = ""  # the gateway whose study ran last (round-robin start)
         self._runs_started = 0
         self._node_beat: float | None = None  # monotonic time of the last node heartbeat
+        #: the node's heartbeat thread (``serve``): while it runs, the turn does not beat
+        self.node_beat: NodeBeat | None = None
         #: PostgreSQL ledger: the gateways whose intake lease this node holds, each with the
         #: monotonic time its hold ends unless renewed; None (SQLite): every gateway is ours
         self._intake: dict[str, float] | None = {} if self.config.ledger else None
@@ -119,6 +127,8 @@ class Engine:
         self._runs: dict[int, tuple[str, str]] | None = {} if self.config.ledger else None
         self._runs_beat: float | None = None  # monotonic time of the last run lease renewal
         self._claim_beat: float | None = None  # monotonic time of the last look for work
+        self._claim_found = False  # the last look for runs claimed some
+        self._runs_done = 0  # runs completed here since the last look for runs
         #: runs claimed here that could not execute here, with when to try them again
         self._not_here: dict[int, float] = {}
         self.roles = frozenset(self.config.roles)
@@ -145,7 +155,8 @@ class Engine:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def recover(self) -> None:
-        """After a restart: remove temp files; sends left open become ``interrupted``,
+        """After a restart: remove temp files; the send outcomes kept in
+        ``STATE/send-journal.json`` are recorded; sends left open become ``interrupted``,
         sends still queued are queued again, and runs left ``running`` resume when the
         scan touches their studies (all decided by the ledger's states alone)."""
         for root in (self.config.output_dir, self.config.state_dir):
@@ -153,6 +164,8 @@ class Engine:
             if removed:
                 logger.warning("removed %d temporary file(s) left under %s", removed, root)
         requests.fail_interrupted(self.config.state_dir)
+        # outcomes of sends that ended while the ledger was away: recorded, not interrupted
+        replay_send_journal(self.ledger, self.config.state_dir)
         recovery = self.ledger.recover()
         for send in recovery.queued:
             self._queue_send(send)
@@ -219,7 +232,7 @@ class Engine:
         self._renew_intake()
         self._renew_runs()
         completed = self._complete_finished()
-        self._take_over()
+        self._take_over(now)
         room = self._pipeline.has_capacity
         busy = self.outbox.busy_studies()
         with self._lock:
@@ -562,6 +575,7 @@ class Engine:
         """Record every run and send finished since the last call; how many."""
         sends = self.outbox.pump()
         outcomes = self._pipeline.pump()
+        self._runs_done += len(outcomes)
         for outcome in outcomes:
             job = outcome.job
             key = (job.study.gateway_id, job.study.folder.name)
@@ -732,33 +746,36 @@ class Engine:
 
     # -- taking work over (PostgreSQL ledger: any node with the role) ------------------------
 
-    def _take_over(self) -> None:
+    def _take_over(self, now: float) -> None:
         """Every :data:`CLAIM_SECONDS`: record the sends of dead nodes ``interrupted``;
-        with the ``send`` role, adopt the sends queued by any node; with the ``run`` role,
+        with the ``send`` role, adopt the sends queued by any node. With the ``run`` role,
         claim runs left ``running`` without a live lease (a dead or stalled node's, or
-        recorded by an intake-only node), oldest first, while the pipeline has room."""
+        recorded by an intake-only node), oldest first, as many as the pipeline has room
+        for (batches included): every :data:`CLAIM_SECONDS`, and at once after a run
+        completed here when the last look found work (a look that finds none is a read)."""
         if self._runs is None:
             return
-        now = time.monotonic()
-        if self._claim_beat is not None and now - self._claim_beat < CLAIM_SECONDS:
-            return
-        self._claim_beat = now
-        self.ledger.interrupt_dead_sends(self.config.run_lease_seconds)
-        if "send" in self.roles:
-            self.outbox.adopt(self.ledger.queued_sends())
+        due = self._claim_beat is None or now - self._claim_beat >= CLAIM_SECONDS
+        if due:
+            self._claim_beat = now
+            self.ledger.interrupt_dead_sends(self.config.run_lease_seconds)
+            if "send" in self.roles:
+                self.outbox.adopt(self.ledger.queued_sends())
         if "run" not in self.roles:
             return
+        if not due and not (self._claim_found and self._runs_done):
+            return
+        room = self._pipeline.room
+        if room <= 0:
+            return  # full: looked at again when a run completes
+        self._runs_done = 0
         self._not_here = {k: t for k, t in self._not_here.items() if t > now}
-        for _ in range(max(1, self.config.workers)):
-            if not self._pipeline.has_capacity:
-                break
-            exclude = sorted({*self._runs, *self._not_here})
-            claimed = self.ledger.claim_runs(
-                self._node, self.config.run_lease_seconds, 1, exclude=exclude
-            )
-            if not claimed:
-                break
-            run = claimed[0]
+        exclude = sorted({*self._runs, *self._not_here})
+        claimed = self.ledger.claim_runs(
+            self._node, self.config.run_lease_seconds, room, exclude=exclude
+        )
+        self._claim_found = bool(claimed)
+        for run in claimed:
             why = self._resume_claimed(run)
             if why:
                 logger.info(
@@ -889,17 +906,24 @@ class Engine:
         self.outbox.cancel_all(max(1.0, deadline - time.monotonic()))
         return not self._pipeline.in_flight
 
+    def start_node_beat(self, loop_age: Callable[[], float]) -> None:
+        """PostgreSQL ledger: beat from a thread of its own (:class:`NodeBeat`), so that a
+        long turn of the engine does not make this node look gone; ``loop_age`` is the
+        seconds since the service loop last turned (a dead loop stops the beating)."""
+        if self.config.ledger and self.node_beat is None:
+            self.node_beat = NodeBeat(self.config, loop_age)
+            self.node_beat.start()
+
     def _node_heartbeat(self) -> None:
         """In a PostgreSQL ledger (shared by nodes): record this node alive, every
-        :data:`NODE_HEARTBEAT_SECONDS` and every third of the leases at least (a node
-        whose heartbeat is older than ``run_lease_seconds`` counts as gone: its open sends
-        are recorded interrupted). (An SQLite ledger has one node: nothing to say.)"""
+        :func:`node_beat_seconds` (a node whose heartbeat is older than
+        ``run_lease_seconds`` counts as gone: its open sends are recorded interrupted),
+        here in the turn only when no :class:`NodeBeat` thread beats (``--once``, tests).
+        (An SQLite ledger has one node: nothing to say.)"""
+        if self.node_beat is not None and self.node_beat.is_alive():
+            return
         beat = time.monotonic()
-        every = min(
-            NODE_HEARTBEAT_SECONDS,
-            self.config.run_lease_seconds / 3,
-            self.config.intake_lease_seconds / 3,
-        )
+        every = node_beat_seconds(self.config)
         if self.config.ledger and (self._node_beat is None or beat - self._node_beat >= every):
             self.ledger.heartbeat(self.config.node_name, tuple(self.config.roles))
             self._node_beat = beat
@@ -907,6 +931,8 @@ class Engine:
     def close(self) -> None:
         """Stop workers and send threads; a send still open is recorded as interrupted at
         the next start."""
+        if self.node_beat is not None:
+            self.node_beat.stop()
         self._pipeline.close()
         self.outbox.close()
         self._release_intake()
@@ -914,6 +940,80 @@ class Engine:
             with contextlib.suppress(LedgerUnavailable):
                 self.ledger.release_lease(RUN_LEASE.format(run_id), self._node)
         self.ledger.close()
+
+
+def node_beat_seconds(config: Config) -> float:
+    """Seconds between a node's heartbeats: :data:`NODE_HEARTBEAT_SECONDS`, and a third
+    of the leases at most."""
+    return min(
+        NODE_HEARTBEAT_SECONDS, config.run_lease_seconds / 3, config.intake_lease_seconds / 3
+    )
+
+
+class NodeBeat:
+    """A node's heartbeat in a PostgreSQL ledger, written by a thread of its own through a
+    ledger connection of its own (a :class:`Ledger` serialises its one connection), every
+    :func:`node_beat_seconds`, while the service loop is alive: ``loop_age()`` (seconds
+    since the loop's last turn) at most :data:`LOOP_ALIVE_LEASES` × ``run_lease_seconds``.
+    A loop stuck longer, or dead, leaves the heartbeat to age: other nodes then take the
+    node for gone. A ledger that cannot be reached is tried again at the next beat."""
+
+    def __init__(self, config: Config, loop_age: Callable[[], float]) -> None:
+        self.config = config
+        self.loop_age = loop_age
+        self.every = node_beat_seconds(config)
+        self.beats = 0  # heartbeats written (tests, logs)
+        self._stop = threading.Event()
+        self._ledger: Ledger | None = None
+        self._thread = threading.Thread(target=self._run, name="node-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def beat(self) -> bool:
+        """One heartbeat now if the loop is alive; whether it was written."""
+        age = self.loop_age()
+        limit = LOOP_ALIVE_LEASES * self.config.run_lease_seconds
+        if age > limit:
+            logger.warning(
+                "node %s: the service loop has not turned for %.0f s (over %.0f s):"
+                " no heartbeat, other nodes will take this node for gone",
+                self.config.node_name,
+                age,
+                limit,
+            )
+            return False
+        try:
+            if self._ledger is None:
+                self._ledger = Ledger(self.config.ledger_location, self.config.node_name)
+            self._ledger.heartbeat(self.config.node_name, tuple(self.config.roles))
+        except LedgerUnavailable as exc:
+            logger.warning("node %s: heartbeat not written: %s", self.config.node_name, exc)
+            return False
+        self.beats += 1
+        return True
+
+    def _run(self) -> None:
+        try:
+            while True:
+                self.beat()
+                if self._stop.wait(self.every):
+                    return
+        except Exception:  # a bug: the heartbeat ages, other nodes take this node for gone
+            logger.exception("node %s: the heartbeat thread failed", self.config.node_name)
+        finally:
+            if self._ledger is not None:
+                with contextlib.suppress(Exception):
+                    self._ledger.close()
+
+    def stop(self) -> None:
+        """Stop beating (the service stops); returns when the thread has ended."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(self.every + 5.0)
 
 
 def fair_order(

@@ -431,7 +431,7 @@ class Ledger:
             return f"run {t.run_id} is {state}, no longer running"
         return ""
 
-    def _apply_in(self, db: Database, t: Transition, now: float) -> Applied:
+    def _apply_in(self, db: Database, t: Transition, now: float, *, late: bool = False) -> Applied:
         gid, suid = printable(t.gateway_id), printable(t.study_uid)
         run_id, changed = t.run_id, False
         if t.study is not None:
@@ -440,7 +440,7 @@ class Ledger:
             run_id = self._new_run(db, gid, suid, t, now)
         elif t.run is not None:
             self._set_run(db, t, now)
-        send_id = self._send(db, t, run_id, now) if t.send is not None else None
+        send_id = self._send(db, t, run_id, now, late) if t.send is not None else None
         db.executemany(
             "INSERT INTO outputs VALUES (?,?,?,?,?) ON CONFLICT (run_id, sop_instance_uid)"
             " DO UPDATE SET path=excluded.path, sop_class_uid=excluded.sop_class_uid,"
@@ -557,7 +557,11 @@ class Ledger:
             params.append(json.dumps(t.findings, sort_keys=True))
         db.execute(f"UPDATE runs SET {', '.join(sets)} WHERE run_id=?", [*params, t.run_id])
 
-    def _send(self, db: Database, t: Transition, run_id: int | None, now: float) -> int:
+    def _send(
+        self, db: Database, t: Transition, run_id: int | None, now: float, late: bool = False
+    ) -> int:
+        """Create or change ``t``'s send; ``late``: an ``interrupted`` send's real outcome
+        (:meth:`apply_late_send` only)."""
         change = t.send
         assert change is not None
         if change.send_id is None:
@@ -569,10 +573,17 @@ class Ledger:
                 (run_id, change.destination, str(change.state), "", now, int(change.manual)),
             ).fetchone()[0]
             return send_id
-        row = db.execute("SELECT state FROM sends WHERE send_id=?", (change.send_id,)).fetchone()
+        row = db.execute(
+            "SELECT state, node FROM sends WHERE send_id=?", (change.send_id,)
+        ).fetchone()
         old = SendState(row["state"]) if row is not None else None
         if old is None or change.state not in SEND_TRANSITIONS[old]:
             raise IllegalTransition(f"send {change.send_id}: {old} -> {change.state}")
+        if old == SendState.INTERRUPTED and (not late or not self.node or row["node"] != self.node):
+            raise IllegalTransition(
+                f"send {change.send_id}: interrupted -> {change.state} only as the late"
+                f" outcome recorded by the node that opened it ({row['node'] or 'unknown'})"
+            )
         column = "opened=?, node" if change.state == SendState.SENDING else "finished"
         opener = (self.node,) if change.state == SendState.SENDING else ()
         db.execute(
@@ -747,6 +758,62 @@ class Ledger:
             failpoints.hit(f"after-commit:{_label(t)}")
             _log_change(t, applied)
         return [send for send, _, _ in claimed]
+
+    def apply_late_send(self, t: Transition) -> Applied:
+        """Record the real outcome of a send this node opened that another node recorded
+        ``interrupted`` meanwhile (this node looked gone): the send ``interrupted`` → its
+        outcome; its run and study ``send_failed`` → ``sent`` / ``send_failed`` only when
+        nothing newer happened to them (the send is its run's latest, the run its study's
+        latest and still ``send_failed``), else the run's and study's states stay; with an
+        event. One transaction; :class:`IllegalTransition` when the send is not such a
+        send."""
+        change = t.send
+        assert change is not None and change.send_id is not None
+        send_id = change.send_id
+        now = time.time()
+        event = f"send {send_id} ended after it was recorded interrupted: {change.state}"
+
+        def work(db: Database) -> tuple[Transition, Applied]:
+            row = db.execute(
+                "SELECT s.state, s.run_id, r.state, r.gateway_id, r.study_uid, st.state,"
+                " (SELECT MAX(s2.send_id) FROM sends s2 WHERE s2.run_id = s.run_id),"
+                " (SELECT MAX(r2.run_id) FROM runs r2 WHERE r2.gateway_id = r.gateway_id"
+                "  AND r2.study_uid = r.study_uid)"
+                " FROM sends s JOIN runs r USING (run_id) LEFT JOIN studies st"
+                " ON st.gateway_id = r.gateway_id AND st.study_uid = r.study_uid"
+                " WHERE s.send_id=?",
+                (send_id,),
+            ).fetchone()
+            if row is None or row[0] != SendState.INTERRUPTED:
+                raise IllegalTransition(f"send {send_id} is not interrupted")
+            _, run_id, run_state, _, _, study_state, last_send, last_run = row
+            run_current = run_state == RunState.SEND_FAILED and last_send == send_id
+            study_current = (
+                run_current and study_state == StudyState.SEND_FAILED and last_run == run_id
+            )
+            late = replace(
+                t,
+                study=t.study if study_current else None,
+                run=t.run if run_current else None,
+                run_reason=t.run_reason if run_current else None,
+                events=[*t.events, ("WARNING", event + " (recorded now)")],
+            )
+            return late, self._apply_in(db, late, now, late=True)
+
+        late, applied = self._write(work)
+        logger.warning(
+            "gateway=%s study=%s %s: its real outcome recorded",
+            printable(t.gateway_id),
+            printable(t.study_uid),
+            event,
+        )
+        _log_change(late, applied)
+        for observer in self.observers:
+            try:
+                observer(late, applied)
+            except Exception:  # an observer never undoes or stops a committed change
+                logger.exception("ledger observer %r failed", observer)
+        return applied
 
     # -- nodes and leases (the building blocks of several nodes on one ledger) -------------
 

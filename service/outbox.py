@@ -10,6 +10,7 @@ is deferred, not attempted. One attempt per send; the outcome is recorded as a v
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -18,8 +19,10 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from service.config import Config, PacsConfig
+from service.fsutil import atomic_write
 from service.ledger import (
     IllegalTransition,
     Ledger,
@@ -29,7 +32,7 @@ from service.ledger import (
     Transition,
 )
 from service.record import describe
-from service.sender import SendHandle, SendResult, SendStatus
+from service.sender import ItemResult, SendHandle, SendResult, SendStatus
 from service.sendlanes import SendLanes, lane_key
 from service.values import RunState, SendState, StudyState
 
@@ -37,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 #: Seconds before a send deferred because OUTPUT was unreachable is looked at again.
 DEFER_SECONDS = 5.0
+#: ``STATE/<this>``: outcomes of sends that ended while the ledger could not be written,
+#: recorded through the ledger at the next start (before ``recover``).
+JOURNAL_NAME = "send-journal.json"
 
 
 @dataclass
@@ -67,6 +73,8 @@ class Outbox:
         self._stopping = False  # stopping: no association opens any more
         #: called with (send, result) when a send ends (resend requests wait for it)
         self.on_done: Callable[[QueuedSend, SendState, str], None] | None = None
+        #: sends that ended but whose outcome the ledger could not take (it went away)
+        self._unrecorded: list[tuple[QueuedSend, SendResult]] = []
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -110,11 +118,16 @@ class Outbox:
         ended."""
         ended = [o for o in self._open if o.future.done()]
         self._open = [o for o in self._open if not o.future.done()]
-        for item in ended:
+        for number, item in enumerate(ended):
             self._lanes[item.key].open -= 1
+            result = _result_of(item.future)
             try:
-                self._record(item.send, _result_of(item.future))
-            except LedgerUnavailable:
+                self._record(item.send, result)
+            except LedgerUnavailable:  # kept for the journal (see :meth:`journal`)
+                self._unrecorded.append((item.send, result))
+                for rest in ended[number + 1 :]:
+                    self._lanes[rest.key].open -= 1
+                    self._unrecorded.append((rest.send, _result_of(rest.future)))
                 raise
             except Exception:  # a bug: logged, the other sends go on
                 logger.exception("send %d: recording its outcome failed", item.send.send_id)
@@ -182,51 +195,16 @@ class Outbox:
 
     def _record(self, send: QueuedSend, result: SendResult) -> None:
         state = SendState(result.status.value)
-        ok = result.ok
-        reason = f"{result.status}: {result.reason}" if result.reason else str(result.status)
-        outcome = Transition(
-            send.gateway_id,
-            send.study_uid,
-            StudyState.SENT if ok else StudyState.SEND_FAILED,
-            reason,
-            run_id=send.run_id,
-            run=RunState.SENT if ok else RunState.SEND_FAILED,
-            run_reason="" if ok else reason,
-            send=SendChange(
-                state,
-                send.send_id,
-                reason=result.reason,
-                items=[(i.sop_instance_uid, str(i.status), i.status_code) for i in result.items],
-            ),
-            events=[] if ok else [("ERROR", f"send {send.send_id}: {reason}")],
-        )
+        reason = _reason(result)
+        outcome = outcome_transition(send, result)
         try:
             self.ledger.apply(outcome)
         except IllegalTransition:
             if not self.config.ledger:
                 raise
-            # a node that stalled past its leases: another node recorded this send
-            # interrupted meanwhile; its real outcome is kept as an event
-            logger.warning(
-                "gateway=%s study=%s send %d ended (%s) after another node recorded it interrupted",
-                send.gateway_id,
-                send.study_uid,
-                send.send_id,
-                reason,
-            )
-            self.ledger.apply(
-                Transition(
-                    send.gateway_id,
-                    send.study_uid,
-                    events=[
-                        (
-                            "WARNING",
-                            f"send {send.send_id} ended after it was recorded interrupted:"
-                            f" {reason}",
-                        )
-                    ],
-                )
-            )
+            # this node looked gone (its heartbeat went old) and another node recorded
+            # this send interrupted meanwhile: the real outcome replaces it
+            self.ledger.apply_late_send(outcome)
         self._finished(send, state, reason)
 
     def _finished(self, send: QueuedSend, state: SendState, reason: str) -> None:
@@ -251,9 +229,144 @@ class Outbox:
                 logger.debug("send thread did not end in time", exc_info=True)
         self.pump()
 
+    def journal(self, state_dir: Path, timeout: float) -> int:
+        """The ledger cannot be written (the service exits): let the open associations run
+        to their end (within ``timeout``; those still open then are aborted), and write the
+        outcome of every send not recorded to ``STATE/send-journal.json`` (atomically,
+        added to what it holds), so that the next start records them (:func:`replay`)
+        instead of recording the sends ``interrupted``. How many outcomes it holds."""
+        self.stop_opening()
+        deadline = time.monotonic() + timeout
+        for item in self._open:
+            try:
+                item.future.result(max(0.0, deadline - time.monotonic()))
+            except Exception:
+                item.handle.cancel()
+        for item in self._open:
+            try:
+                item.future.result(5.0)
+            except Exception:
+                logger.debug("send thread did not end in time", exc_info=True)
+            if item.future.done():
+                self._unrecorded.append((item.send, _result_of(item.future)))
+        self._open = [o for o in self._open if not o.future.done()]
+        entries = _read_journal(state_dir) + [
+            _journal_entry(send, result) for send, result in self._unrecorded
+        ]
+        self._unrecorded = []
+        if entries:
+            payload = json.dumps(entries, indent=1).encode()
+            atomic_write(state_dir / JOURNAL_NAME, lambda fh: fh.write(payload))
+            logger.warning(
+                "the ledger cannot be written: %d send outcome(s) kept in %s for the next start",
+                len(entries),
+                state_dir / JOURNAL_NAME,
+            )
+        return len(entries)
+
     def close(self) -> None:
         self._send_lanes.cancel_all()
         self._send_lanes.close(wait=False)
+
+
+def outcome_transition(send: QueuedSend, result: SendResult) -> Transition:
+    """The transition that records how ``send`` ended."""
+    ok = result.ok
+    reason = _reason(result)
+    return Transition(
+        send.gateway_id,
+        send.study_uid,
+        StudyState.SENT if ok else StudyState.SEND_FAILED,
+        reason,
+        run_id=send.run_id,
+        run=RunState.SENT if ok else RunState.SEND_FAILED,
+        run_reason="" if ok else reason,
+        send=SendChange(
+            SendState(result.status.value),
+            send.send_id,
+            reason=result.reason,
+            items=[(i.sop_instance_uid, str(i.status), i.status_code) for i in result.items],
+        ),
+        events=[] if ok else [("ERROR", f"send {send.send_id}: {reason}")],
+    )
+
+
+def _reason(result: SendResult) -> str:
+    return f"{result.status}: {result.reason}" if result.reason else str(result.status)
+
+
+def _journal_entry(send: QueuedSend, result: SendResult) -> dict[str, Any]:
+    return {
+        "send_id": send.send_id,
+        "run_id": send.run_id,
+        "gateway_id": send.gateway_id,
+        "study_uid": send.study_uid,
+        "manual": send.manual,
+        "status": result.status.value,
+        "reason": result.reason,
+        "items": [
+            [i.sop_instance_uid, i.status.value, i.status_code, str(i.path)] for i in result.items
+        ],
+    }
+
+
+def _read_journal(state_dir: Path) -> list[dict[str, Any]]:
+    path = state_dir / JOURNAL_NAME
+    try:
+        entries = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    if not isinstance(entries, list):
+        raise ValueError(f"{path} is not a list of send outcomes")
+    return entries
+
+
+def replay(ledger: Ledger, state_dir: Path) -> int:
+    """At start, before ``recover``: record the outcomes kept in ``STATE/send-journal.json``
+    through the ledger: a send still ``sending`` gets its outcome; one another node recorded
+    ``interrupted`` meanwhile gets it as a late outcome (:meth:`Ledger.apply_late_send`);
+    one already recorded otherwise is left as it is. The journal is removed once all are
+    recorded (a ledger still unreachable raises :class:`LedgerUnavailable`, keeping it).
+    How many were recorded."""
+    path = state_dir / JOURNAL_NAME
+    recorded = 0
+    for entry in _read_journal(state_dir):
+        send = QueuedSend(
+            int(entry["send_id"]),
+            int(entry["run_id"]),
+            str(entry["gateway_id"]),
+            str(entry["study_uid"]),
+            bool(entry["manual"]),
+        )
+        items = entry["items"]
+        result = SendResult(
+            SendStatus(entry["status"]),
+            str(entry["reason"]),
+            [ItemResult(uid, SendStatus(status), code, Path(p)) for uid, status, code, p in items],
+        )
+        outcome = outcome_transition(send, result)
+        rows = ledger.query("SELECT state FROM sends WHERE send_id=?", (send.send_id,))
+        current = rows[0]["state"] if rows else None
+        if current == SendState.SENDING:
+            ledger.apply(outcome)
+        elif current == SendState.INTERRUPTED:
+            ledger.apply_late_send(outcome)
+        else:
+            logger.info(
+                "send %d: already recorded %s; its journal entry dropped", send.send_id, current
+            )
+            continue
+        recorded += 1
+        logger.warning(
+            "gateway=%s study=%s send %d: outcome %s recorded from the journal (it ended while"
+            " the ledger could not be written)",
+            send.gateway_id,
+            send.study_uid,
+            send.send_id,
+            result.status,
+        )
+    path.unlink(missing_ok=True)
+    return recorded
 
 
 def _result_of(future: Future[SendResult]) -> SendResult:

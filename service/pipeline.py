@@ -465,13 +465,18 @@ class Pipeline:
         return len(self._preparing) + len(self._ready) + len(self._finishing) + len(self._parts)
 
     @property
-    def has_capacity(self) -> bool:
-        """Whether another job may start: enough to keep every worker busy and a batch
+    def room(self) -> int:
+        """How many more jobs may start now: enough to keep every worker busy and a batch
         forming, few enough that a study arriving on another gateway queues behind only
         a few others (fair share is decided before the pipeline, in the engine)."""
-        if self.workers == 0:
-            return self.in_flight < self.max_batch  # all finish within the engine's tick
-        return self.in_flight <= min(self.max_batch, 2 * self.workers)
+        if self.workers == 0:  # all finish within the engine's tick
+            return max(0, self.max_batch - self.in_flight)
+        return max(0, min(self.max_batch, 2 * self.workers) + 1 - self.in_flight)
+
+    @property
+    def has_capacity(self) -> bool:
+        """Whether another job may start (:attr:`room`)."""
+        return self.room > 0
 
     def _submit(self, job: Job, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         """Submit one stage task of ``job``; in workers, it reports which process runs it."""

@@ -132,10 +132,15 @@ class Heartbeat:
     def turned(self) -> None:
         self._last_turn = time.monotonic()
 
+    def loop_age(self) -> float:
+        """Seconds since the loop's last turn (the loop-alive signal: a node's heartbeat
+        in a shared ledger is written only while it is recent)."""
+        return time.monotonic() - self._last_turn
+
     def beat(self, fatal: str = "") -> None:
         data: dict[str, Any] = {
             "pid": os.getpid(),
-            "loop_age_s": round(time.monotonic() - self._last_turn, 1),
+            "loop_age_s": round(self.loop_age(), 1),
             **self._queue(),
         }
         if fatal:

@@ -158,7 +158,8 @@ STUDY_TRANSITIONS: Mapping[StudyState | None, frozenset[StudyState]] = {
     StudyState.WRITTEN: _AFTER_SEND,
     StudyState.SENDING: frozenset({StudyState.SENT, StudyState.SEND_FAILED}),
     StudyState.SENT: _AFTER_SEND,
-    StudyState.SEND_FAILED: _AFTER_SEND,
+    # a send recorded interrupted by another node, whose own node then saw it delivered
+    StudyState.SEND_FAILED: _AFTER_SEND | {StudyState.SENT},
     StudyState.FAILED: _AFTER_SEND,
     StudyState.SKIPPED: _AFTER_SEND,
 }
@@ -170,7 +171,8 @@ RUN_TRANSITIONS: Mapping[RunState | None, frozenset[RunState]] = {
     RunState.WRITTEN: frozenset({RunState.SENDING}),
     RunState.SENDING: frozenset({RunState.SENT, RunState.SEND_FAILED}),
     RunState.SENT: frozenset({RunState.SENDING}),  # resend
-    RunState.SEND_FAILED: frozenset({RunState.SENDING}),  # resend
+    # resend; or sent: the late outcome of a send recorded interrupted by another node
+    RunState.SEND_FAILED: frozenset({RunState.SENDING, RunState.SENT}),
     RunState.FAILED: frozenset(),
     RunState.SKIPPED: frozenset(),
 }
@@ -179,9 +181,13 @@ _SEND_OUTCOMES = frozenset(SendState) - {SendState.QUEUED, SendState.SENDING}
 
 #: Legal send state changes; ``None`` is a new send. A queued send never opened an
 #: association, so it may still start after a restart; an open one is ``interrupted``.
+#: ``interrupted`` may still become the real outcome: on a shared ledger another node
+#: records a silent node's open send interrupted, and when that send's association ends
+#: after all, the node that opened it records how it ended (the ledger checks the node).
 SEND_TRANSITIONS: Mapping[SendState | None, frozenset[SendState]] = {
     None: frozenset({SendState.QUEUED}),
     SendState.QUEUED: frozenset({SendState.SENDING, SendState.ERROR}),
     SendState.SENDING: _SEND_OUTCOMES,
     **{s: frozenset() for s in _SEND_OUTCOMES},
+    SendState.INTERRUPTED: _SEND_OUTCOMES - {SendState.INTERRUPTED},
 }

@@ -23,6 +23,7 @@ from service.config import load_config
 from service.engine import Engine
 from service.errors import ConfigError
 from service.ledger import (
+    IllegalTransition,
     Ledger,
     NewRun,
     QueuedSend,
@@ -33,6 +34,8 @@ from service.ledger import (
     Transition,
 )
 from service.models import build_models
+from service.outbox import JOURNAL_NAME
+from service.outbox import replay as replay_send_journal
 from service.watcher import StudyWatcher
 from tests.conftest import shared_file
 from tests.helpers import (
@@ -70,7 +73,16 @@ class Nodes:
         self.root, self.url, self.pacs = root, url, pacs
         self.engines: list[Engine] = []
 
-    def start(self, name: str, roles: str = "intake,run,send", workers: int = 0) -> Engine:
+    def start(
+        self,
+        name: str,
+        roles: str = "intake,run,send",
+        workers: int = 0,
+        *,
+        run_lease_seconds: float = 30.0,
+        intake_lease_seconds: float = 30.0,
+        max_batch: int = 8,
+    ) -> Engine:
         (self.root / name).mkdir(exist_ok=True)  # a node started again keeps its STATE
         path = write_config(
             self.root / name,
@@ -82,6 +94,9 @@ class Nodes:
             output_dir=str(self.root / "OUTPUT"),
             ledger=self.url,
             roles=roles,
+            run_lease_seconds=run_lease_seconds,
+            intake_lease_seconds=intake_lease_seconds,
+            max_batch=max_batch,
         )
         config = load_config(path, environ={})
         engine = Engine(config, build_models(config, load="run" in config.roles))
@@ -443,6 +458,41 @@ def test_roles_intake_run_and_send_on_three_nodes(
     assert [lease["name"] for lease in intake.ledger.leases()] == ["intake:1"]
 
 
+def _three_runs_recorded(nodes: Nodes) -> Engine:
+    """An intake-only node that has recorded 3 runs (one study on each of 3 gateways)."""
+    for gateway in ("1", "2", "3"):
+        drop_study(nodes, gateway)
+    intake = nodes.start("intake", roles="intake")
+    scan(intake)
+    tick_until([intake], lambda: len(intake.ledger.runs()) == 3)
+    return intake
+
+
+def test_a_run_node_claims_as_many_runs_as_its_pipeline_has_room_for(nodes: Nodes) -> None:
+    """A run-only node (workers = 0, max_batch 8) claims every claimable run in one look
+    (a batch's worth), not one per look."""
+    intake = _three_runs_recorded(nodes)
+    runner = nodes.start("runner", roles="run")
+    runner.tick()
+    assert [(r.node, r.state) for r in intake.ledger.runs()] == [("runner", RunState.WRITTEN)] * 3
+
+
+def test_a_run_node_that_found_work_looks_again_when_a_run_completes(nodes: Nodes) -> None:
+    """Room for one run at a time (max_batch 1): after a run completes, a node whose last
+    look found work claims the next at once, without waiting for the next second (the
+    turns here all happen at one instant of the engine's clock)."""
+    intake = _three_runs_recorded(nodes)
+    runner = nodes.start("runner", roles="run", max_batch=1)
+    now = time.monotonic()
+    written = []
+    for _ in range(3):
+        runner.tick(now)
+        written.append(sum(r.state == RunState.WRITTEN for r in intake.ledger.runs()))
+    assert written == [1, 2, 3]
+    runner.tick(now)  # the look after the last run completed finds nothing claimable
+    assert not runner._claim_found
+
+
 def test_intake_spreads_over_three_nodes_and_a_dead_nodes_gateways_are_taken(
     nodes: Nodes,
 ) -> None:
@@ -561,8 +611,8 @@ def test_a_send_open_on_a_node_gone_silent_is_interrupted_by_another_and_never_r
 ) -> None:
     """Node A opens a send that the PACS holds; A's heartbeat goes old (dead or stalled):
     node B records the send ``interrupted`` (study ``send_failed``) and queues nothing.
-    When A's association ends after all, its outcome is kept as an event only: no state
-    changes back, nothing is sent again."""
+    When A's association ends after all, A records its real outcome on that same send
+    (interrupted -> success, run and study sent), with an event; nothing is sent again."""
     release = threading.Event()
     received: list[str] = []
 
@@ -589,11 +639,181 @@ def test_a_send_open_on_a_node_gone_silent_is_interrupted_by_another_and_never_r
         history = a.ledger.study_history("1", study_uid)
         assert history is not None
         assert [(s["state"], s["send_id"]) for s in history["runs"][0]["sends"]] == [
-            ("interrupted", sends_of(group.url)[0][0])
+            ("success", sends_of(group.url)[0][0])
         ]
-        assert history["state"] == StudyState.SEND_FAILED
+        assert sends_of(group.url)[0][3] == "node-a"
+        assert history["runs"][0]["state"] == RunState.SENT
+        assert history["state"] == StudyState.SENT
         assert any("after it was recorded interrupted" in e["message"] for e in history["events"])
-        assert len(received) == 2  # the PACS did store them: the event says so
+        assert len(received) == 2  # stored once: the record now says so
     finally:
         release.set()
         group.close()
+
+
+def test_a_late_outcome_only_by_the_opening_node_and_only_as_late(postgres: Postgres) -> None:
+    """An ``interrupted`` send changes to its real outcome only through
+    ``apply_late_send`` by the node that opened it; a plain transition, or another node,
+    is refused; a study that moved on meanwhile keeps its state."""
+    url = postgres.database()
+    a, b = Ledger(url, "node-a"), Ledger(url, "node-b")
+    try:
+        a.heartbeat("node-a", ("send",))
+        run_id = _running_run(a)
+        send_id = a.apply(_written(run_id, "")).send_id
+        assert send_id is not None
+        opening = Transition(
+            "1",
+            "1.2.3",
+            StudyState.SENDING,
+            run_id=run_id,
+            run=RunState.SENDING,
+            send=SendChange(SendState.SENDING, send_id),
+        )
+        a.apply(opening)
+        sql(url, "UPDATE nodes SET heartbeat = heartbeat - 3600 WHERE node = 'node-a'")
+        assert b.interrupt_dead_sends(30) == 1
+        outcome = Transition(
+            "1",
+            "1.2.3",
+            StudyState.SENT,
+            "success",
+            run_id=run_id,
+            run=RunState.SENT,
+            run_reason="",
+            send=SendChange(SendState.SUCCESS, send_id),
+        )
+        with pytest.raises(IllegalTransition):
+            a.apply(outcome)  # not as a plain transition
+        with pytest.raises(IllegalTransition):
+            b.apply_late_send(outcome)  # not by another node
+        a.apply(Transition("1", "1.2.3", StudyState.RECEIVING, "new files"))
+        a.apply_late_send(outcome)
+        assert sends_of(url)[0][2:] == ("success", "node-a")
+        assert a.get_run(run_id).state == RunState.SENT  # type: ignore[union-attr]
+        assert a.study_state("1", "1.2.3")[0] == StudyState.RECEIVING  # type: ignore[index]
+        with pytest.raises(IllegalTransition):
+            a.apply_late_send(outcome)  # once
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_node_whose_turn_is_slow_stays_live_its_send_is_not_interrupted(
+    tmp_path: Path, postgres: Postgres, start_peer: Callable[..., Peer]
+) -> None:
+    """Node A opens a send, then its engine turn blocks (A is not ticked) for more than
+    twice ``run_lease_seconds``: its heartbeat thread keeps it live, so node B does not
+    record the send interrupted, and A records the send's outcome when its turn goes on.
+    When A's loop is dead (its last turn too old), the thread stops beating: B then
+    takes A for gone."""
+    release = threading.Event()
+    received: list[str] = []
+
+    def hold(event: evt.Event) -> int:
+        release.wait(60)
+        received.append(stored_uid(event))
+        return 0x0000
+
+    peer = start_peer(on_store=hold)
+    pacs = f'[pacs]\nhost = "127.0.0.1"\nport = {peer.port}\nae_title = "{peer.ae_title}"\n'
+    (tmp_path / "INPUT").mkdir()
+    group = Nodes(tmp_path, postgres.database(), pacs)
+    lease = 1.5
+    loop_age = [0.0]
+    try:
+        study_uid = drop_study(group)
+        a = group.start("node-a", run_lease_seconds=lease, intake_lease_seconds=lease)
+        a.start_node_beat(lambda: loop_age[0])
+        scan(a)
+        tick_until([a], lambda: [s[2] for s in sends_of(group.url)] == ["sending"])
+        b = group.start("node-b", roles="run,send", run_lease_seconds=lease)
+        beat = a.node_beat
+        assert beat is not None
+        first = beat.beats
+        # A's turn is blocked: only B ticks, until A's thread has beaten over 2 leases
+        tick_until([b], lambda: beat.beats >= first + 2 * lease / beat.every + 2)
+        assert [s[2] for s in sends_of(group.url)] == ["sending"]
+        release.set()
+        tick_until([a, b], lambda: [s[2] for s in sends_of(group.url)] == ["success"])
+        assert a.ledger.study_state("1", study_uid)[0] == StudyState.SENT  # type: ignore[index]
+        assert len(received) == 2
+        # the loop dead: no heartbeat any more, the node ages out
+        loop_age[0] = 10 * lease
+        stopped = beat.beats
+        tick_until([b], lambda: "node-a" not in b.ledger.live_nodes("send", lease))
+        assert beat.beats == stopped
+        a.close()
+        assert not beat.is_alive()  # stops with the service
+    finally:
+        release.set()
+        group.close()
+
+
+def _open_send(ledger: Ledger, study: str) -> QueuedSend:
+    """A run of ``study`` written, its send opened (``sending``) by ``ledger``'s node."""
+    run_id = ledger.apply(
+        Transition("1", study, StudyState.RUNNING, new_run=NewRun("annotate", "1", study, 1))
+    ).run_id
+    assert run_id is not None
+    queued = Transition(
+        "1",
+        study,
+        StudyState.WRITTEN,
+        run_id=run_id,
+        run=RunState.WRITTEN,
+        send=SendChange(SendState.QUEUED, destination="PEER@127.0.0.1:104"),
+    )
+    send_id = ledger.apply(queued).send_id
+    assert send_id is not None
+    opening = Transition(
+        "1",
+        study,
+        StudyState.SENDING,
+        run_id=run_id,
+        run=RunState.SENDING,
+        send=SendChange(SendState.SENDING, send_id),
+    )
+    ledger.apply(opening)
+    return QueuedSend(send_id, run_id, "1", study, False)
+
+
+def test_send_outcomes_kept_in_the_journal_are_recorded_at_the_next_start(
+    tmp_path: Path, postgres: Postgres
+) -> None:
+    """``STATE/send-journal.json`` (written when the ledger went away with sends open): at
+    the next start a send still ``sending`` gets its outcome, one another node recorded
+    ``interrupted`` meanwhile gets its real one, and nothing is left for ``recover``."""
+    url = postgres.database()
+    a, b = Ledger(url, "node-a"), Ledger(url, "node-b")
+    try:
+        a.heartbeat("node-a", ("send",))
+        late = _open_send(a, "1.2.4")
+        sql(url, "UPDATE nodes SET heartbeat = heartbeat - 3600 WHERE node = 'node-a'")
+        assert b.interrupt_dead_sends(30) == 1  # node-a looked gone
+        still_open = _open_send(a, "1.2.3")
+        entries = [
+            {
+                "send_id": s.send_id,
+                "run_id": s.run_id,
+                "gateway_id": "1",
+                "study_uid": s.study_uid,
+                "manual": False,
+                "status": "success",
+                "reason": "",
+                "items": [["1.2.3.9", "success", 0, "/out/x.dcm"]],
+            }
+            for s in (late, still_open)
+        ]
+        (tmp_path / JOURNAL_NAME).write_text(json.dumps(entries))
+        assert [s[2] for s in sends_of(url)] == ["interrupted", "sending"]
+        assert replay_send_journal(a, tmp_path) == 2
+        assert not (tmp_path / JOURNAL_NAME).exists()
+        assert [s[2:] for s in sends_of(url)] == [("success", "node-a")] * 2
+        for send in (late, still_open):
+            assert a.study_state("1", send.study_uid)[0] == StudyState.SENT  # type: ignore[index]
+        assert a.recover().interrupted == 0
+        assert replay_send_journal(a, tmp_path) == 0  # no journal: nothing
+    finally:
+        a.close()
+        b.close()
