@@ -406,13 +406,18 @@ class Ledger:
             )
             return applied
         failpoints.hit(f"after-commit:{label}")
+        self._published(t, applied)
+        return applied
+
+    def _published(self, t: Transition, applied: Applied) -> None:
+        """A committed change logged and passed to the observers (an observer never undoes
+        or stops a committed change: its failure is logged)."""
         _log_change(t, applied)
         for observer in self.observers:
             try:
                 observer(t, applied)
-            except Exception:  # an observer never undoes or stops a committed change
+            except Exception:
                 logger.exception("ledger observer %r failed", observer)
-        return applied
 
     def _fenced_off(self, db: Database, t: Transition) -> str:
         """Why ``t`` must not apply under its fence ("" when it may): the lease
@@ -756,7 +761,7 @@ class Ledger:
         claimed = self._write(work)
         for _, t, applied in claimed:
             failpoints.hit(f"after-commit:{_label(t)}")
-            _log_change(t, applied)
+            self._published(t, applied)
         return [send for send, _, _ in claimed]
 
     def apply_late_send(self, t: Transition) -> Applied:
@@ -807,12 +812,7 @@ class Ledger:
             printable(t.study_uid),
             event,
         )
-        _log_change(late, applied)
-        for observer in self.observers:
-            try:
-                observer(late, applied)
-            except Exception:  # an observer never undoes or stops a committed change
-                logger.exception("ledger observer %r failed", observer)
+        self._published(late, applied)
         return applied
 
     # -- nodes and leases (the building blocks of several nodes on one ledger) -------------

@@ -192,15 +192,7 @@ class Readiness:
             reason = "stable; queued until the pipeline has room"
             return Later(now + RECHECK_SECONDS, StudyState.READY if first else None, reason)
         watch.queued = False
-        study = self._assembler.assemble(
-            gateway_id,
-            study_uid,
-            folder,
-            snap,
-            max_file_bytes=self.config.max_file_bytes,
-            max_pixels=self.config.max_pixels,
-            max_elements=self.config.max_elements,
-        )
+        study = self._assemble(gateway_id, study_uid, folder, snap)
         if study.unreadable:
             first_bad = study.unreadable[0]
             return Transient(
@@ -261,7 +253,18 @@ class Readiness:
             return f"study folder cannot be read now: {exc}"
         if not snap:
             return "study folder is gone or empty"
-        study = self._assembler.assemble(
+        study = self._assemble(gateway_id, study_uid, folder, snap)
+        if study.unreadable:
+            return f"{len(study.unreadable)} file(s) cannot be read now"
+        if study.incomplete:
+            return f"{len(study.incomplete)} file(s) incomplete"
+        if not study.instances or study.refused:
+            return study.refused or "no usable DICOM instance"
+        return study, listing_digest(snap)
+
+    def _assemble(self, gateway_id: str, study_uid: str, folder: Path, snap: Snapshot) -> Study:
+        """The study assembled from the listing ``snap`` under the configured limits."""
+        return self._assembler.assemble(
             gateway_id,
             study_uid,
             folder,
@@ -270,13 +273,6 @@ class Readiness:
             max_pixels=self.config.max_pixels,
             max_elements=self.config.max_elements,
         )
-        if study.unreadable:
-            return f"{len(study.unreadable)} file(s) cannot be read now"
-        if study.incomplete:
-            return f"{len(study.incomplete)} file(s) incomplete"
-        if not study.instances or study.refused:
-            return study.refused or "no usable DICOM instance"
-        return study, listing_digest(snap)
 
 
 def instance_records(study: Study, snap: Snapshot) -> list[InstanceRecord]:
