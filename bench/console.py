@@ -46,7 +46,13 @@ from bench.common import (
     wait_until,
 )
 from service.config import Config, from_mapping
-from service.console import FORWARD_BUCKETS, SENT_BUCKETS, LedgerCollector, count_families
+from service.console import (
+    FORWARD_BUCKETS,
+    SENT_BUCKETS,
+    LedgerCollector,
+    RunMetrics,
+    count_families,
+)
 from service.ledger import Ledger
 from tests import helpers
 
@@ -179,6 +185,12 @@ def scrape_bench(history: int, new: int, repeat: int) -> None:
         before: list[float] = []
         after: list[float] = []
         counts: list[float] = []
+        histograms: list[float] = []
+        runs = RunMetrics()  # the collector's part that reads runs and sends, on its own
+        reader = Ledger.open_readonly(config.ledger_location)
+        assert reader is not None
+        runs.update(reader)
+        reader.close()
         for i in range(repeat):
             record_runs(ledger, history + i * new, new)
             t0 = time.perf_counter()
@@ -192,6 +204,9 @@ def scrape_bench(history: int, new: int, repeat: int) -> None:
             t0 = time.perf_counter()
             reader.state_counts()
             counts.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            runs.update(reader)
+            histograms.append(time.perf_counter() - t0)
             reader.close()
         ledger.close()
     b, a = pct(before, 0.5), pct(after, 0.5)
@@ -200,6 +215,7 @@ def scrape_bench(history: int, new: int, repeat: int) -> None:
     print(f"  full read (before):        {b * 1000:8.2f} ms")
     print(f"  since the last (after):    {a * 1000:8.2f} ms  ratio {b / a:5.1f}")
     print(f"  of which GROUP BY counts:  {pct(counts, 0.5) * 1000:8.2f} ms")
+    print(f"  and the histograms' read: {pct(histograms, 0.5) * 1000:8.2f} ms")
     print(f"  first scrape after start:  {first * 1000:8.2f} ms")
 
 
