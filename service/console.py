@@ -826,7 +826,8 @@ def render_thumbnail(path: Path, size: int = THUMBNAIL_PIXELS) -> bytes | None:
 
 
 def metrics_text(config: Config) -> str:
-    """``/metrics`` of ``config``'s ledger and heartbeat (without the live queue)."""
+    """``/metrics`` of ``config``'s ledger and heartbeat (without the live queue), read
+    whole: a collector of its own, as at a started console's first scrape."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(LedgerCollector(config, None, None))
     return generate_latest(registry).decode()
