@@ -30,9 +30,12 @@ import hmac
 import html
 import io
 import logging
+import math
 import socket
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -51,7 +54,7 @@ from service import views
 from service.config import Config, split_listen
 from service.ledger import Ledger
 from service.supervision import HEARTBEAT_NAME, health
-from service.values import StudyState
+from service.values import SENT_OK, RunState, SendState, StudyState
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +70,12 @@ ACTION_WAIT = 60.0
 #: Histogram buckets (seconds): quiet period to sent, and the model's forward.
 SENT_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 FORWARD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: Sends that may still end (``/metrics`` reads them again at the next scrape).
+OPEN_SENDS = frozenset({SendState.QUEUED, SendState.SENDING})
+#: Seconds an id below the highest seen is looked for (a transaction that took it and has
+#: not committed yet), and at most how many such ids are (a larger jump: ids never used).
+GAP_SECONDS = 600.0
+MAX_GAPS = 10_000
 
 #: What the engine publishes (the heartbeat's numbers): studies pending, runs, sends.
 QueueFn = Callable[[], dict[str, int]]
@@ -75,24 +84,171 @@ QueueFn = Callable[[], dict[str, int]]
 # -- metrics ---------------------------------------------------------------------------------
 
 
-def _histogram(
-    name: str,
-    doc: str,
-    labels: list[str],
-    samples: dict[tuple[str, ...], list[float]],
-    buckets: tuple[float, ...],
-) -> HistogramMetricFamily:
-    family = HistogramMetricFamily(name, doc, labels=labels)
-    for key, values in sorted(samples.items()):
-        counts = [(str(b), float(sum(1 for v in values if v <= b))) for b in buckets]
-        counts.append(("+Inf", float(len(values))))
-        family.add_metric(list(key), counts, sum(values))
-    return family
+class Histogram:
+    """One histogram family's buckets, counts and sums per label set, kept in the process:
+    values are added (and taken back) one at a time. Sums are exact (a :class:`Fraction` of
+    the floats), so the text is the same whatever the order the values came in."""
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        #: per label set: how many values are <= each bucket, then the count of all
+        self.counts: dict[tuple[str, ...], list[int]] = {}
+        self.sums: dict[tuple[str, ...], Fraction] = {}
+
+    def add(self, key: tuple[str, ...], value: float, sign: int = 1) -> None:
+        """Count ``value`` under ``key`` (``sign=-1``: take back one counted before)."""
+        counts = self.counts.setdefault(key, [0] * (len(self.buckets) + 1))
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                counts[i] += sign
+        counts[-1] += sign
+        self.sums[key] = self.sums.get(key, Fraction(0)) + sign * Fraction(value)
+
+    def plus(self, extra: Iterable[tuple[tuple[str, ...], float]]) -> Histogram:
+        """A copy with the values ``extra`` added."""
+        copy = Histogram(self.buckets)
+        copy.counts = {key: list(counts) for key, counts in self.counts.items()}
+        copy.sums = dict(self.sums)
+        for key, value in extra:
+            copy.add(key, value)
+        return copy
+
+    def family(self, name: str, doc: str, labels: list[str]) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(name, doc, labels=labels)
+        for key, counts in sorted(self.counts.items()):
+            pairs = [(str(b), float(n)) for b, n in zip(self.buckets, counts, strict=False)]
+            pairs.append(("+Inf", float(counts[-1])))
+            family.add_metric(list(key), pairs, float(self.sums[key]))
+        return family
+
+
+def forward_value(run: dict[str, Any]) -> float | None:
+    """The model forward time a run adds to ``gateway_model_forward_seconds``."""
+    t = run["timings"]
+    value = t.get("forward_s", t.get("model_s"))  # model_s: a model run whole
+    return value if isinstance(value, int | float) else None
+
+
+def sent_value(timings: dict[str, Any], sent_at: float | None) -> float | None:
+    """What a run adds to ``gateway_quiet_to_sent_seconds``: its first successful send's
+    end less the end of its study's quiet period."""
+    stable_at = timings.get("stable_at")
+    if sent_at is None or not isinstance(stable_at, int | float):
+        return None
+    return float(sent_at - stable_at)
+
+
+class Cursor:
+    """How far one table's rows (by their increasing id) have been folded in: every id up
+    to :attr:`last` except those in :attr:`pending` — rows still open (a run ``running``, a
+    send ``queued`` or ``sending``) to read again, and ids not seen yet below the highest
+    seen (PostgreSQL: a transaction that took its id earlier may commit later), looked for
+    until :data:`GAP_SECONDS` have passed (an id a rolled-back transaction took never
+    comes)."""
+
+    def __init__(self) -> None:
+        self.last = 0
+        self.pending: dict[int, float] = {}  # id -> until when to read it again
+
+    def folded(self, row_id: int) -> bool:
+        return row_id <= self.last and row_id not in self.pending
+
+    def advance(self, seen: Iterable[int], still_open: Iterable[int], now: float) -> None:
+        """After a read that returned the ids ``seen``, of which ``still_open`` are open."""
+        seen = set(seen)
+        # ids looked for and still not there, until their time is up (a row seen open and
+        # read again is in ``seen``: the ledger deletes no run and no send)
+        pending = {
+            i: until
+            for i, until in self.pending.items()
+            if i not in seen and until != math.inf and until > now
+        }
+        pending.update(dict.fromkeys(still_open, math.inf))
+        top = max(seen, default=self.last)
+        if top > self.last and top - self.last - 1 <= MAX_GAPS:
+            until = now + GAP_SECONDS
+            pending.update((i, until) for i in range(self.last + 1, top) if i not in seen)
+        self.last = max(self.last, top)
+        self.pending = pending
+
+
+class RunMetrics:
+    """The two histograms over the runs, kept in the process and brought up to date at each
+    scrape from what changed since the last one (:meth:`Ledger.metric_runs`,
+    :meth:`Ledger.metric_sends`): a run's forward time is folded in once it is no longer
+    ``running`` (until then it is added to each scrape's figures but not kept), its quiet-to-
+    sent time once one of its sends ended ``success`` or ``warning``; a later successful
+    send that ended earlier (another node's clock) replaces it. A new process starts at
+    id 0 and reads the history once."""
+
+    def __init__(self) -> None:
+        self.forward = Histogram(FORWARD_BUCKETS)
+        self.sent = Histogram(SENT_BUCKETS)
+        self.runs = Cursor()
+        self.sends = Cursor()
+        #: forward times of the runs still ``running`` (shown, not folded in)
+        self.open_forward: dict[int, tuple[tuple[str, ...], float]] = {}
+        self.lock = threading.Lock()
+
+    def update(self, ledger: Ledger, now: float | None = None) -> tuple[Histogram, Histogram]:
+        """Read what is new in ``ledger``, fold it in; the (forward, sent) histograms."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            self._runs(ledger, now)
+            self._sends(ledger, now)
+            return self.forward.plus(self.open_forward.values()), self.sent
+
+    def _runs(self, ledger: Ledger, now: float) -> None:
+        rows = ledger.metric_runs(self.runs.last, self.runs.pending)
+        still_open = []
+        for run in rows:
+            value = forward_value(run)
+            key = (run["gateway_id"], run["model_name"])
+            self.open_forward.pop(run["run_id"], None)
+            if run["state"] == RunState.RUNNING:
+                still_open.append(run["run_id"])
+                if value is not None:
+                    self.open_forward[run["run_id"]] = (key, value)
+            elif value is not None:
+                self.forward.add(key, value)
+        self.runs.advance((r["run_id"] for r in rows), still_open, now)
+
+    def _sends(self, ledger: Ledger, now: float) -> None:
+        rows = ledger.metric_sends(self.sends.last, self.sends.pending)
+        ended_ok: dict[int, float] = {}  # run_id -> earliest end of its newly ended sends
+        for send in rows:
+            if send["state"] in SENT_OK and send["finished"] is not None:
+                run_id, finished = send["run_id"], float(send["finished"])
+                ended_ok[run_id] = min(finished, ended_ok.get(run_id, finished))
+        if ended_ok:
+            before: dict[int, float] = {}  # the earliest end among the sends folded in
+            for send in ledger.sends_of_runs(ended_ok):
+                if (
+                    send["state"] in SENT_OK
+                    and send["finished"] is not None
+                    and self.sends.folded(send["send_id"])
+                ):
+                    run_id, finished = send["run_id"], float(send["finished"])
+                    before[run_id] = min(finished, before.get(run_id, finished))
+            for run in ledger.metric_runs(None, ended_ok):
+                run_id, key = run["run_id"], (run["gateway_id"],)
+                old = before.get(run_id)
+                new = ended_ok[run_id] if old is None else min(old, ended_ok[run_id])
+                if old is not None and new == old:
+                    continue
+                if (value := sent_value(run["timings"], old)) is not None:
+                    self.sent.add(key, value, -1)
+                if (value := sent_value(run["timings"], new)) is not None:
+                    self.sent.add(key, value)
+        still_open = [s["send_id"] for s in rows if s["state"] in OPEN_SENDS]
+        self.sends.advance((s["send_id"] for s in rows), still_open, now)
 
 
 class LedgerCollector(Collector):
     """Reads the ledger (read-only) and the heartbeat at each scrape: the numbers survive
-    restarts and are the ones ``status`` shows."""
+    restarts and are the ones ``status`` shows. The counts per state are the ledger's
+    ``GROUP BY`` counts; the histograms are kept by :class:`RunMetrics`, which reads only
+    what changed since the previous scrape."""
 
     def __init__(
         self, config: Config, queue: QueueFn | None, notified: Callable[[], dict[str, int]] | None
@@ -100,6 +256,7 @@ class LedgerCollector(Collector):
         self.config = config
         self.queue = queue
         self.notified = notified
+        self.runs = RunMetrics()
 
     def collect(self) -> Iterable[Metric]:
         verdict = health(self.config.state_dir)
@@ -135,42 +292,48 @@ class LedgerCollector(Collector):
             return
         try:
             counts = ledger.state_counts()
-            timings = ledger.run_timings()
+            forward, sent = self.runs.update(ledger)
         finally:
             ledger.close()
-        for table, label, doc in (
-            ("studies", "state", "studies by gateway and state"),
-            ("runs", "outcome", "runs by gateway and outcome (the run's state)"),
-            ("sends", "outcome", "send attempts by gateway and outcome (the send's state)"),
-        ):
-            family = GaugeMetricFamily(f"gateway_{table}", doc, labels=["gateway", label])
-            for gid, state, n in counts[table]:
-                family.add_metric([gid, state], float(n))
-            yield family
-        sent: dict[tuple[str, ...], list[float]] = {}
-        forward: dict[tuple[str, ...], list[float]] = {}
-        for run in timings:
-            t = run["timings"]
-            stable_at = t.get("stable_at")
-            if run["sent_at"] is not None and isinstance(stable_at, int | float):
-                sent.setdefault((run["gateway_id"],), []).append(run["sent_at"] - stable_at)
-            value = t.get("forward_s", t.get("model_s"))  # model_s: a model run whole
-            if isinstance(value, int | float):
-                forward.setdefault((run["gateway_id"], run["model_name"]), []).append(value)
-        yield _histogram(
-            "gateway_quiet_to_sent_seconds",
-            "from the end of a study's quiet period to its results' successful send",
-            ["gateway"],
-            sent,
-            SENT_BUCKETS,
-        )
-        yield _histogram(
-            "gateway_model_forward_seconds",
-            "model forward time per run (the batch it ran in; a per-instance model's whole run)",
-            ["gateway", "model"],
-            forward,
-            FORWARD_BUCKETS,
-        )
+        yield from count_families(counts)
+        yield from histogram_families(forward, sent)
+
+
+def count_families(counts: dict[str, list[tuple[str, str, int]]]) -> Iterator[Metric]:
+    for table, label, doc in (
+        ("studies", "state", "studies by gateway and state"),
+        ("runs", "outcome", "runs by gateway and outcome (the run's state)"),
+        ("sends", "outcome", "send attempts by gateway and outcome (the send's state)"),
+    ):
+        family = GaugeMetricFamily(f"gateway_{table}", doc, labels=["gateway", label])
+        for gid, state, n in counts[table]:
+            family.add_metric([gid, state], float(n))
+        yield family
+
+
+def histogram_families(forward: Histogram, sent: Histogram) -> Iterator[Metric]:
+    yield sent.family(
+        "gateway_quiet_to_sent_seconds",
+        "from the end of a study's quiet period to its results' successful send",
+        ["gateway"],
+    )
+    yield forward.family(
+        "gateway_model_forward_seconds",
+        "model forward time per run (the batch it ran in; a per-instance model's whole run)",
+        ["gateway", "model"],
+    )
+
+
+def full_histograms(ledger: Ledger) -> tuple[Histogram, Histogram]:
+    """The (forward, sent) histograms from every run at once (:meth:`Ledger.run_timings`,
+    the whole history): what :class:`RunMetrics` must equal; tests and the bench compare."""
+    forward, sent = Histogram(FORWARD_BUCKETS), Histogram(SENT_BUCKETS)
+    for run in ledger.run_timings():
+        if (value := forward_value(run)) is not None:
+            forward.add((run["gateway_id"], run["model_name"]), value)
+        if (value := sent_value(run["timings"], run["sent_at"])) is not None:
+            sent.add((run["gateway_id"],), value)
+    return forward, sent
 
 
 # -- HTML --------------------------------------------------------------------------------------
@@ -663,7 +826,8 @@ def render_thumbnail(path: Path, size: int = THUMBNAIL_PIXELS) -> bytes | None:
 
 
 def metrics_text(config: Config) -> str:
-    """``/metrics`` of ``config``'s ledger and heartbeat (without the live queue)."""
+    """``/metrics`` of ``config``'s ledger and heartbeat (without the live queue), read
+    whole: a collector of its own, as at a started console's first scrape."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(LedgerCollector(config, None, None))
     return generate_latest(registry).decode()

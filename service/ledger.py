@@ -28,7 +28,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -1357,6 +1357,57 @@ class Ledger:
             for r in rows
         ]
 
+    def _by_ids(self, select: str, column: str, ids: Collection[int]) -> list[Row]:
+        """``select`` (ending in WHERE) for the rows whose ``column`` is one of ``ids``, read
+        by their key in chunks of :data:`IN_CHUNK`."""
+        wanted = sorted(set(ids))
+        rows: list[Row] = []
+        for start in range(0, len(wanted), IN_CHUNK):
+            chunk = wanted[start : start + IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            rows += self.query(f"{select} {column} IN ({marks})", chunk)
+        return rows
+
+    def metric_runs(
+        self, after_run_id: int | None, run_ids: Collection[int] = ()
+    ) -> list[dict[str, Any]]:
+        """For ``/metrics``, what is new since a scrape: run_id, gateway_id, model_name,
+        state and timings of the runs with an id above ``after_run_id`` (None: none) and of
+        ``run_ids``, read by their key (the cost is the rows returned, not the history). A
+        run's timings are written by the transition that ends its ``running``
+        (:func:`service.record.run_transition`) and not changed after."""
+        select = "SELECT run_id, gateway_id, model_name, state, timings FROM runs WHERE"
+        rows = [] if after_run_id is None else self.query(f"{select} run_id > ?", (after_run_id,))
+        rows += self._by_ids(select, "run_id", run_ids)
+        return [
+            {
+                "run_id": int(r["run_id"]),
+                "gateway_id": r["gateway_id"],
+                "model_name": r["model_name"],
+                "state": r["state"],
+                "timings": json.loads(r["timings"] or "{}"),
+            }
+            for r in rows
+        ]
+
+    def metric_sends(
+        self, after_send_id: int | None, send_ids: Collection[int] = ()
+    ) -> list[dict[str, Any]]:
+        """For ``/metrics``: send_id, run_id, state and finished (epoch seconds) of the sends
+        with an id above ``after_send_id`` (None: none) and of ``send_ids``; read by key."""
+        select = "SELECT send_id, run_id, state, finished FROM sends WHERE"
+        rows = (
+            [] if after_send_id is None else self.query(f"{select} send_id > ?", (after_send_id,))
+        )
+        rows += self._by_ids(select, "send_id", send_ids)
+        return [_send_fields(r) for r in rows]
+
+    def sends_of_runs(self, run_ids: Collection[int]) -> list[dict[str, Any]]:
+        """For ``/metrics``: the fields of :meth:`metric_sends` of every send of ``run_ids``
+        (through the ``sends_run`` index)."""
+        select = "SELECT send_id, run_id, state, finished FROM sends WHERE"
+        return [_send_fields(r) for r in self._by_ids(select, "run_id", run_ids)]
+
     def latest_run_with_outputs(self, gateway_id: str, study_uid: str) -> int | None:
         """The id of the study's latest run that wrote outputs (what ``resend`` sends)."""
         rows = self.query(
@@ -1432,6 +1483,14 @@ CREATE TABLE IF NOT EXISTS leases (    -- work held by one node until it expires
 """
 
 
+#: a run's sends without reading every send (``/metrics`` reads the sends of the runs whose
+#: first successful send just ended; a study's history, ``resend``)
+SENDS_BY_RUN = "CREATE INDEX IF NOT EXISTS sends_run ON sends (run_id)"
+
+#: ids per ``IN (...)`` list of a read (well below SQLite's and PostgreSQL's limits)
+IN_CHUNK = 500
+
+
 @dataclass(frozen=True)
 class Migration:
     """One numbered step of the ledger's schema: DDL statements (``IF NOT EXISTS``), or a
@@ -1457,6 +1516,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, "sends.opened", add_column=("sends", "opened", "REAL")),
     Migration(4, "nodes and leases", statements=_statements(NODES_AND_LEASES)),
     Migration(5, "sends.node", add_column=("sends", "node", "TEXT NOT NULL DEFAULT ''")),
+    Migration(6, "sends by run", statements=(SENDS_BY_RUN,)),
 )
 
 SCHEMA_VERSION = (
@@ -1627,6 +1687,15 @@ def _path_in_study(path: str, folder: Path | None, study_uid: str) -> str:
         if index < len(parts) - 1:
             return Path(*parts[index + 1 :]).as_posix()
     return recorded.name
+
+
+def _send_fields(row: Row) -> dict[str, Any]:
+    return {
+        "send_id": int(row["send_id"]),
+        "run_id": int(row["run_id"]),
+        "state": row["state"],
+        "finished": row["finished"],
+    }
 
 
 def _run_row(row: Row) -> RunRow:

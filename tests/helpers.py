@@ -17,6 +17,9 @@ from pydicom import dcmread
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 
+from service.ledger import Ledger, NewRun, SendChange, Transition
+from service.values import RunState, SendState, StudyState
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -167,3 +170,79 @@ def kill(proc: subprocess.Popen[str]) -> None:
 #: Whether service/engine.py carries out the CLI's resend/reprocess requests (it answers them
 #: with service.requests.write_result). Until it does, the tests that need a service to
 #: carry a request out are skipped, saying so.
+
+
+def ledger_run(
+    ledger: Ledger,
+    study_uid: str,
+    *,
+    gateway_id: str = "1",
+    model: str = "annotate",
+    timings: dict[str, float] | None = None,
+    outcome: str = "success",
+) -> tuple[int, int | None]:
+    """One run of ``study_uid`` recorded through the ledger's ordinary transitions, as the
+    engine makes them: started ``running``; then, unless ``outcome`` is ``running``,
+    ``failed`` or ``skipped``, ended ``written`` with ``timings`` and a queued send, which
+    stays ``queued`` or opens and ends with the send state ``outcome``. (run_id, send_id)."""
+    started = ledger.apply(
+        Transition(
+            gateway_id,
+            study_uid,
+            StudyState.RUNNING,
+            new_run=NewRun(model, "1.0", f"digest-{study_uid}", 1, 0),
+        )
+    )
+    run = started.run_id
+    assert run is not None
+    if outcome == "running":
+        return run, None
+    if outcome in (RunState.FAILED, RunState.SKIPPED):
+        state = RunState(outcome)
+        study = StudyState.FAILED if state == RunState.FAILED else StudyState.SKIPPED
+        ledger.apply(
+            Transition(gateway_id, study_uid, study, "test", run_id=run, run=state, timings=timings)
+        )
+        return run, None
+    send = ledger.apply(
+        Transition(
+            gateway_id,
+            study_uid,
+            StudyState.WRITTEN,
+            run_id=run,
+            run=RunState.WRITTEN,
+            timings=timings,
+            send=SendChange(SendState.QUEUED, destination="PACS@127.0.0.1:4242"),
+        )
+    ).send_id
+    assert send is not None
+    if outcome != SendState.QUEUED:
+        ledger_send(ledger, gateway_id, study_uid, run, send, SendState(outcome))
+    return run, send
+
+
+def ledger_send(
+    ledger: Ledger, gateway_id: str, study_uid: str, run: int, send: int, outcome: SendState
+) -> None:
+    """Send ``send`` of ``run`` opened, then ended ``outcome`` (ordinary transitions)."""
+    ledger.apply(
+        Transition(
+            gateway_id,
+            study_uid,
+            StudyState.SENDING,
+            run_id=run,
+            run=RunState.SENDING,
+            send=SendChange(SendState.SENDING, send),
+        )
+    )
+    ok = outcome in (SendState.SUCCESS, SendState.WARNING)
+    ledger.apply(
+        Transition(
+            gateway_id,
+            study_uid,
+            StudyState.SENT if ok else StudyState.SEND_FAILED,
+            run_id=run,
+            run=RunState.SENT if ok else RunState.SEND_FAILED,
+            send=SendChange(outcome, send, reason="" if ok else "test"),
+        )
+    )

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,14 +23,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 from pydicom import dcmread
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from service.config import from_mapping
-from service.console import Console
+from service.console import Console, LedgerCollector, full_histograms, histogram_families
+from service.ledger import Ledger, SendChange, Transition
+from service.values import RunState, SendState, StudyState
 from tests.conftest import free_port, shared_file
-from tests.helpers import ROOT, copy_series, ledger_rows, run_cli, wait_for, write_config
+from tests.helpers import (
+    ROOT,
+    copy_series,
+    ledger_rows,
+    ledger_run,
+    ledger_send,
+    run_cli,
+    wait_for,
+    write_config,
+)
 from tests.test_cxr import write_checkpoint
 
 TOKEN = "console-test-token-4f1c"
@@ -400,3 +415,143 @@ def test_healthz_503_without_a_service_and_actions_disabled_without_token(tmp_pa
 
 def test_console_off_when_http_is_empty(tmp_path: Path) -> None:
     assert Console(console_config(tmp_path, "")).start() is False
+
+
+# -- /metrics reads what changed since the last scrape ------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def metrics_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Any, Ledger]]:
+    """A console's config and the ledger a service writes (SQLite in STATE or PostgreSQL)."""
+    service: dict[str, str] = {"state_dir": str(tmp_path / "STATE"), "http": ""}
+    if request.param == "postgresql":
+        service["ledger"] = request.getfixturevalue("postgres").database()
+    config = from_mapping({"service": service})
+    writer = Ledger(config.ledger_location)
+    yield config, writer
+    writer.close()
+
+
+def scrape(collector: LedgerCollector) -> str:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return generate_latest(registry).decode()
+
+
+def histograms(text: str) -> str:
+    """The histogram lines of a /metrics text."""
+    return "".join(
+        line + "\n"
+        for line in text.splitlines()
+        if line.split("{")[0].split(" ")[-1].startswith(("gateway_quiet", "gateway_model"))
+    )
+
+
+def full_text(config: Any) -> str:
+    """The histograms recomputed from every run at once (the old per-scrape full read)."""
+    ledger = Ledger.open_readonly(config.ledger_location)
+    assert ledger is not None
+    try:
+        forward, sent = full_histograms(ledger)
+    finally:
+        ledger.close()
+    registry = CollectorRegistry(auto_describe=False)
+
+    class Full(Collector):
+        def collect(self) -> Iterator[Metric]:
+            yield from histogram_families(forward, sent)
+
+    registry.register(Full())
+    return generate_latest(registry).decode()
+
+
+def test_metrics_after_many_runs_equal_a_full_read_and_a_restart(
+    metrics_ledger: tuple[Any, Ledger],
+) -> None:
+    config, ledger = metrics_ledger
+    collector = LedgerCollector(config, None, None)
+    outcomes = ["success", "warning", "failure", "queued", "failed", "skipped", "running"]
+    opened: list[tuple[str, int, int]] = []
+    for batch in range(4):
+        for n in range(14):
+            study = f"1.2.{batch}.{n}"
+            outcome = outcomes[(n + batch) % len(outcomes)]
+            timings = {"stable_at": 1_700_000_000.0 + n * 0.37, "forward_s": 0.013 * n + 0.1}
+            if n % 3 == 0:
+                timings = {"stable_at": 1_700_000_000.0 + n, "model_s": 1.7 + n}
+            gateway, model = ("2", "cxr") if n % 2 else ("1", "annotate")
+            run, send = ledger_run(
+                ledger, study, gateway_id=gateway, model=model, timings=timings, outcome=outcome
+            )
+            if outcome == "queued" and send is not None:
+                opened.append((study, run, send))
+        if opened and batch % 2:  # sends queued at an earlier scrape end now
+            for study, run, send in opened:
+                gateway = ledger.get_run(run).gateway_id  # type: ignore[union-attr]
+                ledger_send(ledger, gateway, study, run, send, SendState.SUCCESS)
+            opened.clear()
+        text = scrape(collector)
+        assert histograms(text) == histograms(full_text(config)) != ""
+        assert text == scrape(LedgerCollector(config, None, None))  # a restarted console
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    sent = families["gateway_quiet_to_sent_seconds"].samples
+    counts = [s for s in sent if s.name.endswith("_count")]
+    sent_runs = ledger.query("SELECT COUNT(*) AS n FROM runs WHERE state='sent'")[0]["n"]
+    assert sum(s.value for s in counts) == sent_runs > 10
+
+
+def quiet_to_sent(text: str) -> tuple[float, float]:
+    """(count, sum) of gateway 1's quiet-to-sent histogram in a /metrics text."""
+    family = next(
+        f for f in text_string_to_metric_families(text) if f.name == "gateway_quiet_to_sent_seconds"
+    )
+    found = {s.name: s.value for s in family.samples if s.labels.get("gateway") == "1"}
+    return found.get("gateway_quiet_to_sent_seconds_count", 0.0), found.get(
+        "gateway_quiet_to_sent_seconds_sum", 0.0
+    )
+
+
+def test_a_run_that_ends_between_scrapes_is_counted_once(
+    metrics_ledger: tuple[Any, Ledger],
+) -> None:
+    config, ledger = metrics_ledger
+    collector = LedgerCollector(config, None, None)
+    study = "1.2.77"
+    run, _ = ledger_run(ledger, study, outcome="running")
+    assert quiet_to_sent(scrape(collector)) == (0.0, 0.0)  # running: nothing yet
+    timings = {"stable_at": time.time() - 5.0, "forward_s": 0.25}
+    send = ledger.apply(
+        Transition(
+            "1",
+            study,
+            StudyState.WRITTEN,
+            run_id=run,
+            run=RunState.WRITTEN,
+            timings=timings,
+            send=SendChange(SendState.QUEUED, destination="PACS@127.0.0.1:4242"),
+        )
+    ).send_id
+    assert send is not None
+    text = scrape(collector)
+    assert 'gateway_model_forward_seconds_count{gateway="1",model="annotate"} 1.0' in text
+    assert quiet_to_sent(text) == (0.0, 0.0)  # written, its send queued
+    ledger_send(ledger, "1", study, run, send, SendState.SUCCESS)
+    finished = ledger.sends(run)[0]["finished"]
+    for _ in range(3):  # counted once, however many scrapes see it
+        text = scrape(collector)
+        assert quiet_to_sent(text) == (1.0, finished - timings["stable_at"])
+        assert 'gateway_model_forward_seconds_count{gateway="1",model="annotate"} 1.0' in text
+    # a resend succeeds later: the run's first successful send still counts, once
+    resend = ledger.apply(
+        Transition(
+            "1",
+            study,
+            send=SendChange(SendState.QUEUED, destination="PACS@127.0.0.1:4242", manual=True),
+            run_id=run,
+        )
+    ).send_id
+    assert resend is not None
+    ledger_send(ledger, "1", study, run, resend, SendState.SUCCESS)
+    text = scrape(collector)
+    assert quiet_to_sent(text) == (1.0, finished - timings["stable_at"])
+    assert histograms(text) == histograms(full_text(config))
