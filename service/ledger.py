@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 import threading
 import time
@@ -351,7 +352,8 @@ class Ledger:
     def _write(self, work: Callable[[Database], T]) -> T:
         """``work`` in one write transaction, committed, or rolled back whole when it
         raises; run again (up to :attr:`RETRIES` times) when the database refused it for a
-        concurrent change (PostgreSQL SERIALIZABLE), so that it then sees that change."""
+        concurrent change (PostgreSQL SERIALIZABLE), after a random pause, so that it
+        then sees that change."""
         with self._lock:
             db = self._db
             for attempt in range(self.RETRIES + 1):
@@ -361,6 +363,9 @@ class Ledger:
                 except db.errors as exc:
                     if db.retryable(exc) and attempt < self.RETRIES:
                         logger.debug("ledger: concurrent change, transaction runs again")
+                        # a random pause, growing with the attempts, so that nodes that
+                        # conflicted do not meet again in lockstep
+                        time.sleep(random.uniform(0.0, min(0.25, 0.002 * 2**attempt)))
                         continue
                     raise self._unavailable(exc) from exc
             raise AssertionError("unreachable")
