@@ -16,12 +16,13 @@ import pytest
 from pydicom import Dataset
 
 from service.config import CxrConfig
+from service.models import cxr_outputs
 from service.models.base import ModelResult, RunContext
 from service.models.cxr import CxrModel, load_radiograph
 from service.models.cxr_outputs import DISCLAIMER, FINDING_CODES, LOCAL_SCHEME, table_rows
 from service.uids import UidFactory
 from service.values import Study
-from service.writers import write_dataset
+from service.writers import encode_dataset, write_dataset
 from tests.conftest import dciodvfy, shared_file
 from tests.test_cxr import ROOT, instance, study_of, write_checkpoint
 
@@ -250,3 +251,33 @@ def test_sr_has_the_tid1500_structure_viewers_need(run: Run) -> None:
     containers = [i for i in content_items(sr) if i.ValueType == "CONTAINER"]
     assert sr.ContinuityOfContent == "SEPARATE"
     assert {i.ContinuityOfContent for i in containers} == {"SEPARATE"}
+
+
+def test_sr_equals_what_highdicom_builds_from_the_whole_tree(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SR is given to highdicom's constructor without its items, which are set after
+    (it would copy, parse and search them): the object is the same, byte for byte, as the
+    constructor builds from the whole report (but for its creation moment)."""
+    images = [load_radiograph(i) for i in run.study.instances]
+    results = [
+        (r, run.model.scores(row))
+        for r, row in zip(
+            images, run.model.forward(np.stack([r.input for r in images])), strict=True
+        )
+    ]
+    fast = cxr_outputs.build_sr(run.model, results, run.ctx.uids)
+    monkeypatch.setattr(cxr_outputs, "_root_without_items", lambda root: root)
+    whole = cxr_outputs.build_sr(run.model, results, run.ctx.uids)
+    for keyword in ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime"):
+        if keyword in whole:
+            setattr(fast, keyword, whole[keyword].value)
+    equipment = zip(
+        fast.ContributingEquipmentSequence, whole.ContributingEquipmentSequence, strict=True
+    )
+    for ours, theirs in equipment:
+        ours.ContributionDateTime = theirs.ContributionDateTime
+    assert len(fast.ContentSequence) == len(whole.ContentSequence) > 0
+    diff = [e.keyword for e in whole if fast.get(e.tag) != e]
+    assert diff == []
+    assert encode_dataset(fast) == encode_dataset(whole)
