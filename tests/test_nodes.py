@@ -121,10 +121,31 @@ def stored(start_peer: Callable[..., Peer]) -> tuple[Peer, list[str]]:
     return start_peer(on_store=store), received
 
 
+def pacs_of(peer: Peer) -> str:
+    """The ``[pacs]`` section of a config sending to ``peer``."""
+    return f'[pacs]\nhost = "127.0.0.1"\nport = {peer.port}\nae_title = "{peer.ae_title}"\n'
+
+
+def held_peer(
+    start_peer: Callable[..., Peer], seconds: float
+) -> tuple[Peer, threading.Event, list[str]]:
+    """A peer that holds each C-STORE until the event is set (at most ``seconds``), then
+    stores it: the UIDs stored are appended to the list."""
+    release = threading.Event()
+    received: list[str] = []
+
+    def hold(event: evt.Event) -> int:
+        release.wait(seconds)
+        received.append(stored_uid(event))
+        return 0x0000
+
+    return start_peer(on_store=hold), release, received
+
+
 @pytest.fixture
 def nodes(tmp_path: Path, postgres: Postgres, stored: tuple[Peer, list[str]]) -> Iterator[Nodes]:
     peer, _ = stored
-    pacs = f'[pacs]\nhost = "127.0.0.1"\nport = {peer.port}\nae_title = "{peer.ae_title}"\n'
+    pacs = pacs_of(peer)
     (tmp_path / "INPUT").mkdir()
     group = Nodes(tmp_path, postgres.database(), pacs)
     yield group
@@ -540,7 +561,7 @@ def test_serve_role_intake_and_serve_role_run_send_as_processes(
     no model; ``serve --role run,send`` neither watches nor scans, and executes and sends
     the run; ``status --json`` lists both nodes with their roles."""
     peer, received = stored
-    pacs = f'[pacs]\nhost = "127.0.0.1"\nport = {peer.port}\nae_title = "{peer.ae_title}"\n'
+    pacs = pacs_of(peer)
     url = postgres.database()
     (tmp_path / "INPUT/gateway_1").mkdir(parents=True)
     configs = {}
@@ -613,16 +634,8 @@ def test_a_send_open_on_a_node_gone_silent_is_interrupted_by_another_and_never_r
     node B records the send ``interrupted`` (study ``send_failed``) and queues nothing.
     When A's association ends after all, A records its real outcome on that same send
     (interrupted -> success, run and study sent), with an event; nothing is sent again."""
-    release = threading.Event()
-    received: list[str] = []
-
-    def hold(event: evt.Event) -> int:
-        release.wait(30)
-        received.append(stored_uid(event))
-        return 0x0000
-
-    peer = start_peer(on_store=hold)
-    pacs = f'[pacs]\nhost = "127.0.0.1"\nport = {peer.port}\nae_title = "{peer.ae_title}"\n'
+    peer, release, received = held_peer(start_peer, 30)
+    pacs = pacs_of(peer)
     (tmp_path / "INPUT").mkdir()
     group = Nodes(tmp_path, postgres.database(), pacs)
     try:
@@ -707,16 +720,8 @@ def test_a_node_whose_turn_is_slow_stays_live_its_send_is_not_interrupted(
     record the send interrupted, and A records the send's outcome when its turn goes on.
     When A's loop is dead (its last turn too old), the thread stops beating: B then
     takes A for gone."""
-    release = threading.Event()
-    received: list[str] = []
-
-    def hold(event: evt.Event) -> int:
-        release.wait(60)
-        received.append(stored_uid(event))
-        return 0x0000
-
-    peer = start_peer(on_store=hold)
-    pacs = f'[pacs]\nhost = "127.0.0.1"\nport = {peer.port}\nae_title = "{peer.ae_title}"\n'
+    peer, release, received = held_peer(start_peer, 60)
+    pacs = pacs_of(peer)
     (tmp_path / "INPUT").mkdir()
     group = Nodes(tmp_path, postgres.database(), pacs)
     lease = 1.5
