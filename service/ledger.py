@@ -370,6 +370,14 @@ class Ledger:
                     raise self._unavailable(exc) from exc
             raise AssertionError("unreachable")
 
+    def _clock(self) -> float:
+        """The database's clock now (epoch seconds), outside a transaction."""
+        with self._lock:
+            try:
+                return self._db.clock()
+            except self._db.operational as exc:
+                raise self._unavailable(exc) from exc
+
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         with self._lock:
             try:
@@ -682,35 +690,23 @@ class Ledger:
                 )
             )
             for send_id, run_id, gid, suid, study_state in open_sends:
-                sending = study_state == StudyState.SENDING
-                self._apply_in(
-                    db,
-                    Transition(
-                        gid,
-                        suid,
-                        StudyState.SEND_FAILED if sending else None,
-                        reason,
-                        run_id=run_id,
-                        run=RunState.SEND_FAILED,
-                        send=SendChange(
-                            SendState.INTERRUPTED, send_id, reason="service stopped during send"
-                        ),
-                        events=[("WARNING", f"send {send_id} interrupted by a stop")],
-                    ),
-                    now,
+                t = _interrupted(
+                    (gid, suid, run_id, send_id),
+                    study_state,
+                    reason,
+                    "service stopped during send",
+                    f"send {send_id} interrupted by a stop",
                 )
+                self._apply_in(db, t, now)
             db.execute(
                 "DELETE FROM finished_listings WHERE (gateway_id, folder) IN"
                 " (SELECT gateway_id, study_uid FROM runs WHERE state = ?)",
                 (str(RunState.RUNNING),),
             )
             queued = [
-                QueuedSend(r[0], r[1], r[2], r[3], bool(r[4]))
+                _queued_send(r)
                 for r in db.execute(
-                    "SELECT s.send_id, s.run_id, r.gateway_id, r.study_uid, s.manual FROM sends s"
-                    " JOIN runs r USING (run_id) WHERE s.state=?"
-                    + mine("r")
-                    + " ORDER BY s.send_id",
+                    _QUEUED_SENDS + mine("r") + " ORDER BY s.send_id",
                     (str(SendState.QUEUED), *scope),
                 )
             ]
@@ -742,17 +738,13 @@ class Ledger:
 
         def work(db: Database) -> list[tuple[QueuedSend, Transition, Applied]]:
             rows = db.execute(
-                "SELECT s.send_id, s.run_id, r.gateway_id, r.study_uid, s.manual FROM sends s"
-                " JOIN runs r USING (run_id) WHERE s.state=?"
-                + only
-                + " ORDER BY s.send_id LIMIT ?"
-                + db.skip_locked("s"),
+                _QUEUED_SENDS + only + " ORDER BY s.send_id LIMIT ?" + db.skip_locked("s"),
                 (str(SendState.QUEUED), *send_ids, limit),
             ).fetchall()
             claimed = []
             now = time.time()
             for row in rows:
-                send = QueuedSend(row[0], row[1], row[2], row[3], bool(row[4]))
+                send = _queued_send(row)
                 t = start(send)
                 if t.send is None or (t.send.send_id, t.send.state) != (
                     send.send_id,
@@ -901,11 +893,7 @@ class Ledger:
             more.extend(run_ids)
         sql += " ORDER BY r.run_id LIMIT ?"
         if not run_ids:  # asked every second: a write transaction only when there is work
-            with self._lock:
-                try:
-                    clock = self._db.clock()
-                except self._db.operational as exc:
-                    raise self._unavailable(exc) from exc
+            clock = self._clock()
             if not self.query(sql, [str(RunState.RUNNING), node, clock, *more, limit]):
                 return []
 
@@ -932,11 +920,7 @@ class Ledger:
 
     def live_nodes(self, role: str, seconds: float) -> list[str]:
         """The nodes with ``role`` whose heartbeat is at most ``seconds`` old."""
-        with self._lock:
-            try:
-                now = self._db.clock()
-            except self._db.operational as exc:
-                raise self._unavailable(exc) from exc
+        now = self._clock()
         rows = self.query(
             "SELECT node, roles FROM nodes WHERE heartbeat >= ? ORDER BY node", (now - seconds,)
         )
@@ -968,24 +952,14 @@ class Ledger:
             )
             wall = time.time()
             for send_id, run_id, gid, suid, study_state, opener in rows:
-                self._apply_in(
-                    db,
-                    Transition(
-                        gid,
-                        suid,
-                        StudyState.SEND_FAILED if study_state == StudyState.SENDING else None,
-                        reason,
-                        run_id=run_id,
-                        run=RunState.SEND_FAILED,
-                        send=SendChange(
-                            SendState.INTERRUPTED,
-                            send_id,
-                            reason=f"node {opener} stopped answering during the send",
-                        ),
-                        events=[("WARNING", f"send {send_id} interrupted: node {opener} is gone")],
-                    ),
-                    wall,
+                t = _interrupted(
+                    (gid, suid, run_id, send_id),
+                    study_state,
+                    reason,
+                    f"node {opener} stopped answering during the send",
+                    f"send {send_id} interrupted: node {opener} is gone",
                 )
+                self._apply_in(db, t, wall)
             return rows
 
         rows = self._write(work)
@@ -1003,11 +977,10 @@ class Ledger:
     def queued_sends(self, limit: int = 100) -> list[QueuedSend]:
         """Sends ``queued`` (by any node), oldest first."""
         rows = self.query(
-            "SELECT s.send_id, s.run_id, r.gateway_id, r.study_uid, s.manual FROM sends s"
-            " JOIN runs r USING (run_id) WHERE s.state=? ORDER BY s.send_id LIMIT ?",
+            _QUEUED_SENDS + " ORDER BY s.send_id LIMIT ?",
             (str(SendState.QUEUED), limit),
         )
-        return [QueuedSend(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+        return [_queued_send(r) for r in rows]
 
     def release_lease(self, name: str, node: str) -> bool:
         """Give up ``name`` if ``node`` holds it; True when it did."""
@@ -1019,11 +992,7 @@ class Ledger:
 
     def leases(self) -> list[dict[str, Any]]:
         """Every lease: name, node, expires and whether it is still ``live`` now."""
-        with self._lock:
-            try:
-                now = self._db.clock()
-            except self._db.operational as exc:
-                raise self._unavailable(exc) from exc
+        now = self._clock()
         rows = self.query("SELECT name, node, expires FROM leases ORDER BY name")
         return [{**dict(r), "live": r["expires"] >= now} for r in rows]
 
@@ -1031,11 +1000,7 @@ class Ledger:
         """Every node that has recorded a heartbeat: node, roles, started, heartbeat, the
         heartbeat's ``age_s`` and the ``leases`` it holds (live ones), by the database's
         clock."""
-        with self._lock:
-            try:
-                now = self._db.clock()
-            except self._db.operational as exc:
-                raise self._unavailable(exc) from exc
+        now = self._clock()
         held: dict[str, list[str]] = {}
         for lease in self.leases():
             if lease["live"]:
@@ -1661,6 +1626,36 @@ def _copy(source: Database, target: Database, path: Path) -> dict[str, int]:
     for table, column in IDENTITIES:
         target.advance_identity(table, column)
     return counts
+
+
+#: The queued sends with their run's gateway and study (a :func:`_queued_send` per row).
+_QUEUED_SENDS = (
+    "SELECT s.send_id, s.run_id, r.gateway_id, r.study_uid, s.manual FROM sends s"
+    " JOIN runs r USING (run_id) WHERE s.state=?"
+)
+
+
+def _queued_send(row: Row) -> QueuedSend:
+    return QueuedSend(row[0], row[1], row[2], row[3], bool(row[4]))
+
+
+def _interrupted(
+    send: tuple[str, str, int, int], study_state: str | None, reason: str, why: str, event: str
+) -> Transition:
+    """A send left open whose outcome is unknown, ``send`` = (gateway, study, run, send
+    id): the send ``interrupted`` (``why``), its run ``send_failed``, and its study
+    ``send_failed`` (``reason``) when it is ``sending``; never repeated by itself."""
+    gid, suid, run_id, send_id = send
+    return Transition(
+        gid,
+        suid,
+        StudyState.SEND_FAILED if study_state == StudyState.SENDING else None,
+        reason,
+        run_id=run_id,
+        run=RunState.SEND_FAILED,
+        send=SendChange(SendState.INTERRUPTED, send_id, reason=why),
+        events=[("WARNING", event)],
+    )
 
 
 def _label(t: Transition) -> str:
