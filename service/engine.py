@@ -31,7 +31,6 @@ from datetime import datetime
 
 from service import assembly, requests
 from service.config import GATEWAY_ID_RE, Config
-from service.config import NODE_ROLES as ALL_ROLES
 from service.conformance import quarantine_file
 from service.fsutil import sweep_temp_files
 from service.ledger import (
@@ -79,8 +78,6 @@ logger = logging.getLogger(__name__)
 RETRY_FIRST_SECONDS = 5.0
 #: Seconds between this node's heartbeats in a PostgreSQL ledger (``status`` lists nodes).
 NODE_HEARTBEAT_SECONDS = 10.0
-#: Every role a node may have (``service.roles``; a node's own are ``config.roles``).
-NODE_ROLES = ALL_ROLES
 #: Seconds between a node's looks for runs and sends to take over (PostgreSQL ledger).
 CLAIM_SECONDS = 1.0
 #: Seconds before a run this node claimed but could not execute is claimed here again.
@@ -351,7 +348,8 @@ class Engine:
         """A condition that may pass: the study waits, shows why, and is tried again.
         ``run_id``: the run it cut short (PostgreSQL: recorded only while this node holds
         the run's lease, which it keeps without renewing: another node may take the run
-        over once it runs out). False, or None when fenced off."""
+        over once it runs out). False (not done); fenced off, nothing is recorded and
+        ``pending`` is left as it was (``pending.transient`` stays False)."""
         attempt = self._attempts.get(key, 0) + 1
         self._attempts[key] = attempt
         delay = retry_delay(attempt)
@@ -795,8 +793,9 @@ class Engine:
         model = self.models.get(run.model_name)
         if model is None or model.version != run.model_version:
             return f"model {run.model_name} {run.model_version} is not loaded on this node"
-        if not model.ready().ok:
-            return f"model {run.model_name} is not ready: {model.ready().reason}"
+        readiness = model.ready()
+        if not readiness.ok:
+            return f"model {run.model_name} is not ready: {readiness.reason}"
         if (gid, folder) in self._in_flight:
             return "its study has a run in the pipeline here"
         rebuilt = self._readiness.rebuild(gid, folder)
