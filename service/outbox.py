@@ -221,13 +221,17 @@ class Outbox:
         self.stop_opening()
         for item in self._open:
             item.handle.cancel()
+        self._await_open(timeout)
+        self.pump()
+
+    def _await_open(self, timeout: float) -> None:
+        """Wait, ``timeout`` in all, for the open associations to end."""
         deadline = time.monotonic() + timeout
         for item in self._open:
             try:
                 item.future.result(max(0.0, deadline - time.monotonic()))
             except Exception:
                 logger.debug("send thread did not end in time", exc_info=True)
-        self.pump()
 
     def journal(self, state_dir: Path, timeout: float) -> int:
         """The ledger cannot be written (the service exits): let the open associations run
@@ -236,12 +240,10 @@ class Outbox:
         added to what it holds), so that the next start records them (:func:`replay`)
         instead of recording the sends ``interrupted``. How many outcomes it holds."""
         self.stop_opening()
-        deadline = time.monotonic() + timeout
+        self._await_open(timeout)
         for item in self._open:
-            try:
-                item.future.result(max(0.0, deadline - time.monotonic()))
-            except Exception:
-                item.handle.cancel()
+            if not item.future.done():
+                item.handle.cancel()  # still open at the deadline: aborted
         for item in self._open:
             try:
                 item.future.result(5.0)
