@@ -166,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", parents=[common], help="model weights")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     models_sub.add_parser(
-        "fetch", parents=[common], help="download the CXR weights (needs internet)"
+        "fetch",
+        parents=[common],
+        help="download the CXR weights (needs internet) and export them to ONNX",
     )
     return parser
 
@@ -243,10 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             serve_receiver(args.port, args.dir, args.ae_title, args.host)
             return EXIT_OK
         if command == "models":
-            from service.models.cxr import fetch_weights
+            from service.models.cxr import fetch_weights, prepare_export
 
             path = fetch_weights(config.cxr)
             print(f"weights ready: {path}")
+            print(prepare_export(config.cxr))
             return EXIT_OK
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)

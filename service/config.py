@@ -41,6 +41,7 @@ AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 §6.2 AE VR, 
 LAYOUTS = ("study", "flat")
 WATCH_MODES = ("native", "polling")
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")  # PS3.5 §9.1
+CXR_RUNTIMES = ("auto", "onnxruntime", "torch")
 DEVICES_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 #: ``service.node_name``: printable ASCII without spaces, as a host name.
 NODE_NAME_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
@@ -110,7 +111,9 @@ class CxrConfig:
     weights: str = ""  # "" = torchxrayvision's cache location
     sha256: str = ""
     device: str = "auto"
-    threads: int = 0  # 0 = torch's default
+    threads: int = 0  # 0 = the runtime's default
+    #: what runs the forward: auto (ONNX Runtime on the CPU, torch on a GPU), onnxruntime, torch
+    runtime: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -638,6 +641,8 @@ def _cxr(table: Any) -> CxrConfig:
             if not DEVICES_RE.match(text):
                 raise ConfigError(name, f"must be auto, cpu, cuda or cuda:N; got {text!r}")
             out[key] = text
+        elif key == "runtime":
+            out[key] = _as_choice(value, name, CXR_RUNTIMES)
         elif key == "sha256":
             text = _as_str(value, name).lower()
             if text and not re.fullmatch(r"[0-9a-f]{64}", text):
@@ -645,7 +650,12 @@ def _cxr(table: Any) -> CxrConfig:
             out[key] = text
         else:
             out[key] = _as_str(value, name)
-    return CxrConfig(**out)
+    config = CxrConfig(**out)
+    if config.runtime == "onnxruntime" and config.device.startswith("cuda"):
+        raise ConfigError(
+            "models.cxr.runtime", "onnxruntime runs on the CPU here; with a cuda device use torch"
+        )
+    return config
 
 
 #: Environment variables and the config key each one sets.
@@ -687,6 +697,7 @@ ENV_KEYS: dict[str, str] = {
     "GATEWAY_CXR_SHA256": "models.cxr.sha256",
     "GATEWAY_CXR_DEVICE": "models.cxr.device",
     "GATEWAY_CXR_THREADS": "models.cxr.threads",
+    "GATEWAY_CXR_RUNTIME": "models.cxr.runtime",
 }
 
 

@@ -103,6 +103,12 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
     assert config.destination("any").port == 4242
 
 
+@pytest.mark.parametrize("runtime", ["auto", "onnxruntime", "torch"])
+def test_cxr_runtime_from_the_environment(runtime: str) -> None:
+    config = load_config(None, environ={"GATEWAY_CXR_RUNTIME": runtime})
+    assert config.cxr.runtime == runtime
+
+
 @pytest.mark.parametrize(
     ("env", "key"),
     [
@@ -115,6 +121,11 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ({"GATEWAY_PACS_AE_TITLE": "A" * 17}, "pacs.ae_title"),
         ({"GATEWAY_CXR_DEVICE": "tpu"}, "models.cxr.device"),
         ({"GATEWAY_CXR_SHA256": "abc"}, "models.cxr.sha256"),
+        ({"GATEWAY_CXR_RUNTIME": "tensorrt"}, "models.cxr.runtime"),
+        (
+            {"GATEWAY_CXR_RUNTIME": "onnxruntime", "GATEWAY_CXR_DEVICE": "cuda"},
+            "models.cxr.runtime",
+        ),
         ({"GATEWAY_WORKERS": "many"}, "service.workers"),
         ({"GATEWAY_WORKERS": "-1"}, "service.workers"),
     ],

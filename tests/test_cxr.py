@@ -26,6 +26,7 @@ from pydicom.uid import ImplicitVRLittleEndian
 
 from service.config import CxrConfig
 from service.errors import ModelError, ModelNotReady
+from service.models import cxr_onnx
 from service.models.base import RunContext
 from service.models.cxr import (
     INPUT_SIZE,
@@ -57,8 +58,9 @@ NEGATIVES = ("dx-thorax-lateral-small.dcm", "cr-leg-j2k-lossless.dcm")
 PUBLISHED_NAME: str = os.path.basename(xrv.models.model_urls[WEIGHTS_NAME]["weights_url"])
 
 
-def write_checkpoint(folder: Path) -> Path:
-    """A random DenseNet-121 saved like the published file: the whole pickled module.
+def write_checkpoint(folder: Path, *, export: bool = True) -> Path:
+    """A random DenseNet-121 saved like the published file: the whole pickled module, with
+    (``export``) its checked ONNX export beside it, as ``models fetch`` leaves them.
 
     Batch-norm statistics and the classifier are perturbed so the scores spread out.
     """
@@ -74,6 +76,8 @@ def write_checkpoint(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / PUBLISHED_NAME
     torch.save(model, path)
+    if export:
+        cxr_onnx.export(path, folder)
     return path
 
 
@@ -154,16 +158,20 @@ def test_stream_without_file_meta_decodes() -> None:
     np.testing.assert_allclose(load_radiograph(instance(path)).input, image, atol=1e-4)
 
 
-def test_scores_equal_torchxrayvision_model(checkpoint: Path, model: CxrModel) -> None:
+@pytest.mark.parametrize(("runtime", "bound"), [("torch", 1e-5), ("onnxruntime", 1e-3)])
+def test_scores_equal_torchxrayvision_model(checkpoint: Path, runtime: str, bound: float) -> None:
     """One batch of every radiograph through the service equals xrv's ``model(x)`` with the
-    weights loaded by xrv itself from the same file (its cache folder)."""
+    weights loaded by xrv itself from the same file (its cache folder): on torch op for op,
+    on ONNX Runtime within the bound its export is checked to (``cxr_onnx.TOLERANCE``)."""
+    model = CxrModel(CxrConfig(weights=str(checkpoint), device="cpu", runtime=runtime))
     paths = [shared_file(f"cxr/{name}") for name in CXR]
     ours = model.predict(np.stack([load_radiograph(instance(p)).input for p in paths]))
+    assert model.runtime.startswith(runtime)
     reference = xrv.models.DenseNet(weights=WEIGHTS_NAME, cache_dir=str(checkpoint.parent))
     with torch.no_grad():
         theirs = reference(torch.from_numpy(np.stack([xrv_reference_input(p) for p in paths])))
     assert ours.shape == (3, 18)
-    np.testing.assert_allclose(ours, theirs.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(ours, theirs.numpy(), rtol=0, atol=bound)
     assert np.ptp(ours) > 0.01  # the scores are not saturated constants
 
 
@@ -248,19 +256,19 @@ import sys
 from service.config import CxrConfig
 from service.models.cxr import CxrModel
 
-model = CxrModel(CxrConfig(weights=sys.argv[1], device="cpu"))
+model = CxrModel(CxrConfig(weights=sys.argv[1], device="cpu", runtime=sys.argv[2]))
 model.wait_loaded(120)
 print(model.ready().reason or "ready")
 print(sorted({m.split(".")[0] for m in sys.modules} & {"torch", "torchxrayvision", "torchvision"}))
 """
 
 
-def _probe(script: str, path: Path) -> str:
+def _probe(script: str, path: Path, *args: str) -> str:
     """What ``script`` prints, run in a fresh process from the repository root with
-    ``path`` as its argument."""
+    ``path`` and ``args`` as its arguments."""
     root = Path(__file__).resolve().parent.parent
     return subprocess.run(
-        [sys.executable, "-c", script, str(path)],
+        [sys.executable, "-c", script, str(path), *args],
         capture_output=True,
         text=True,
         cwd=root,
@@ -269,10 +277,10 @@ def _probe(script: str, path: Path) -> str:
     ).stdout
 
 
-def imports_of_a_model(weights: Path) -> tuple[str, str]:
+def imports_of_a_model(weights: Path, runtime: str = "auto") -> tuple[str, str]:
     """In a fresh process: the model's readiness and which of torch, torchxrayvision and
     torchvision it imported."""
-    reason, modules = _probe(IMPORTS_PROBE, weights).splitlines()[-2:]
+    reason, modules = _probe(IMPORTS_PROBE, weights, runtime).splitlines()[-2:]
     return reason, modules
 
 
@@ -284,7 +292,12 @@ def test_missing_weights_import_no_torch(tmp_path: Path) -> None:
 
 def test_the_network_loads_with_torch_alone(checkpoint: Path) -> None:
     """The published file loads without torchxrayvision (nor torchvision) in the process."""
-    assert imports_of_a_model(checkpoint) == ("ready", "['torch']")
+    assert imports_of_a_model(checkpoint, "torch") == ("ready", "['torch']")
+
+
+def test_on_the_cpu_the_service_process_never_imports_torch(checkpoint: Path) -> None:
+    """Runtime auto on the CPU: the checked ONNX export runs, torch stays out."""
+    assert imports_of_a_model(checkpoint) == ("ready", "[]")
 
 
 def test_a_failed_download_says_in_two_lines_how_to_place_the_file(tmp_path: Path) -> None:
@@ -334,7 +347,7 @@ from service.models.cxr import CxrModel
 def tasks() -> set[str]:
     return set(os.listdir("/proc/self/task"))
 
-model = CxrModel(CxrConfig(weights=sys.argv[1], device="cpu", threads=2))
+model = CxrModel(CxrConfig(weights=sys.argv[1], device="cpu", threads=2, runtime="torch"))
 assert model.wait_loaded(120) and model.network is not None
 for thread in threading.enumerate():  # the loading thread ends (its task may linger)
     if thread.name == "cxr-load":
@@ -360,7 +373,7 @@ import os, sys
 from service.config import CxrConfig
 from service.models.cxr import CxrModel
 
-model = CxrModel(CxrConfig(weights=sys.argv[1], device="cpu"))
+model = CxrModel(CxrConfig(weights=sys.argv[1], device="cpu", runtime="torch"))
 assert model.wait_loaded(120) and model.network is not None
 print(os.environ.get("OMP_WAIT_POLICY", "unset"))
 """

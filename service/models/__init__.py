@@ -12,6 +12,8 @@ from service.models.base import Model
 logger = logging.getLogger(__name__)
 
 MODEL_NAMES = ("annotate", "cxr-densenet121")
+#: STATE's folder for the ONNX export the service makes when none lies beside the weights
+EXPORT_FOLDER = "models"
 
 
 def routed_model_names(config: Config) -> set[str]:
@@ -38,7 +40,9 @@ def build_models(
         elif name == "cxr-densenet121":
             from service.models.cxr import CxrModel
 
-            models[name] = CxrModel(config.cxr, load=load)
+            models[name] = CxrModel(
+                config.cxr, load=load, export_dir=config.state_dir / EXPORT_FOLDER
+            )
         else:
             raise ConfigError("rules.model", f"unknown model {name!r}; known: {MODEL_NAMES}")
         verdict = models[name].ready()

@@ -27,7 +27,7 @@ import warnings
 from dataclasses import dataclass
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 from pydicom import Dataset
@@ -43,9 +43,6 @@ from service.models.derived import LossyHistory, lossy_history
 from service.models.dicomio import read_dicom
 from service.models.pixels import decode_pixels, undecodable_reason
 from service.values import Instance, Study
-
-if TYPE_CHECKING:
-    from service.models.cxr_net import Network
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +118,19 @@ BODY_PARTS = {"CHEST", ""}
 VIEWS = {"PA", "AP", ""}
 
 
+class Network(Protocol):
+    """A loaded network: :class:`service.models.cxr_net.Network` (torch) or
+    :class:`service.models.cxr_onnx.OnnxNetwork` (ONNX Runtime)."""
+
+    runtime: str  # what runs the forward, e.g. "onnxruntime 1.32.0", "torch 2.14.1 cpu"
+
+    def forward(self, inputs: np.ndarray) -> np.ndarray: ...
+
+
+#: Present on a machine (or in a container) that has an NVIDIA GPU and its driver.
+NVIDIA_DEVICE = Path("/dev/nvidiactl")
+
+
 def default_weights_path() -> Path:
     """Where torchxrayvision caches the published file (``~/.torchxrayvision/models_data``)."""
     return XRV_CACHE.expanduser() / os.path.basename(WEIGHTS_URL)
@@ -167,6 +177,20 @@ def fetch_weights(config: CxrConfig, url: str = WEIGHTS_URL, timeout: float = 30
     if config.sha256 and sha256_file(target) != config.sha256:
         raise ModelError(f"{target}: sha256 differs from models.cxr.sha256")
     return target
+
+
+def prepare_export(config: CxrConfig) -> str:
+    """``models fetch``'s second step: the checked ONNX export beside the weights, when the
+    forward will run on ONNX Runtime (made here, so that no service start makes it); a line
+    saying what is ready. Raises :class:`ModelError` when the export fails its check."""
+    model = CxrModel(config, load=False)
+    if model.runtime_choice() != "onnxruntime":
+        return "the forward runs on torch here (models.cxr.runtime, device): no ONNX export"
+    from service.models.cxr_onnx import export, valid_export
+
+    folder = model.weights_path.parent
+    path, record = valid_export(folder, model.sha256) or export(model.weights_path, folder)
+    return f"ONNX export ready: {path} (scores within {record.max_abs_diff:.1e} of torch's)"
 
 
 def warm_up() -> None:
@@ -443,9 +467,15 @@ class CxrModel:
 
     name = NAME
 
-    def __init__(self, config: CxrConfig, *, load: bool = True) -> None:
+    def __init__(
+        self, config: CxrConfig, *, load: bool = True, export_dir: Path | None = None
+    ) -> None:
         self.config = config
         self.weights_path = weights_path(config)
+        #: where the service keeps its ONNX export (``STATE/models``) when there is none
+        #: beside the weights (:meth:`_load_onnx`)
+        self.export_dir = export_dir
+        self.runtime = ""  # what runs the forward, once loaded
         self.sha256 = ""
         self.network: Network | None = None
         self.load_seconds = 0.0  # how long the network took to load (in its thread)
@@ -483,21 +513,13 @@ class CxrModel:
             logger.warning("models.cxr.sha256 is not set: weights %s are not pinned", path)
 
     def _load(self) -> None:
-        """Import torch and load the network (:func:`service.models.cxr_net.load`: on one
-        torch thread, leaving the OpenMP team to the thread that runs the forward)."""
+        """Load the network on the runtime :meth:`runtime_choice` names."""
         t0 = time.monotonic()
         try:
-            from service.models.cxr_net import load
-
-            self.network = load(
-                self.weights_path,
-                len(LABELS),
-                OP_THRESHS,
-                self.config.device,
-                self.config.threads,
-            )
+            self.network = self._load_network()
+            self.runtime = self.network.runtime
             self.load_seconds = time.monotonic() - t0
-            logger.info("model %s loaded in %.1f s", NAME, self.load_seconds)
+            logger.info("model %s loaded in %.1f s (%s)", NAME, self.load_seconds, self.runtime)
         except Exception as exc:
             self._not_ready = (
                 f"cannot load weights file {self.weights_path}: {type(exc).__name__}: {exc}"
@@ -505,6 +527,54 @@ class CxrModel:
             logger.error("%s", self._not_ready)
         finally:
             self._loaded.set()
+
+    def runtime_choice(self) -> str:
+        """``models.cxr.runtime``; ``auto`` is ONNX Runtime when the forward runs on the CPU
+        (``device`` cpu, or auto on a machine without :data:`NVIDIA_DEVICE`) and it is
+        installed, torch otherwise."""
+        if self.config.runtime != "auto":
+            return self.config.runtime
+        from service.models.cxr_onnx import runtime_version
+
+        device = self.config.device
+        on_cpu = device == "cpu" or (device == "auto" and not NVIDIA_DEVICE.exists())
+        return "onnxruntime" if on_cpu and runtime_version() else "torch"
+
+    def _load_network(self) -> Network:
+        if self.runtime_choice() == "onnxruntime":
+            try:
+                return self._load_onnx()
+            except ModelError as exc:
+                if self.config.runtime == "onnxruntime":
+                    raise
+                logger.warning("%s; the forward runs on torch instead", exc)
+        from service.models.cxr_net import load
+
+        # on one torch thread, leaving the OpenMP team to the thread that runs the forward
+        return load(
+            self.weights_path, len(LABELS), OP_THRESHS, self.config.device, self.config.threads
+        )
+
+    def _load_onnx(self) -> Network:
+        """The checked ONNX export of these weights: beside the weights (``models fetch``
+        puts it there), else in :attr:`export_dir`, else exported there now in a child
+        process (once per weights; this process never imports torch)."""
+        from service.models.cxr_onnx import OnnxNetwork, export_in_child, valid_export
+
+        folders = [self.weights_path.parent, *([self.export_dir] if self.export_dir else [])]
+        found = next(filter(None, (valid_export(f, self.sha256) for f in folders)), None)
+        if found is None:
+            target = folders[-1]
+            logger.info("exporting model %s to ONNX in %s (once for these weights)", NAME, target)
+            found = export_in_child(self.weights_path, target)
+        path, record = found
+        logger.info(
+            "model %s runs %s, scores within %.1e of torch's on its check inputs",
+            NAME,
+            path,
+            record.max_abs_diff,
+        )
+        return OnnxNetwork(path, self.config.threads)
 
     @property
     def loading(self) -> bool:

@@ -166,6 +166,7 @@ class Network:
     def __init__(self, path: Path, classes: int, op_threshs: Sequence[float], device: str):
         self.device = pick_device(device)
         self.module = load_network(path, classes, op_threshs).to(self.device)
+        self.runtime = f"torch {torch.__version__} {self.device}"
 
     def forward(self, inputs: np.ndarray) -> np.ndarray:
         """Scores (N, classes) for a batch (N, 1, 224, 224): ``model(x)`` of torchxrayvision."""
