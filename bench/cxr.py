@@ -7,7 +7,9 @@ gate reading the written files back (the baseline, ``check_files``), the whole p
 (everything but the forward) as a share of the service forward at batch 1 on ``--device``;
 forward images/s at batch 1, 8 and 32 (on a GPU when one is present). Uses a
 random-initialised checkpoint in the published file format (the real weights cannot be
-fetched offline); timings do not depend on the weight values.
+fetched offline); timings do not depend on the weight values. ``--runtime`` as
+``models.cxr.runtime`` (auto: ONNX Runtime on the CPU); the service's torch network at
+batch 1 is timed too, for the ratio.
 """
 
 from __future__ import annotations
@@ -63,15 +65,22 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
+    parser.add_argument("--runtime", default="auto", help="auto | onnxruntime | torch")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        weights = write_checkpoint(folder / "weights")
-        model = CxrModel(CxrConfig(weights=str(weights), device=args.device, threads=args.threads))
-        model.wait_loaded()
-        if model.network is None:
-            sys.exit(f"the model did not load: {model.ready().reason}")
-        dev = model.network.device
+        weights = write_checkpoint(folder / "weights")  # with its ONNX export, as models fetch
+
+        def load(runtime: str) -> CxrModel:
+            config = CxrConfig(str(weights), "", args.device, args.threads, runtime)
+            model = CxrModel(config)
+            model.wait_loaded()
+            if model.network is None:
+                sys.exit(f"the model did not load: {model.ready().reason}")
+            return model
+
+        model = load(args.runtime)
+        dev = getattr(model.network, "device", torch.device("cpu"))
         studies = {name: study_of(DATA / name) for name in FILES}
         ctx = RunContext(UidFactory(ROOT, "bench"), run_id=1)
         reference = xrv.models.DenseNet(
@@ -87,6 +96,8 @@ def main() -> int:
             bare_forward()  # warm-up
             bare = best(bare_forward, args.repeat)
         fwd1 = best(lambda: model.predict(x1.numpy()), args.repeat)
+        on_torch = model if model.runtime.startswith("torch") else load("torch")
+        torch1 = best(lambda: on_torch.predict(x1.numpy()), args.repeat)
         fwd8 = best(lambda: model.predict(x8.numpy()), args.repeat) / 8
         x32 = x1.repeat(32, 1, 1, 1).numpy()
         fwd32 = best(lambda: model.predict(x32), args.repeat) / 32
@@ -146,8 +157,12 @@ def main() -> int:
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}, ", end=""
     )
-    print(f"median of {args.repeat}; times in ms per image")
+    print(f"median of {args.repeat}; times in ms per image; the service runs {model.runtime}")
     print(f"  bare xrv forward, batch 1:       {bare * 1e3:8.1f}")
+    print(
+        f"  service's torch network, batch 1:{torch1 * 1e3:8.1f}"
+        f"  (service forward / this: {fwd1 / torch1:.2f})"
+    )
     for n, t in ((1, fwd1), (8, fwd8), (32, fwd32)):
         print(f"  service forward, batch {n:>2}:    {t * 1e3:8.1f}  = {1 / t:7.1f} images/s")
     header = (

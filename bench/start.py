@@ -28,7 +28,8 @@ JPEG 2000 decode, about 10× the others' read). With ``--old REF``, the service 
 
 The first run is "cold" only in that it is the first process of the bench to start the
 service (the page cache is not dropped: that needs root on a shared machine); the others
-are warm. The CXR model uses a RANDOM-INIT checkpoint in the published format.
+are warm. The CXR model uses a RANDOM-INIT checkpoint in the published format, with its ONNX
+export beside it as `models fetch` leaves it (`--no-export`: none, each start makes one).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ CHECKPOINT = """
 import sys
 from pathlib import Path
 from tests.test_cxr import write_checkpoint
-print(write_checkpoint(Path(sys.argv[1])))
+print(write_checkpoint(Path(sys.argv[1]), export=sys.argv[2] == "export"))
 """
 
 NAIVE = """
@@ -414,13 +415,20 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="models.cxr.threads")
     parser.add_argument("--old", default="", help="also run the service of this git revision")
     parser.add_argument("--log", action="store_true", help="print the first run's service log")
+    parser.add_argument(
+        "--no-export",
+        action="store_true",
+        help="no ONNX export beside the weights (as before models fetch made one): each run's "
+        "service makes it in its fresh STATE",
+    )
     args = parser.parse_args()
     for name in CXR_FILES:
         if not (SHARED / "cxr" / name).exists():
             sys.exit(f"{SHARED / 'cxr' / name} is missing: this benchmark needs ../shared/data")
     with tempfile.TemporaryDirectory(prefix="bench-start-") as tmp:
         folder = Path(tmp)
-        _, out = python_seconds(CHECKPOINT, str(folder / "weights"))
+        export = "none" if args.no_export else "export"
+        _, out = python_seconds(CHECKPOINT, str(folder / "weights"), export)
         weights = Path(out.strip().splitlines()[-1])
         inputs = naive_inputs(folder / "naive")
         port = free_port()
@@ -441,6 +449,11 @@ def main() -> int:
     print(
         f"service.workers = {args.workers}, stable_seconds = {args.stable:g}, "
         f"models.cxr.threads = {args.threads}; RANDOM-INIT checkpoint in the published format"
+    )
+    print(
+        "no ONNX export beside the weights: each service start makes one"
+        if args.no_export
+        else "the checkpoint's ONNX export lies beside it, as models fetch leaves it"
     )
     print()
     print("baselines, each measured just before the run on its line:")
