@@ -281,13 +281,24 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return trim if callable(trim) else None
 
 
+#: Freed heap memory is given back once the process holds this much more than after its
+#: last trim: trimming after every task made the next study fault its pages in again
+#: (a 1024² JPEG's preparation 22 -> 30 ms, ``bench/start.py``)
+TRIM_ABOVE_MB = 64.0
+_resident_after_trim = 0.0
+
+
 def release_memory() -> None:
-    """Return freed heap memory to the system (glibc ``malloc_trim``; nothing elsewhere):
-    a decoded radiograph's buffers or a batch's activations would otherwise stay resident
-    between studies (bench/start.py: 10-35 MB per worker; a few ms)."""
+    """Return freed heap memory to the system (glibc ``malloc_trim``; nothing elsewhere)
+    once the process's resident memory grew :data:`TRIM_ABOVE_MB` since the last time: a
+    decoded radiograph's buffers or a batch's activations would otherwise stay resident
+    between studies, up to that much."""
+    global _resident_after_trim
     trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    if trim is None or _resident_mb(os.getpid()) - _resident_after_trim < TRIM_ABOVE_MB:
+        return
+    trim(0)
+    _resident_after_trim = _resident_mb(os.getpid())
 
 
 def _address_space() -> int:

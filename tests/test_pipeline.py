@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -258,3 +260,38 @@ def test_a_network_that_failed_to_load_makes_its_studies_wait() -> None:
     (transient: tried again, then ``waiting_model``), they do not fail."""
     failed = _failure(ModelNotReady("cannot load weights file w.pt: EOFError"))
     assert failed.transient and "cannot load weights file" in failed.error
+
+
+TRIM_PROBE = """
+import os, sys
+from service.pipeline import TRIM_ABOVE_MB, _resident_mb, release_memory
+
+def held(megabytes: float) -> float:
+    '''Resident MiB after ``megabytes`` of small heap blocks were freed but for every 16th
+    (so glibc cannot give them back by itself), then after release_memory().'''
+    blocks = [bytearray(4096) for _ in range(int(megabytes * 256))]
+    keep = blocks[::16]
+    del blocks
+    freed = _resident_mb(os.getpid())
+    release_memory()
+    return freed - _resident_mb(os.getpid())
+
+release_memory()  # the first call trims and sets the baseline
+print(held(TRIM_ABOVE_MB / 4), held(TRIM_ABOVE_MB * 2))
+"""
+
+
+def test_freed_memory_is_given_back_only_past_the_threshold() -> None:
+    """A worker trims the heap once it holds TRIM_ABOVE_MB more than after its last trim,
+    not after every task (the next study then faulted its pages in again)."""
+    done = subprocess.run(
+        [sys.executable, "-c", TRIM_PROBE],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        check=True,
+        timeout=120,
+    )
+    small, large = (float(v) for v in done.stdout.split())
+    assert abs(small) < 2  # below the threshold: kept for the next study
+    assert large > 64  # past it: most of the 128 MiB given back
