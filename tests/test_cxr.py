@@ -139,6 +139,17 @@ def test_monochrome1_copy_is_the_negated_image() -> None:
     np.testing.assert_allclose(model_input(image1), -model_input(image2), atol=1e-3)
 
 
+@pytest.mark.parametrize("name", CXR)
+def test_a_linear_modality_rescale_gives_the_same_image(name: str) -> None:
+    """Stored values and a Rescale Slope/Intercept (PS3.3 C.11.1) scale the range from the
+    header as much as the pixels: the same image whether rescaled (the float64 path) or
+    not (stored integers, float32)."""
+    plain = read_dicom(shared_file(f"cxr/{name}"))
+    rescaled = read_dicom(shared_file(f"cxr/{name}"))
+    rescaled.RescaleSlope, rescaled.RescaleIntercept = "2.5", "-100"
+    np.testing.assert_allclose(to_xrv_range(rescaled), to_xrv_range(plain), rtol=0, atol=1e-3)
+
+
 def test_j2k_15_bit_scaled_from_header_bit_depth() -> None:
     ds = read_dicom(shared_file("cxr/nema-rg1-pa-j2k.dcm"))
     assert ds.BitsStored == 15 and ds.PhotometricInterpretation == "MONOCHROME1"
