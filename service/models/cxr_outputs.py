@@ -23,6 +23,7 @@ from highdicom.sr import CodedConcept
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
+from service.models import hdcache
 from service.models.derived import mark_lossy
 from service.uids import UidFactory
 
@@ -102,6 +103,9 @@ def build_outputs(
         for number, (radiograph, scores) in enumerate(results, start=1):
             datasets.append(build_summary_image(model, radiograph, scores, ctx.uids, number))
     return datasets
+
+
+hdcache.install()
 
 
 def warm_up() -> None:
