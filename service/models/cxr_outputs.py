@@ -300,8 +300,12 @@ def display_image(image: np.ndarray) -> np.ndarray:
     interpolation = cv2.INTER_AREA if cols > DISPLAY_WIDTH else cv2.INTER_LINEAR
     small = cv2.resize(np.asarray(image, dtype=np.float32), size, interpolation=interpolation)
     low, high = np.percentile(small, (1, 99))
-    scaled = np.clip((small - low) / max(float(high - low), 1e-6), 0.0, 1.0) * 255.0
-    return np.asarray(scaled.astype(np.uint8))
+    scaled = small.astype(np.float64)  # one buffer, the same float64 steps in place
+    scaled -= low
+    scaled /= max(float(high - low), 1e-6)
+    np.clip(scaled, 0.0, 1.0, out=scaled)
+    scaled *= 255.0
+    return scaled.astype(np.uint8)
 
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
