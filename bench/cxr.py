@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,6 +59,51 @@ def best(fn: Callable[[], object], repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def onnx_threads(model: CxrModel, batch: Any, repeat: int) -> list[str]:
+    """ONNX Runtime's session alone at batch 1: wall and CPU per image with 1 and 2 intra-op
+    threads, their pool told to sleep (the service's setting) or to spin, on the idle
+    machine and beside two busy processes (as the workers beside the forward)."""
+    path = getattr(model.network, "path", None)  # an OnnxNetwork's export
+    if path is None:
+        return []
+    import onnxruntime
+
+    lines = [
+        "ONNX Runtime session alone, batch 1 (ms per image, wall / CPU of this process), "
+        "idle | beside two busy processes:"
+    ]
+    for threads in (1, 2):
+        for spin in ("0", "1"):
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+            session = onnxruntime.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+
+            def run(session: Any = session) -> None:
+                session.run(None, {"input": batch})
+
+            cells = []
+            for busy in (0, 2):
+                burners = [
+                    subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                    for _ in range(busy)
+                ]
+                try:
+                    cpu0 = time.process_time()
+                    wall = best(run, repeat)
+                    cpu = (time.process_time() - cpu0) / (repeat + 1)
+                finally:
+                    for burner in burners:
+                        burner.kill()
+                        burner.wait()
+                cells.append(f"{wall * 1e3:.1f} / {cpu * 1e3:.1f}")
+            what = "spinning" if spin == "1" else "sleeping (the service's)"
+            lines.append(f"  {threads} thread(s), pool {what}: " + " | ".join(cells))
+    return lines
 
 
 def main() -> int:
@@ -132,6 +178,7 @@ def main() -> int:
             with torch.inference_mode():
                 reference(torch.from_numpy(xrv_reference_input(path)[None]).to(dev)).cpu()
 
+        threads_lines = onnx_threads(model, x1.numpy(), args.repeat)
         rows = []
         for name, study in studies.items():
             inst = study.instances[0]
@@ -179,6 +226,8 @@ def main() -> int:
             f"{pipeline * 1e3:>10.1f}{overhead / fwd1 * 100:>9.0f}%"
             f"{naive_s * 1e3:>10.1f}{pipeline / naive_s:>7.2f}"
         )
+    for line in threads_lines:
+        print(line)
     print("pipeline = CxrModel.run + writing + gate (one image); overhead = read+prep + SR+SC")
     print("+ write + gate, as a share of the service forward at batch 1 on the device (goal")
     print("<= 10 %); the bare xrv forward is the same network without the service; naive xrv =")
