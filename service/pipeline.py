@@ -283,7 +283,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 #: Freed heap memory is given back once the process holds this much more than after its
 #: last trim: trimming after every task made the next study fault its pages in again
-#: (a 1024² JPEG's preparation 22 -> 30 ms, ``bench/start.py``)
+#: (``bench/cxr.py``: read+prep against "trimmed")
 TRIM_ABOVE_MB = 64.0
 _resident_after_trim = 0.0
 
