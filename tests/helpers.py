@@ -204,6 +204,20 @@ def ledger_run(
             Transition(gateway_id, study_uid, study, "test", run_id=run, run=state, timings=timings)
         )
         return run, None
+    send = ledger_written(ledger, gateway_id, study_uid, run, timings)
+    if outcome != SendState.QUEUED:
+        ledger_send(ledger, gateway_id, study_uid, run, send, SendState(outcome))
+    return run, send
+
+
+def ledger_written(
+    ledger: Ledger,
+    gateway_id: str,
+    study_uid: str,
+    run: int,
+    timings: dict[str, float] | None = None,
+) -> int:
+    """Run ``run`` ended ``written`` with ``timings`` and a queued send (its send_id)."""
     send = ledger.apply(
         Transition(
             gateway_id,
@@ -216,9 +230,7 @@ def ledger_run(
         )
     ).send_id
     assert send is not None
-    if outcome != SendState.QUEUED:
-        ledger_send(ledger, gateway_id, study_uid, run, send, SendState(outcome))
-    return run, send
+    return send
 
 
 def ledger_send(

@@ -33,7 +33,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from service.config import from_mapping
 from service.console import Console, LedgerCollector, full_histograms, histogram_families
 from service.ledger import Ledger, SendChange, Transition
-from service.values import RunState, SendState, StudyState
+from service.values import SendState
 from tests.conftest import free_port, shared_file
 from tests.helpers import (
     ROOT,
@@ -41,6 +41,7 @@ from tests.helpers import (
     ledger_rows,
     ledger_run,
     ledger_send,
+    ledger_written,
     run_cli,
     wait_for,
     write_config,
@@ -520,18 +521,7 @@ def test_a_run_that_ends_between_scrapes_is_counted_once(
     run, _ = ledger_run(ledger, study, outcome="running")
     assert quiet_to_sent(scrape(collector)) == (0.0, 0.0)  # running: nothing yet
     timings = {"stable_at": time.time() - 5.0, "forward_s": 0.25}
-    send = ledger.apply(
-        Transition(
-            "1",
-            study,
-            StudyState.WRITTEN,
-            run_id=run,
-            run=RunState.WRITTEN,
-            timings=timings,
-            send=SendChange(SendState.QUEUED, destination="PACS@127.0.0.1:4242"),
-        )
-    ).send_id
-    assert send is not None
+    send = ledger_written(ledger, "1", study, run, timings)
     text = scrape(collector)
     assert 'gateway_model_forward_seconds_count{gateway="1",model="annotate"} 1.0' in text
     assert quiet_to_sent(text) == (0.0, 0.0)  # written, its send queued
