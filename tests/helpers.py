@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydicom import dcmread
 from pynetdicom import evt
@@ -19,6 +20,9 @@ from pynetdicom.dimse_primitives import C_STORE
 
 from service.ledger import Ledger, NewRun, SendChange, Transition
 from service.values import RunState, SendState, StudyState
+
+if TYPE_CHECKING:
+    from tests.peers import Peer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -258,3 +262,8 @@ def ledger_send(
             send=SendChange(outcome, send, reason="" if ok else "test"),
         )
     )
+
+
+def pacs_of(peer: Peer) -> str:
+    """The ``[pacs]`` section of a config sending to ``peer`` on loopback."""
+    return f'[pacs]\nhost = "127.0.0.1"\nport = {peer.port}\nae_title = "{peer.ae_title}"\n'

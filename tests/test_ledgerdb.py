@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from pynetdicom import AllStoragePresentationContexts, evt
 
 from devtools.sample import build_sample
@@ -27,6 +28,7 @@ from tests.conftest import shared_file
 from tests.helpers import (
     copy_series,
     kill,
+    pacs_of,
     run_cli,
     start_service,
     stop_service,
@@ -41,10 +43,22 @@ from tests.postgres import PASSWORD, Postgres
 ALL_STORAGE = tuple(str(c.abstract_syntax) for c in AllStoragePresentationContexts)
 
 
+@pytest.fixture
+def storing(start_peer: Callable[..., Peer]) -> tuple[Peer, list[str]]:
+    """A storage SCP for every storage SOP class, and the SOP Instance UIDs it stored."""
+    stored: list[str] = []
+
+    def store(event: evt.Event) -> int:
+        stored.append(stored_uid(event))
+        return 0x0000
+
+    return start_peer(on_store=store, sop_classes=ALL_STORAGE), stored
+
+
 def serve_sample(root: Path, peer: Peer, ledger: str = "") -> tuple[Path, str]:
     """``serve --once`` on the project's sample under ``root``, sending to ``peer``."""
     build_sample(root / "INPUT")
-    pacs = f'[pacs]\nhost = "127.0.0.1"\nport = {peer.port}\nae_title = "{peer.ae_title}"\n'
+    pacs = pacs_of(peer)
     config = write_config(root, pacs, stable=0.2, ledger=ledger, node_name="node-pg")
     code, log = wait_service(start_service(config, "--once", "--once-timeout", "120"), 240)
     assert code == 0, log
@@ -78,15 +92,9 @@ def history(config: Path, gateway_id: str, study_uid: str) -> list[Any]:
 
 
 def test_serve_once_on_postgresql_ends_as_on_sqlite(
-    tmp_path: Path, postgres: Postgres, start_peer: Callable[..., Peer]
+    tmp_path: Path, postgres: Postgres, storing: tuple[Peer, list[str]]
 ) -> None:
-    stored: list[str] = []
-
-    def store(event: evt.Event) -> int:
-        stored.append(stored_uid(event))
-        return 0x0000
-
-    peer = start_peer(on_store=store, sop_classes=ALL_STORAGE)
+    peer, stored = storing
     lite, _ = serve_sample(tmp_path / "lite", peer)
     on_sqlite, stored_sqlite = studies(lite), sorted(stored)
     stored.clear()
@@ -134,21 +142,15 @@ def test_postgresql_rows_read_by_position_and_name() -> None:
 
 
 def test_postgresql_restarted_during_a_run_stops_the_service_and_nothing_is_lost(
-    tmp_path: Path, postgres: Postgres, start_peer: Callable[..., Peer]
+    tmp_path: Path, postgres: Postgres, storing: tuple[Peer, list[str]]
 ) -> None:
     """The server restarts while the service holds a transaction open (paused by a
     failpoint before a run's ``written`` commits): the service stops with exit 1 naming the
     ledger (password masked); started again, it finishes every study, each result sent once."""
-    stored: list[str] = []
-
-    def store(event: evt.Event) -> int:
-        stored.append(stored_uid(event))
-        return 0x0000
-
-    peer = start_peer(on_store=store, sop_classes=ALL_STORAGE)
+    peer, stored = storing
     url = postgres.database()
     build_sample(tmp_path / "INPUT")
-    pacs = f'[pacs]\nhost = "127.0.0.1"\nport = {peer.port}\nae_title = "{peer.ae_title}"\n'
+    pacs = pacs_of(peer)
     config = write_config(tmp_path, pacs, stable=0.2, ledger=url)
     paused = {"GATEWAY_FAILPOINTS": "before-commit:written=sleep:30"}
     proc = start_service(config, "--once", "--once-timeout", "120", env=paused)
@@ -210,7 +212,7 @@ def _intake_holders(url: str) -> dict[str, str]:
 
 
 def test_two_nodes_one_intake_lease_each_study_once_and_takeover_after_sigkill(
-    tmp_path: Path, postgres: Postgres, start_peer: Callable[..., Peer]
+    tmp_path: Path, postgres: Postgres, storing: tuple[Peer, list[str]]
 ) -> None:
     """Two ``serve`` processes on one PostgreSQL ledger and the same INPUT/OUTPUT (each its
     own STATE): the first takes both gateways' ``intake:<id>`` leases, then gives one up to
@@ -218,14 +220,8 @@ def test_two_nodes_one_intake_lease_each_study_once_and_takeover_after_sigkill(
     result stored once; after node-a is SIGKILLed node-b takes its lease over when it
     expires and processes a study dropped afterwards (the takeover time is printed: at most
     the lease plus a third of it, one renewal, is expected)."""
-    stored: list[str] = []
-
-    def store(event: evt.Event) -> int:
-        stored.append(stored_uid(event))
-        return 0x0000
-
-    peer = start_peer(on_store=store, sop_classes=ALL_STORAGE)
-    pacs = f'[pacs]\nhost = "127.0.0.1"\nport = {peer.port}\nae_title = "{peer.ae_title}"\n'
+    peer, stored = storing
+    pacs = pacs_of(peer)
     url = postgres.database()
     for gateway_id in ("1", "2"):  # the sample's gateways, present before the nodes start
         (tmp_path / f"INPUT/gateway_{gateway_id}").mkdir(parents=True)
@@ -308,21 +304,15 @@ def test_two_nodes_one_intake_lease_each_study_once_and_takeover_after_sigkill(
 
 
 def test_imported_sqlite_ledger_reads_the_same_and_nothing_is_sent_again(
-    tmp_path: Path, postgres: Postgres, start_peer: Callable[..., Peer]
+    tmp_path: Path, postgres: Postgres, storing: tuple[Peer, list[str]]
 ) -> None:
-    stored: list[str] = []
-
-    def store(event: evt.Event) -> int:
-        stored.append(stored_uid(event))
-        return 0x0000
-
-    peer = start_peer(on_store=store, sop_classes=ALL_STORAGE)
+    peer, stored = storing
     config, _ = serve_sample(tmp_path, peer)  # SQLite in tmp_path/STATE
     on_sqlite = run_cli("--config", str(config), "studies", "--json").stdout
     assert len(json.loads(on_sqlite)) == 2 and len(stored) > 0
 
     url = postgres.database()
-    pacs = f'[pacs]\nhost = "127.0.0.1"\nport = {peer.port}\nae_title = "{peer.ae_title}"\n'
+    pacs = pacs_of(peer)
     config = write_config(tmp_path, pacs, stable=0.2, ledger=url, node_name="node-pg")
     source = tmp_path / "STATE/ledger.sqlite3"
     done = run_cli("--config", str(config), "ledger", "import", "--from", str(source))
@@ -388,7 +378,7 @@ def test_a_killed_services_ledger_is_refused_until_it_ran_once_more(
     tmp_path: Path, postgres: Postgres, start_peer: Callable[..., Peer]
 ) -> None:
     peer = start_peer(sop_classes=ALL_STORAGE)
-    pacs = f'[pacs]\nhost = "127.0.0.1"\nport = {peer.port}\nae_title = "{peer.ae_title}"\n'
+    pacs = pacs_of(peer)
     for failpoint, left in (("running", "1 run(s) running"), ("sending", "1 send(s) sending")):
         root = tmp_path / failpoint
         build_sample(root / "INPUT")

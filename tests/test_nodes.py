@@ -41,6 +41,7 @@ from tests.conftest import shared_file
 from tests.helpers import (
     copy_series,
     kill,
+    pacs_of,
     run_cli,
     start_service,
     stop_service,
@@ -121,9 +122,14 @@ def stored(start_peer: Callable[..., Peer]) -> tuple[Peer, list[str]]:
     return start_peer(on_store=store), received
 
 
-def pacs_of(peer: Peer) -> str:
-    """The ``[pacs]`` section of a config sending to ``peer``."""
-    return f'[pacs]\nhost = "127.0.0.1"\nport = {peer.port}\nae_title = "{peer.ae_title}"\n'
+def left_mid_run(url: str, run_id: int, expires: float) -> None:
+    """The state a SIGKILL of node-a mid-run leaves: the run and its study ``running``,
+    nothing written or sent, the run's lease held by node-a until ``expires``."""
+    sql(url, "UPDATE runs SET state='running', finished=NULL")
+    sql(url, "UPDATE studies SET state='running'")
+    for table in ("outputs", "send_items", "sends", "finished_listings"):
+        sql(url, f"DELETE FROM {table}")
+    sql(url, "INSERT INTO leases VALUES (%s, 'node-a', %s)", (f"run:{run_id}", expires))
 
 
 def held_peer(
@@ -384,14 +390,7 @@ def test_a_dead_nodes_run_is_claimed_by_another_with_the_same_uids(
     assert a.drain(30)
     (run,) = a.ledger.runs()
     first = {o["sop_instance_uid"] for o in a.ledger.outputs(run.run_id)}
-    # the state a SIGKILL mid-run leaves: the run running, its lease held by node-a
-    sql(nodes.url, "UPDATE runs SET state='running', finished=NULL")
-    sql(nodes.url, "UPDATE studies SET state='running'")
-    sql(nodes.url, "DELETE FROM outputs")
-    sql(nodes.url, "DELETE FROM send_items")
-    sql(nodes.url, "DELETE FROM sends")
-    sql(nodes.url, "DELETE FROM finished_listings")
-    sql(nodes.url, "INSERT INTO leases VALUES (%s, 'node-a', 0)", (f"run:{run.run_id}",))
+    left_mid_run(nodes.url, run.run_id, expires=0)  # node-a's lease run out
     received.clear()
     b = nodes.start("node-b", roles="run,send")
     tick_until([b], lambda: b.ledger.study_state("1", study_uid)[0] == StudyState.SENT)  # type: ignore[index]
@@ -416,11 +415,7 @@ def test_a_node_restarted_after_a_kill_resumes_its_own_run_once(
     first = {o["sop_instance_uid"] for o in a.ledger.outputs(run.run_id)}
     a.close()
     nodes.engines.remove(a)
-    sql(nodes.url, "UPDATE runs SET state='running', finished=NULL")
-    sql(nodes.url, "UPDATE studies SET state='running'")
-    for table in ("outputs", "send_items", "sends", "finished_listings"):
-        sql(nodes.url, f"DELETE FROM {table}")
-    sql(nodes.url, "INSERT INTO leases VALUES (%s, 'node-a', 1e12)", (f"run:{run.run_id}",))
+    left_mid_run(nodes.url, run.run_id, expires=1e12)  # node-a's lease still its own
     received.clear()
     again = nodes.start("node-a")
     scan(again)
